@@ -1,0 +1,25 @@
+"""The Celery app, found by ``celery -A imagesync worker|beat|flower|call``.
+
+Configuration is read once, here; a process with an invalid configuration
+prints every problem and exits 2 before it starts anything.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from celery import Celery
+
+from .celeryconfig import celery_settings
+from .config import load_settings
+from .errors import ConfigError
+
+try:
+    settings = load_settings()
+except ConfigError as exc:
+    for problem in exc.problems:
+        print(f"imagesync: {problem}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+app = Celery("imagesync", include=["imagesync.tasks"])
+app.conf.update(celery_settings(settings))

@@ -1,0 +1,90 @@
+"""Celery settings, derived from imagesync's configuration. Each says why it is set."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery.schedules import crontab
+
+from . import runtimes
+from .pulls import SSH_GRACE
+from .sync import stale_after
+
+CONTROL_QUEUE = "imagesync"
+#: seconds the sync task may take: inventory (bounded by its own timeout) and fan-out
+SYNC_TIME_LIMIT = 900
+#: how often beat looks for runs that stopped making progress
+FINALIZE_EVERY = 30.0
+
+
+def node_queue(node: str) -> str:
+    """Each node has its own queue, served by that node's worker alone."""
+    return f"node.{node}"
+
+
+def pull_time_limits(settings) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(soft, hard) limits of a pull task: after the node-side timeout and the SSH grace."""
+    soft = settings.time_out + runtimes.KILL_AFTER + SSH_GRACE + 5
+    return soft, soft + 15
+
+
+def schedule_of(settings):  # type: ignore[no-untyped-def]
+    if isinstance(settings.schedule, int):
+        return float(settings.schedule)
+    minute, hour, day_of_month, month_of_year, day_of_week = settings.schedule.split()
+    return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+                   month_of_year=month_of_year, day_of_week=day_of_week)
+
+
+def celery_settings(settings) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    _, hard = pull_time_limits(settings)
+    # The Redis transport redelivers any message unacknowledged for this long;
+    # it must exceed the longest pull (plus a retry's countdown) or a long pull
+    # is handed to a second worker while the first still runs it.
+    visibility = hard + 300
+    transport_options = {"visibility_timeout": visibility}
+    conf: dict[str, Any] = {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
+        "visibility_timeout": visibility,
+        "broker_connection_retry_on_startup": True,
+        # A pull survives a killed worker: acknowledged only once done,
+        # requeued if the process running it dies. Safe because pulls are idempotent.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Take one message per free process, so a node never has more than
+        # max_parallel pulls taken off its queue at once.
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": CONTROL_QUEUE,
+        "task_create_missing_queues": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_expires": 24 * 3600,
+        # Flower shows tasks live only when workers send events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "beat_schedule": {
+            "sync": {
+                "task": "imagesync.sync",
+                "schedule": schedule_of(settings),
+                "kwargs": {"trigger": "beat"},
+                # A trigger nobody picked up is worthless once the next one is due.
+                "options": {"expires": 300},
+            },
+            "finalize-stale-runs": {
+                "task": "imagesync.finalize",
+                "schedule": FINALIZE_EVERY,
+                "options": {"expires": FINALIZE_EVERY},
+            },
+        },
+    }
+    if settings.redis_url.startswith("rediss://") and "ssl_cert_reqs" not in settings.redis_url:
+        # Celery refuses rediss:// without an explicit certificate policy.
+        conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        conf["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return conf

@@ -1,0 +1,388 @@
+"""The ``imagesync`` command.
+
+Every error an operator can cause ends in one line on stderr saying what is
+wrong and what to do, and a non-zero exit: 2 for configuration, 1 for
+failures, 3 when a run is already in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import logs, runtimes
+from .config import load_settings, mask_url
+from .errors import ConfigError, ImagesyncError, NodeError, RuntimeMissing
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class CommandError(ImagesyncError):
+    """Ends a command with one line and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagesync",
+        description="Keep container images in sync across Kubernetes worker nodes.",
+    )
+    parser.add_argument("-c", "--config", help="configuration file (default: $IMAGESYNC_CONFIG or /etc/imagesync/imagesync.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config.add_argument("action", choices=["show"])
+
+    sub.add_parser("check", help="check the configuration and every node (SSH, runtime, image list)")
+
+    plan = sub.add_parser("plan", help="dry run: what a sync would pull where")
+    plan.add_argument("--node", action="append", metavar="NAME", help="only plan pulls onto this node (repeatable)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    status = sub.add_parser("status", help="node x image matrix of the matching images")
+    status.add_argument("--json", action="store_true")
+
+    sync = sub.add_parser("sync", help="start a sync run through Celery")
+    sync.add_argument("--wait", action="store_true", help="follow the run to its end and print the summary")
+    sync.add_argument("--node", action="append", metavar="NAME", help="only pull onto this node (repeatable)")
+    sync.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="how long to wait for a control worker to start the run (default 120)")
+
+    history = sub.add_parser("history", help="recent runs, or one run in detail")
+    history.add_argument("run", nargs="?", help="a run id (default: list recent runs)")
+    history.add_argument("-n", "--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true")
+
+    worker = sub.add_parser("worker", help="start a Celery worker for one node, or the control worker")
+    which = worker.add_mutually_exclusive_group(required=True)
+    which.add_argument("--node", metavar="NAME", help="serve this node's pulls (concurrency max_parallel)")
+    which.add_argument("--control", action="store_true", help="serve sync and housekeeping tasks")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
+
+    beat = sub.add_parser("beat", help="start Celery beat (the schedule from the configuration)")
+    beat.add_argument("celery_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.config:
+        os.environ["IMAGESYNC_CONFIG"] = args.config
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err.print(f"imagesync: {problem}", markup=False)
+        return EXIT_CONFIG
+    except CommandError as exc:
+        err.print(f"imagesync: {exc}", markup=False)
+        return exc.code
+    except ImagesyncError as exc:
+        err.print(f"imagesync: {exc}", markup=False)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    return load_settings()
+
+
+def _redis(settings):  # type: ignore[no-untyped-def]
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        client.ping()
+    except RedisError as exc:
+        raise CommandError(
+            f"cannot reach Redis at {mask_url(settings.redis_url)} ({exc}): start redis-server or fix redis_url"
+        ) from exc
+    return client
+
+
+def cmd_config(args) -> int:  # type: ignore[no-untyped-def]
+    settings = _settings()
+    table = Table(title=f"imagesync configuration ({settings.path or 'defaults'})")
+    for column in ("key", "value", "from"):
+        table.add_column(column)
+    for key, value, source in settings.describe():
+        table.add_row(key, value, source)
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .inventory import list_images
+    from .transport import transport_for
+
+    settings = _settings()
+    out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes)")
+
+    def probe(node):  # type: ignore[no-untyped-def]
+        row = {"node": node.name, "address": f"{node.host}:{node.port}" if node.transport == "ssh" else "local",
+               "ssh": "-", "runtime": "-", "images": "-", "detail": ""}
+        runtime = runtimes.for_node(node)
+        try:
+            transport = transport_for(settings, node)
+            transport.run("true", timeout=settings.ssh.connect_timeout + 10)
+            row["ssh"] = "ok"
+            version = transport.run(runtime.version_command(), timeout=30)
+            if version.exit_code == runtimes.COMMAND_NOT_FOUND:
+                raise RuntimeMissing(node.name, f"{runtime.name} is not installed on {node.name}: install it or set runtime for this node")
+            row["runtime"] = f"{runtime.name} ok"
+            row["images"] = str(len(list_images(settings, node)))
+            return row, True
+        except NodeError as exc:
+            if row["ssh"] == "-":
+                row["ssh"] = "FAILED"
+            elif row["runtime"] == "-":
+                row["runtime"] = "FAILED"
+            else:
+                row["images"] = "FAILED"
+            row["detail"] = exc.message
+            return row, False
+
+    with ThreadPoolExecutor(max_workers=min(32, len(settings.nodes))) as pool:
+        results = list(pool.map(probe, settings.nodes))
+    table = Table()
+    for column in ("node", "address", "ssh", "runtime", "images", "detail"):
+        table.add_column(column, overflow="fold")
+    for row, ok in results:
+        style = None if ok else "red"
+        table.add_row(*(row[c] for c in ("node", "address", "ssh", "runtime", "images", "detail")), style=style)
+    out.print(table)
+    failed = [row["node"] for row, ok in results if not ok]
+    if failed:
+        err.print(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}", markup=False)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:  # type: ignore[no-untyped-def]
+    from .sync import plan_now
+
+    settings = _settings()
+    for name in args.node or ():
+        settings.node(name)
+    plan = plan_now(settings, args.node)
+    if args.json:
+        out.print_json(json.dumps(plan.to_dict()))
+        return EXIT_OK
+    _print_notes(plan)
+    if not plan.total:
+        out.print(f"nothing to pull: {len(plan.nodes)} nodes hold all {len(plan.wanted)} matching images")
+        return EXIT_OK
+    table = Table(title=f"plan: {plan.total} pulls")
+    table.add_column("node")
+    table.add_column("pulls", justify="right")
+    table.add_column("images", overflow="fold")
+    for node in plan.nodes:
+        images = plan.missing.get(node, [])
+        table.add_row(node, str(len(images)), "\n".join(images) or "-")
+    out.print(table)
+    return EXIT_OK
+
+
+def _print_notes(plan) -> None:  # type: ignore[no-untyped-def]
+    for node, reason in plan.skipped.items():
+        err.print(f"skipped {node}: {reason}", markup=False)
+    for drift in plan.drift:
+        digests = ", ".join(f"{node} {digest[:19]}" for node, digest in drift.digests.items())
+        err.print(f"tag drift: {drift.reference}: {digests}", markup=False)
+    for refusal in plan.refused:
+        err.print(f"refused image name from {refusal.node}: {refusal.reference!r} ({refusal.reason})", markup=False)
+
+
+def cmd_status(args) -> int:  # type: ignore[no-untyped-def]
+    from .sync import plan_now
+
+    settings = _settings()
+    plan = plan_now(settings)
+    if args.json:
+        out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped,
+                                   "holdings": plan.holdings, "drift": plan.to_dict()["drift"]}))
+        return EXIT_OK
+    _print_notes(plan)
+    out.print(status_table(plan))
+    return EXIT_OK
+
+
+def status_table(plan) -> Table:  # type: ignore[no-untyped-def]
+    """Images down, nodes across; a cell shows the digest a node holds, or that it lacks the image."""
+    drifted = {d.reference for d in plan.drift}
+    table = Table(title=f"{len(plan.wanted)} images x {len(plan.nodes)} nodes")
+    table.add_column("image", overflow="fold")
+    for node in plan.nodes:
+        table.add_column(node, justify="center")
+    for node in plan.skipped:
+        table.add_column(f"{node} (skipped)", justify="center", style="dim")
+    for image in plan.wanted:
+        cells = []
+        for node in plan.nodes:
+            held = plan.holdings.get(node, {})
+            if image in held:
+                digest = held[image]
+                text = digest.split(":")[-1][:8] if digest else "yes"
+                cells.append(f"[yellow]{text}[/]" if image in drifted else f"[green]{text}[/]")
+            else:
+                cells.append("[red]missing[/]")
+        cells += ["?" for _ in plan.skipped]
+        table.add_row(image, *cells)
+    return table
+
+
+def cmd_sync(args) -> int:  # type: ignore[no-untyped-def]
+    settings = _settings()
+    for name in args.node or ():
+        settings.node(name)
+    redis = _redis(settings)
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from .celery import app
+    from .celeryconfig import CONTROL_QUEUE
+
+    result = app.send_task("imagesync.sync", kwargs={"trigger": "cli", "nodes": args.node}, queue=CONTROL_QUEUE)
+    try:
+        started = result.get(timeout=args.timeout, propagate=False)
+    except CeleryTimeout:
+        result.revoke()
+        raise CommandError(
+            f"no control worker started the run within {args.timeout:g} s: start one with "
+            "'imagesync worker --control' (or check 'celery -A imagesync inspect ping')"
+        ) from None
+    if result.failed():
+        raise CommandError(f"the sync task failed: {started}")
+    if started["status"] == "already-running":
+        err.print(f"imagesync: {started['message']}", markup=False)
+        return EXIT_RUNNING
+    out.print(started["message"])
+    if not args.wait:
+        out.print(f"follow it with: imagesync history {started['run']}")
+        return EXIT_OK
+    return follow(settings, redis, started["run"])
+
+
+def follow(settings, redis, run_id: str) -> int:  # type: ignore[no-untyped-def]
+    """Show a progress bar until the run ends, then its summary; non-zero if any pull failed."""
+    from .sync import run_store
+
+    store = run_store(settings, redis)
+    run = store.get(run_id, with_results=False)
+    if run is None:
+        raise CommandError(f"run {run_id} has no record in Redis")
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        bar = progress.add_task(f"run {run_id}", total=run.expected or 1, detail="")
+        while True:
+            run = store.get(run_id, with_results=False)
+            if run is None:
+                raise CommandError(f"run {run_id} vanished from Redis (restarted without persistence?)")
+            detail = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in run.counts.items())
+            progress.update(bar, completed=run.done if run.expected else 1, detail=detail)
+            if run.status != "running":
+                break
+            time.sleep(0.5)
+    run = store.get(run_id)
+    assert run is not None
+    print_run(run)
+    return EXIT_OK if run.status == "completed" and not run.failures else EXIT_FAILED
+
+
+def print_run(run) -> None:  # type: ignore[no-untyped-def]
+    from .runs import summary_lines
+
+    lines = summary_lines(run)
+    out.print(lines[0], markup=False)
+    for line in lines[1:]:
+        out.print("  " + line.split(": ", 1)[1], markup=False)
+
+
+def cmd_history(args) -> int:  # type: ignore[no-untyped-def]
+    from .sync import run_store
+
+    settings = _settings()
+    store = run_store(settings, _redis(settings))
+    if args.run:
+        run = store.get(args.run)
+        if run is None:
+            raise CommandError(f"no run {args.run} in the history (see 'imagesync history')")
+        if args.json:
+            out.print_json(json.dumps(run.to_dict()))
+        else:
+            print_run(run)
+        return EXIT_OK
+    runs = store.recent(args.limit)
+    if args.json:
+        out.print_json(json.dumps([run.to_dict() for run in runs]))
+        return EXIT_OK
+    table = Table(title="recent runs")
+    for column in ("run", "trigger", "status", "pulls", "ok", "failed", "skipped nodes", "took"):
+        table.add_column(column)
+    for run in runs:
+        ok = sum(run.counts.get(s, 0) for s in ("pulled", "present"))
+        table.add_row(run.id, run.trigger, run.status, str(run.expected), str(ok), str(run.failures),
+                      ", ".join(run.skipped) or "-", f"{run.duration:.1f} s")
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_worker(args) -> int:  # type: ignore[no-untyped-def]
+    from .celeryconfig import CONTROL_QUEUE, node_queue
+
+    settings = _settings()
+    logs.check_log_dir(settings.log_dir)
+    extra = [a for a in args.celery_args if a != "--"]
+    if args.control:
+        argv = ["-Q", CONTROL_QUEUE, "-c", "2", "-n", "control@%h"]
+    else:
+        node = settings.node(args.node)
+        # prefork is the only pool that enforces time limits
+        argv = ["-Q", node_queue(node.name), "-c", str(settings.max_parallel), "-n", f"{node.name}@%h"]
+    return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
+
+
+def cmd_beat(args) -> int:  # type: ignore[no-untyped-def]
+    settings = _settings()
+    logs.check_log_dir(settings.log_dir)
+    extra = [a for a in args.celery_args if a != "--"]
+    schedule_file = str(settings.log_dir / "beat-schedule")
+    return _exec_celery(["beat", "-l", "INFO", "-s", schedule_file, *extra])
+
+
+def _exec_celery(argv: list[str]) -> int:
+    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "imagesync", *argv])
+
+
+COMMANDS = {
+    "config": cmd_config,
+    "check": cmd_check,
+    "plan": cmd_plan,
+    "status": cmd_status,
+    "sync": cmd_sync,
+    "history": cmd_history,
+    "worker": cmd_worker,
+    "beat": cmd_beat,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

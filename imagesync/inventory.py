@@ -1,0 +1,84 @@
+"""Inventory: ask every node what it holds, all nodes at once.
+
+Like Fabric's ``Group``, the answer is a per-node result map: each node maps
+to its images or to the error that kept us from learning them, and the map
+tells which succeeded and which failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import runtimes
+from .errors import NodeError, RuntimeMissing
+from .runtimes import COMMAND_NOT_FOUND, Image
+from .transport import transport_for
+
+#: seconds a node may take to list its images
+LIST_TIMEOUT = 60.0
+#: upper bound on simultaneous SSH handshakes from one process
+MAX_THREADS = 64
+
+
+@dataclass
+class Inventory:
+    """Images per reachable node, and the reason for each node that was not."""
+
+    images: dict[str, list[Image]] = field(default_factory=dict)
+    errors: dict[str, NodeError] = field(default_factory=dict)
+
+    @property
+    def succeeded(self) -> dict[str, list[Image]]:
+        return self.images
+
+    @property
+    def failed(self) -> dict[str, NodeError]:
+        return self.errors
+
+    @property
+    def unreachable(self) -> dict[str, str]:
+        """node -> one-line reason, for the plan and the run record."""
+        return {node: error.message for node, error in sorted(self.errors.items())}
+
+
+def list_images(settings, node) -> list[Image]:  # type: ignore[no-untyped-def]
+    """The images ``node`` holds, as its runtime reports them."""
+    runtime = runtimes.for_node(node)
+    result = transport_for(settings, node).run(runtime.list_command(), timeout=LIST_TIMEOUT)
+    if result.exit_code == COMMAND_NOT_FOUND:
+        raise RuntimeMissing(
+            node.name,
+            f"{runtime.name} is not installed on {node.name} (or not on the SSH user's PATH): "
+            f"install it or set runtime for this node",
+        )
+    if not result.ok:
+        reason = runtimes.failure_reason(result.stderr, result.stdout)
+        raise NodeError(node.name, f"{runtime.name} cannot list images on {node.name}: {reason}")
+    try:
+        return runtime.parse_list(result.stdout)
+    except ValueError as exc:
+        raise NodeError(node.name, str(exc)) from exc
+
+
+def take_inventory(settings, nodes: Iterable | None = None) -> Inventory:  # type: ignore[no-untyped-def]
+    """List images on ``nodes`` (all configured nodes by default) in parallel."""
+    nodes = list(settings.nodes if nodes is None else nodes)
+    inventory = Inventory()
+    if not nodes:
+        return inventory
+
+    def one(node):  # type: ignore[no-untyped-def]
+        try:
+            return node.name, list_images(settings, node), None
+        except NodeError as exc:
+            return node.name, None, exc
+
+    with ThreadPoolExecutor(max_workers=min(len(nodes), MAX_THREADS)) as pool:
+        for name, images, error in pool.map(one, nodes):
+            if error is None:
+                inventory.images[name] = images
+            else:
+                inventory.errors[name] = error
+    return inventory

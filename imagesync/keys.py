@@ -1,0 +1,31 @@
+"""Every Redis key imagesync uses, in one place."""
+
+from __future__ import annotations
+
+NAMESPACE = "imagesync"
+
+#: the single-run lock; its value is the run id of the holder
+LOCK = f"{NAMESPACE}:lock"
+#: run ids, newest first, trimmed to the configured history length
+HISTORY = f"{NAMESPACE}:runs"
+#: runs still in progress, scored by the time after which they count as stuck
+ACTIVE = f"{NAMESPACE}:active"
+
+
+def run(run_id: str) -> str:
+    """Hash: the run record (status, counts, plan summary)."""
+    return f"{NAMESPACE}:run:{run_id}"
+
+
+def run_done(run_id: str) -> str:
+    """Set: the pulls of the run that have reported, one member per (node, image)."""
+    return f"{NAMESPACE}:run:{run_id}:done"
+
+
+def run_results(run_id: str) -> str:
+    """Hash: (node, image) -> the pull's outcome as JSON."""
+    return f"{NAMESPACE}:run:{run_id}:results"
+
+
+def run_keys(run_id: str) -> list[str]:
+    return [run(run_id), run_done(run_id), run_results(run_id)]

@@ -1,0 +1,62 @@
+"""One pull of one image onto one node.
+
+A pull first asks the node whether it already holds the image, so that a pull
+delivered twice (a worker died before acknowledging it) does no harm and is
+reported as "present". The runtime then pulls under the node's own
+``timeout``, and the SSH command gets a little longer than that, so the
+node-side process is always the first to stop.
+"""
+
+from __future__ import annotations
+
+import time
+
+from . import references, runtimes
+from .errors import CommandTimedOut, NodeError, RefusedReference
+from .inventory import list_images
+from .plan import holdings
+from .runs import FAILED, PRESENT, PULLED, TIMED_OUT, Outcome
+from .transport import transport_for
+
+#: seconds the SSH command may run past the node-side timeout before we give up on it
+SSH_GRACE = 10
+
+
+def holds(settings, node, image: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``node`` holds ``image`` (a normalized reference)."""
+    ref = references.parse(image)
+    held = holdings(node.name, list_images(settings, node), [ref.repository])
+    return str(ref) in held.references
+
+
+def pull_image(settings, node, image: str) -> tuple[Outcome, bool]:  # type: ignore[no-untyped-def]
+    """Bring ``image`` onto ``node``; returns the outcome and whether a retry may help."""
+    started = time.monotonic()
+
+    def outcome(status: str, reason: str = "") -> Outcome:
+        return Outcome(node.name, image, status, round(time.monotonic() - started, 3), reason)
+
+    try:
+        image = references.normalize(image)
+    except RefusedReference as exc:
+        return outcome(FAILED, f"refused: {exc.reason}"), False
+    runtime = runtimes.for_node(node)
+    try:
+        if holds(settings, node, image):
+            return outcome(PRESENT), False
+        command = runtime.pull_command(image, settings.time_out)
+        result = transport_for(settings, node).run(
+            command.command, timeout=command.seconds + runtimes.KILL_AFTER + SSH_GRACE
+        )
+    except CommandTimedOut as exc:
+        return outcome(TIMED_OUT, exc.message), False
+    except NodeError as exc:
+        return outcome(FAILED, exc.message), exc.transient
+    if result.ok:
+        return outcome(PULLED), False
+    if result.exit_code in runtimes.TIMEOUT_EXIT_CODES:
+        return outcome(TIMED_OUT, f"pull did not finish within time_out ({settings.time_out} s); stopped on the node"), False
+    if result.exit_code == runtimes.COMMAND_NOT_FOUND:
+        return outcome(FAILED, f"{runtime.name} is not installed on {node.name}"), False
+    reason = runtimes.failure_reason(result.stderr, result.stdout)
+    return outcome(FAILED, reason), runtimes.is_transient(reason)

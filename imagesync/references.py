@@ -1,0 +1,168 @@
+"""Image references: validation against the OCI grammar, normalization, prefixes.
+
+Image names come from one node's runtime and end up in a command on another
+node, so nothing reaches a command line unless it parses here. The grammar is
+the one of github.com/distribution/reference, restricted to ASCII::
+
+    reference  := name [ ":" tag ] [ "@" digest ]
+    name       := [domain "/"] path-component ["/" path-component]*
+    domain     := host [":" port]
+    path-component := [a-z0-9]+ (([._]|__|-*) [a-z0-9]+)*
+    tag        := [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}
+    digest     := algorithm ":" hex (32 or more)
+
+Normalization follows the runtimes (containerd, CRI-O): ``nginx`` is
+``docker.io/library/nginx:latest``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import RefusedReference
+
+DEFAULT_DOMAIN = "docker.io"
+LEGACY_DOMAINS = {"index.docker.io", "registry-1.docker.io"}
+OFFICIAL_REPO_PREFIX = "library/"
+DEFAULT_TAG = "latest"
+MAX_NAME_LENGTH = 255
+MAX_REFERENCE_LENGTH = 1024
+
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
+_HOST = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|{_IPV6})"
+_DOMAIN = rf"{_HOST}(?::[0-9]+)?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+
+_REFERENCE = re.compile(
+    rf"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?", re.ASCII
+)
+_PREFIX = re.compile(rf"(?:{_DOMAIN}|{_NAME})(?:/{_PATH_COMPONENT})*", re.ASCII)
+
+
+@dataclass(frozen=True, order=True)
+class Reference:
+    """A parsed, normalized image reference."""
+
+    domain: str
+    path: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def repository(self) -> str:
+        """``domain/path``, e.g. ``docker.io/library/nginx``."""
+        return f"{self.domain}/{self.path}"
+
+    def __str__(self) -> str:
+        text = self.repository
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    @property
+    def familiar(self) -> str:
+        """The short form people type: ``nginx:latest`` for docker.io/library/nginx:latest."""
+        name = self.repository
+        if self.domain == DEFAULT_DOMAIN:
+            name = self.path.removeprefix(OFFICIAL_REPO_PREFIX)
+        if self.tag:
+            name += f":{self.tag}"
+        if self.digest:
+            name += f"@{self.digest}"
+        return name
+
+
+def _refuse(text: str, reason: str) -> RefusedReference:
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    return RefusedReference(shown, reason)
+
+
+def parse(text: str) -> Reference:
+    """Parse and normalize ``text``; raise RefusedReference if it is not a valid reference."""
+    if not isinstance(text, str):
+        raise _refuse(repr(text), "not a string")
+    if len(text) > MAX_REFERENCE_LENGTH:
+        raise _refuse(text, f"longer than {MAX_REFERENCE_LENGTH} characters")
+    if not text.isascii() or not text.isprintable():
+        raise _refuse(text, "contains non-ASCII or control characters")
+    match = _REFERENCE.fullmatch(text)
+    if match is None:
+        raise _refuse(text, "not a valid OCI image reference")
+    name, tag, digest = match.group("name"), match.group("tag"), match.group("digest")
+    if len(name) > MAX_NAME_LENGTH:
+        raise _refuse(text, f"repository name longer than {MAX_NAME_LENGTH} characters")
+    domain, _, path = name.partition("/")
+    if not path or not _looks_like_domain(domain):
+        domain, path = DEFAULT_DOMAIN, name
+    if domain in LEGACY_DOMAINS:
+        domain = DEFAULT_DOMAIN
+    if domain == DEFAULT_DOMAIN and "/" not in path:
+        path = OFFICIAL_REPO_PREFIX + path
+    if not _is_lowercase_path(path):
+        raise _refuse(text, "repository path must be lowercase")
+    if tag is None and digest is None:
+        tag = DEFAULT_TAG
+    return Reference(domain, path, tag, digest.lower() if digest else None)
+
+
+def _looks_like_domain(component: str) -> bool:
+    return "." in component or ":" in component or component == "localhost" or (
+        component.startswith("[")
+    )
+
+
+def _is_lowercase_path(path: str) -> bool:
+    return path == path.lower()
+
+
+def normalize(text: str) -> str:
+    """The normalized string form of ``text`` (raises RefusedReference)."""
+    return str(parse(text))
+
+
+def is_valid(text: str) -> bool:
+    try:
+        parse(text)
+    except RefusedReference:
+        return False
+    return True
+
+
+def validate_prefix(prefix: str) -> str:
+    """Check a configured prefix (a registry, or a registry plus path) and return it."""
+    prefix = prefix.strip().rstrip("/")
+    if not prefix or not prefix.isascii() or _PREFIX.fullmatch(prefix) is None:
+        raise _refuse(prefix, "not a registry host or repository path")
+    return prefix
+
+
+def matches_prefix(ref: Reference, prefix: str) -> bool:
+    """Whether ``ref`` lies under ``prefix``, on a path-component boundary.
+
+    ``nvcr.io/nvidia`` matches ``nvcr.io/nvidia/pytorch:24.01-py3`` but not
+    ``nvcr.io/nvidiax/...``. The prefix is compared with the normalized
+    repository and with the familiar one, so ``bcm11`` matches both
+    ``bcm11/app`` and ``docker.io/bcm11/app``; a prefix naming a whole
+    repository also matches it (``nvcr.io/nvidia/pytorch``).
+    """
+    for name in (ref.repository, _familiar_repository(ref)):
+        if name == prefix or name.startswith(prefix + "/"):
+            return True
+    return False
+
+
+def _familiar_repository(ref: Reference) -> str:
+    if ref.domain == DEFAULT_DOMAIN:
+        return ref.path.removeprefix(OFFICIAL_REPO_PREFIX)
+    return ref.repository
+
+
+def matches_any(ref: Reference, prefixes: list[str] | tuple[str, ...]) -> bool:
+    return any(matches_prefix(ref, prefix) for prefix in prefixes)

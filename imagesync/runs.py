@@ -1,0 +1,297 @@
+"""Run records in Redis: what a run planned, what each pull reported, how it ended.
+
+Completion is tracked here rather than with a Celery chord (chords over Redis
+hang forever when one header task is lost). A run record knows how many pulls
+it expects; each pull adds its (node, image) to a set, so a redelivered pull
+counts once; the pull that completes the set marks the run completed and
+releases the lock, in one atomic script. Runs that stop making progress are
+finalized as abandoned by a periodic check (:func:`finalize_stale`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from redis import Redis
+
+from . import keys
+
+RUNNING, COMPLETED, ABANDONED = "running", "completed", "abandoned"
+
+#: pull outcomes; the first two mean the node now holds the image
+PULLED, PRESENT = "pulled", "present"
+FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped"
+OUTCOMES = (PULLED, PRESENT, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
+SUCCESSES = (PULLED, PRESENT)
+
+# A pull reports; returns -1 unknown run, 0 duplicate, 1 recorded,
+# 2 recorded and the run is now complete (lock released), 3 late report.
+_RECORD = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[4], 1)
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 3 end
+redis.call('HSET', KEYS[1], 'last_progress', ARGV[5])
+if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expected')) then
+    redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', ARGV[5])
+    redis.call('ZREM', KEYS[4], ARGV[1])
+    if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+    return 2
+end
+redis.call('ZADD', KEYS[4], tonumber(ARGV[5]) + tonumber(ARGV[6]), ARGV[1])
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
+return 1
+"""
+
+# Mark a stuck run abandoned; returns 1 if this call did it.
+_ABANDON = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'abandoned', 'finished', ARGV[2], 'reason', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+
+def new_run_id(now: float | None = None) -> str:
+    """A sortable, readable run id: ``20261122-023015-3f9a1c``."""
+    stamp = datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def pull_key(node: str, image: str) -> str:
+    # A space never occurs in a node name or a valid reference.
+    return f"{node} {image}"
+
+
+@dataclass
+class Outcome:
+    """What one pull did."""
+
+    node: str
+    image: str
+    status: str
+    duration: float = 0.0
+    reason: str = ""
+    attempts: int = 1
+    finished: float = field(default_factory=time.time)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in SUCCESSES
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+@dataclass
+class Run:
+    """A run record as read back from Redis."""
+
+    id: str
+    status: str
+    trigger: str
+    started: float
+    finished: float | None
+    expected: int
+    counts: dict[str, int]
+    expected_per_node: dict[str, int]
+    skipped: dict[str, str]
+    drift: list[dict[str, Any]]
+    refused: list[dict[str, str]]
+    wanted: int
+    reason: str = ""
+    results: list[Outcome] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def failures(self) -> int:
+        return sum(n for status, n in self.counts.items() if status not in SUCCESSES)
+
+    @property
+    def duration(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    def unreported(self) -> dict[str, int]:
+        """Per node, pulls that never reported (a dead worker or a run cut short)."""
+        reported = Counter(outcome.node for outcome in self.results)
+        return {
+            node: count - reported.get(node, 0)
+            for node, count in self.expected_per_node.items()
+            if count > reported.get(node, 0)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["results"] = [asdict(outcome) for outcome in self.results]
+        return data
+
+
+class RunStore:
+    """Run records and history, on the Redis client it is given."""
+
+    def __init__(self, redis: Redis, stale_after: int, lock_ttl: int, history: int = 200) -> None:
+        self.redis = redis
+        self.stale_after = int(stale_after)
+        self.lock_ttl = int(lock_ttl)
+        self.history = int(history)
+        self._record = redis.register_script(_RECORD)
+        self._abandon = redis.register_script(_ABANDON)
+
+    def create(
+        self,
+        run_id: str,
+        *,
+        trigger: str,
+        pulls: list[tuple[str, str]],
+        skipped: dict[str, str],
+        drift: list[dict[str, Any]],
+        refused: list[dict[str, str]],
+        wanted: int,
+        now: float | None = None,
+    ) -> bool:
+        """Record a new run; returns True if it expects no pulls and is already complete."""
+        now = now or time.time()
+        per_node = Counter(node for node, _ in pulls)
+        complete = not pulls
+        record = {
+            "id": run_id,
+            "status": COMPLETED if complete else RUNNING,
+            "trigger": trigger,
+            "started": repr(now),
+            "last_progress": repr(now),
+            "expected": len(pulls),
+            "expected_per_node": json.dumps(dict(sorted(per_node.items()))),
+            "skipped": json.dumps(skipped),
+            "drift": json.dumps(drift),
+            "refused": json.dumps(refused),
+            "wanted": wanted,
+        }
+        if complete:
+            record["finished"] = repr(now)
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.run(run_id), mapping=record)
+        if not complete:
+            pipe.zadd(keys.ACTIVE, {run_id: now + self.stale_after})
+        pipe.lpush(keys.HISTORY, run_id)
+        pipe.execute()
+        self._trim()
+        return complete
+
+    def _trim(self) -> None:
+        old = self.redis.lrange(keys.HISTORY, self.history, -1)
+        if not old:
+            return
+        pipe = self.redis.pipeline()
+        for run_id in old:
+            pipe.delete(*keys.run_keys(_text(run_id)))
+        pipe.ltrim(keys.HISTORY, 0, self.history - 1)
+        pipe.execute()
+
+    def record(self, run_id: str, outcome: Outcome) -> int:
+        """Record one pull's outcome; see _RECORD for the return values."""
+        return int(
+            self._record(
+                keys=[keys.run(run_id), keys.run_done(run_id), keys.run_results(run_id),
+                      keys.ACTIVE, keys.LOCK],
+                args=[run_id, pull_key(outcome.node, outcome.image), outcome.to_json(),
+                      outcome.status, repr(time.time()), self.stale_after, self.lock_ttl],
+            )
+        )
+
+    def status(self, run_id: str) -> str | None:
+        return _text(self.redis.hget(keys.run(run_id), "status"))
+
+    def stale(self, now: float | None = None) -> list[str]:
+        """Runs in progress that have made no progress for ``stale_after`` seconds."""
+        now = now or time.time()
+        return [_text(r) for r in self.redis.zrangebyscore(keys.ACTIVE, "-inf", now)]
+
+    def abandon(self, run_id: str, reason: str, now: float | None = None) -> bool:
+        """Mark a run abandoned and release its lock; True if this call did it."""
+        return bool(
+            self._abandon(
+                keys=[keys.run(run_id), keys.ACTIVE, keys.LOCK],
+                args=[run_id, repr(now or time.time()), reason],
+            )
+        )
+
+    def get(self, run_id: str, with_results: bool = True) -> Run | None:
+        raw = self.redis.hgetall(keys.run(run_id))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        counts = {status: int(data.get(f"n:{status}", 0)) for status in OUTCOMES}
+        run = Run(
+            id=data["id"],
+            status=data.get("status", "unknown"),
+            trigger=data.get("trigger", ""),
+            started=float(data.get("started", 0)),
+            finished=float(data["finished"]) if data.get("finished") else None,
+            expected=int(data.get("expected", 0)),
+            counts={status: n for status, n in counts.items() if n},
+            expected_per_node=json.loads(data.get("expected_per_node", "{}")),
+            skipped=json.loads(data.get("skipped", "{}")),
+            drift=json.loads(data.get("drift", "[]")),
+            refused=json.loads(data.get("refused", "[]")),
+            wanted=int(data.get("wanted", 0)),
+            reason=data.get("reason", ""),
+        )
+        if with_results:
+            run.results = sorted(
+                (Outcome(**json.loads(v)) for v in self.redis.hvals(keys.run_results(run_id))),
+                key=lambda o: (o.node, o.image),
+            )
+        return run
+
+    def recent(self, limit: int = 20) -> list[Run]:
+        ids = [_text(r) for r in self.redis.lrange(keys.HISTORY, 0, limit - 1)]
+        runs = (self.get(run_id, with_results=False) for run_id in ids)
+        return [run for run in runs if run is not None]
+
+    def latest(self) -> Run | None:
+        runs = self.recent(1)
+        return runs[0] if runs else None
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def summary_lines(run: Run) -> list[str]:
+    """The run's summary as log lines, the way the operator reads it."""
+    counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in run.counts.items()) or "nothing to pull"
+    lines = [
+        f"run {run.id} {run.status} in {run.duration:.1f} s: {run.expected} pulls planned; {counts}"
+        + (f" ({run.reason})" if run.reason else "")
+    ]
+    for node, reason in run.skipped.items():
+        lines.append(f"run {run.id}: node {node} skipped: {reason}")
+    for node, count in run.unreported().items():
+        lines.append(f"run {run.id}: node {node}: {count} pulls never reported (worker or node down?)")
+    for outcome in run.results:
+        if not outcome.succeeded:
+            lines.append(
+                f"run {run.id}: {outcome.node}: {outcome.image} {outcome.status.replace('_', ' ')}: {outcome.reason}"
+            )
+    for drift in run.drift:
+        digests = ", ".join(f"{n}={d[:19]}" for n, d in drift["digests"].items())
+        lines.append(f"run {run.id}: tag drift on {drift['reference']}: {digests}")
+    for refusal in run.refused:
+        lines.append(
+            f"run {run.id}: refused image name from {refusal['node']}: {refusal['reference']!r} ({refusal['reason']})"
+        )
+    return lines

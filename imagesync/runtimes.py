@@ -1,0 +1,231 @@
+"""Container runtime adapters: the commands run on a node, and their output parsed.
+
+Two runtimes are supported, chosen per node:
+
+* ``crictl`` talks to the kubelet's CRI image service (containerd, CRI-O):
+  ``crictl images -o json`` and ``crictl pull``.
+* ``ctr`` talks to containerd directly: ``ctr -n k8s.io images ls`` and
+  ``ctr -n k8s.io images pull`` (honouring the node's registry hosts dir).
+
+This is the one place that builds command lines for a node. Every argument
+that is not a constant is shell-quoted, and image references are only ever
+passed after :mod:`imagesync.references` has accepted them. Pulls run under
+the node's own ``timeout`` so that the node-side process ends even if the
+task that started it is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import references
+
+#: seconds between timeout's TERM and its KILL of a pull that ignores TERM
+KILL_AFTER = 5
+#: exit codes of coreutils ``timeout``: the command timed out, or was killed after it
+TIMEOUT_EXIT_CODES = {124, 137}
+#: exit code of a shell for a command that does not exist
+COMMAND_NOT_FOUND = 127
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image as a node's runtime reports it (names as reported, unvalidated)."""
+
+    id: str
+    tags: tuple[str, ...] = ()
+    digests: tuple[str, ...] = ()
+    size: int = 0
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class PullCommand:
+    command: str
+    #: the seconds the node-side ``timeout`` allows the runtime
+    seconds: int
+
+
+class Runtime(Protocol):
+    name: str
+
+    def list_command(self) -> str: ...
+
+    def parse_list(self, output: str) -> list[Image]: ...
+
+    def pull_command(self, reference: str, time_out: int) -> PullCommand: ...
+
+    def version_command(self) -> str: ...
+
+
+def _pull_under_timeout(command: str, time_out: int) -> PullCommand:
+    return PullCommand(f"timeout -k {KILL_AFTER} {int(time_out)} {command}", int(time_out))
+
+
+def _checked(reference: str) -> str:
+    """The reference, shell-quoted, after the grammar has accepted it."""
+    references.parse(reference)
+    return shlex.quote(reference)
+
+
+@dataclass(frozen=True)
+class Crictl:
+    """``crictl`` against the CRI image service (the endpoint from the node's env by default)."""
+
+    endpoint: str | None = None
+    name: str = field(default="crictl", init=False)
+
+    def _base(self) -> str:
+        if self.endpoint:
+            return f"crictl --image-endpoint {shlex.quote(self.endpoint)}"
+        return "crictl"
+
+    def list_command(self) -> str:
+        return f"{self._base()} images -o json"
+
+    def version_command(self) -> str:
+        return f"{self._base()} --version"
+
+    def pull_command(self, reference: str, time_out: int) -> PullCommand:
+        return _pull_under_timeout(f"{self._base()} pull {_checked(reference)}", time_out)
+
+    def parse_list(self, output: str) -> list[Image]:
+        """Parse ``crictl images -o json``."""
+        try:
+            document = json.loads(output or "{}")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"crictl images printed something that is not JSON: {exc}") from exc
+        images = []
+        for item in document.get("images") or []:
+            images.append(
+                Image(
+                    id=str(item.get("id", "")),
+                    tags=tuple(str(tag) for tag in item.get("repoTags") or ()),
+                    digests=tuple(str(d) for d in item.get("repoDigests") or ()),
+                    size=_int(item.get("size")),
+                    pinned=bool(item.get("pinned", False)),
+                )
+            )
+        return images
+
+
+@dataclass(frozen=True)
+class Ctr:
+    """``ctr`` against containerd, in the kubelet's namespace by default."""
+
+    address: str | None = None
+    namespace: str = "k8s.io"
+    hosts_dir: str | None = None
+    name: str = field(default="ctr", init=False)
+
+    def _base(self) -> str:
+        parts = ["ctr"]
+        if self.address:
+            parts += ["--address", shlex.quote(self.address.removeprefix("unix://"))]
+        parts += ["--namespace", shlex.quote(self.namespace)]
+        return " ".join(parts)
+
+    def list_command(self) -> str:
+        return f"{self._base()} images ls"
+
+    def version_command(self) -> str:
+        return "ctr --version"
+
+    def pull_command(self, reference: str, time_out: int) -> PullCommand:
+        hosts = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""
+        return _pull_under_timeout(
+            f"{self._base()} images pull{hosts} {_checked(reference)}", time_out
+        )
+
+    def parse_list(self, output: str) -> list[Image]:
+        """Parse ``ctr images ls``: one row per reference, grouped here by manifest digest.
+
+        Rows are ``REF TYPE DIGEST SIZE PLATFORMS LABELS`` with a two-word
+        size (``2.7 MiB``). containerd's CRI plugin also keeps ``sha256:<id>``
+        rows (image ids) and ``repo@sha256:...`` rows (repo digests).
+        """
+        by_digest: dict[str, dict[str, list[str] | int]] = {}
+        for line in output.splitlines()[1:]:
+            columns = line.split()
+            if len(columns) < 5:
+                continue
+            ref, digest = columns[0], columns[2]
+            entry = by_digest.setdefault(digest, {"tags": [], "digests": [], "size": 0})
+            entry["size"] = _size(columns[3], columns[4])
+            if re.fullmatch(r"sha256:[0-9a-f]{64}", ref):
+                continue
+            if "@" in ref:
+                entry["digests"].append(ref)  # type: ignore[union-attr]
+            else:
+                entry["tags"].append(ref)  # type: ignore[union-attr]
+                repo = ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
+                entry["digests"].append(f"{repo}@{digest}")  # type: ignore[union-attr]
+        images = []
+        for digest, entry in by_digest.items():
+            tags = tuple(entry["tags"])  # type: ignore[arg-type]
+            digests = tuple(dict.fromkeys(entry["digests"]))  # type: ignore[arg-type]
+            if tags or digests:
+                images.append(Image(id=digest, tags=tags, digests=digests, size=int(entry["size"])))  # type: ignore[arg-type]
+        return images
+
+
+_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
+          "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+
+
+def _size(number: str, unit: str) -> int:
+    try:
+        return int(float(number) * _UNITS.get(unit, 1))
+    except ValueError:
+        return 0
+
+
+def _int(value: object) -> int:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def for_node(node) -> Runtime:  # type: ignore[no-untyped-def]
+    """The runtime adapter configured for ``node`` (a :class:`imagesync.config.Node`)."""
+    if node.runtime == "ctr":
+        return Ctr(address=node.endpoint, namespace=node.namespace, hosts_dir=node.hosts_dir)
+    return Crictl(endpoint=node.endpoint)
+
+
+# A failed pull's reason decides whether trying again can help. Permanent
+# reasons are checked first: "not found" wins over a 5xx in the same text.
+_PERMANENT = re.compile(
+    r"not found|manifest unknown|name unknown|unauthorized|denied|forbidden|"
+    r"\b40[0134]\b|invalid reference|no space left|no match for platform",
+    re.IGNORECASE,
+)
+_TRANSIENT = re.compile(
+    r"connection reset|connection refused|broken pipe|i/o timeout|timeout|"
+    r"temporary failure|no route to host|unexpected eof|\beof\b|"
+    r"\b5\d\d\b|service unavailable|bad gateway|internal server error|too many requests|\b429\b",
+    re.IGNORECASE,
+)
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a pull that failed with ``reason`` may succeed if tried again."""
+    if _PERMANENT.search(reason):
+        return False
+    return bool(_TRANSIENT.search(reason))
+
+
+def failure_reason(stderr: str, stdout: str = "") -> str:
+    """The runtime's own reason for a failed pull, on one line."""
+    text = (stderr.strip() or stdout.strip()).splitlines()
+    # crictl and ctr print the reason last, prefixed with log noise such as
+    # 'E1122 10:00:00.000 1234 remote_image.go:171] PullImage ... failed:'
+    lines = [line for line in text if line.strip()]
+    reason = lines[-1] if lines else "no output"
+    reason = re.sub(r"^(?:[EFW]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\]\s*|time=\"[^\"]*\" level=\w+ msg=)", "", reason)
+    return reason.strip().strip('"')[:500]

@@ -1,0 +1,173 @@
+"""The run lifecycle as ordinary functions; the Celery tasks are thin shells around these.
+
+* :func:`start_run` takes the lock, inventories every node, plans, records the
+  run and hands each (node, image) pull to ``send_pull``.
+* :func:`finish_pull` records a pull's outcome, writes its log lines, and, for
+  the pull that completes the run, the summary.
+* :func:`finalize_stale` ends runs that stopped making progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from redis import Redis
+
+from . import logs, runtimes
+from .inventory import take_inventory
+from .lock import RunLock
+from .plan import Plan, make_plan
+from .runs import RunStore, Outcome, new_run_id, summary_lines
+
+log = logging.getLogger("imagesync")
+
+#: seconds without any pull reporting after which a run counts as stuck, beyond time_out
+STALE_MARGIN = 60
+#: how often (in pulls sent) a long fan-out renews the lock
+RENEW_EVERY = 500
+
+SendPull = Callable[[str, str, str, float], None]
+
+
+def stale_after(settings) -> int:  # type: ignore[no-untyped-def]
+    """Seconds a run may go without progress: one full pull, its kill grace and a margin."""
+    return int(settings.time_out + runtimes.KILL_AFTER + STALE_MARGIN)
+
+
+def run_store(settings, redis: Redis) -> RunStore:  # type: ignore[no-untyped-def]
+    ttl = stale_after(settings)
+    return RunStore(redis, stale_after=ttl, lock_ttl=ttl, history=settings.history)
+
+
+def run_lock(settings, redis: Redis) -> RunLock:  # type: ignore[no-untyped-def]
+    return RunLock(redis, ttl=stale_after(settings))
+
+
+def pull_expiry(settings, pulls_on_node: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds a queued pull stays worth running: the node's whole queue at worst, plus a margin.
+
+    Redis has no message TTL; without ``expires`` the pulls of a node whose
+    worker is gone would wait for it forever.
+    """
+    rounds = math.ceil(pulls_on_node / settings.max_parallel)
+    return rounds * (settings.time_out + runtimes.KILL_AFTER) + stale_after(settings)
+
+
+@dataclass
+class Started:
+    status: str  # "started", "already-running", "nothing-to-do"
+    run_id: str | None
+    message: str
+    pulls: int = 0
+    plan: Plan | None = None
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "run": self.run_id, "pulls": self.pulls, "message": self.message}
+
+
+def plan_now(settings, targets: Iterable[str] | None = None) -> Plan:  # type: ignore[no-untyped-def]
+    """Inventory every node and plan, without changing anything."""
+    inventory = take_inventory(settings)
+    return make_plan(
+        inventory.images, settings.prefixes, settings.images, inventory.unreachable, targets
+    )
+
+
+def start_run(
+    settings,  # type: ignore[no-untyped-def]
+    redis: Redis,
+    send_pull: SendPull,
+    trigger: str = "manual",
+    targets: Iterable[str] | None = None,
+) -> Started:
+    """Start a run unless one is in progress; ``send_pull(node, image, run_id, expires)`` queues a pull."""
+    run_id = new_run_id()
+    lock = run_lock(settings, redis)
+    if not lock.acquire(run_id):
+        # A holder that died is found by the deadline check; run it now rather
+        # than make this trigger wait for the next beat.
+        finalize_stale(settings, redis)
+        if not lock.acquire(run_id):
+            holder = lock.holder()
+            message = f"already running: run {holder} holds the lock; this {trigger} trigger does nothing"
+            log.info(message)
+            return Started("already-running", holder, message)
+    store = run_store(settings, redis)
+    try:
+        plan = plan_now(settings, targets)
+        for node, reason in plan.skipped.items():
+            log.warning("run %s: node %s skipped: %s", run_id, node, reason)
+        for refusal in plan.refused:
+            log.warning("run %s: refused image name from %s: %r (%s)", run_id, refusal.node, refusal.reference, refusal.reason)
+        complete = store.create(
+            run_id,
+            trigger=trigger,
+            pulls=plan.pulls,
+            skipped=plan.skipped,
+            drift=plan.to_dict()["drift"],
+            refused=plan.to_dict()["refused"],
+            wanted=len(plan.wanted),
+        )
+        if complete:
+            lock.release(run_id)
+            write_summary(settings, store, run_id)
+            return Started("nothing-to-do", run_id, f"run {run_id}: every node already holds every image", 0, plan)
+        per_node = Counter(node for node, _ in plan.pulls)
+        log.info("run %s started by %s: %d pulls on %d nodes (%s)", run_id, trigger, plan.total,
+                 len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())))
+        for sent, (node, image) in enumerate(plan.pulls, 1):
+            send_pull(node, image, run_id, pull_expiry(settings, per_node[node]))
+            if sent % RENEW_EVERY == 0:
+                lock.renew(run_id)
+    except BaseException as exc:
+        # Whatever was queued will report into a run that is already over;
+        # the lock must not outlive this failure.
+        store.abandon(run_id, f"start failed: {exc}")
+        lock.release(run_id)
+        raise
+    return Started("started", run_id, f"run {run_id} started: {plan.total} pulls", plan.total, plan)
+
+
+def finish_pull(settings, redis: Redis, run_id: str, outcome: Outcome) -> int:  # type: ignore[no-untyped-def]
+    """Record a finished pull: log files, run record, and the summary if it was the last."""
+    logs.record_pull(settings.log_dir, run_id, outcome)
+    level = logging.INFO if outcome.succeeded else logging.WARNING
+    log.log(level, "run %s: %s: %s %s in %.1f s%s", run_id, outcome.node, outcome.image,
+            outcome.status.replace("_", " "), outcome.duration,
+            f": {outcome.reason}" if outcome.reason else "")
+    store = run_store(settings, redis)
+    state = store.record(run_id, outcome)
+    if state == -1:
+        log.warning("run %s: no record of this run in Redis (lost or expired); outcome logged only", run_id)
+    elif state == 2:
+        write_summary(settings, store, run_id)
+    return state
+
+
+def write_summary(settings, store: RunStore, run_id: str) -> None:  # type: ignore[no-untyped-def]
+    run = store.get(run_id)
+    if run is None:
+        return
+    for i, line in enumerate(summary_lines(run)):
+        log.log(logging.INFO if i == 0 and not run.failures else logging.WARNING, line)
+
+
+def finalize_stale(settings, redis: Redis, now: float | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    """End runs that made no progress for too long, release their lock, write their summary."""
+    store = run_store(settings, redis)
+    ended = []
+    for run_id in store.stale(now):
+        reason = f"no pull reported for {store.stale_after} s"
+        if store.abandon(run_id, reason, now):
+            ended.append(run_id)
+            write_summary(settings, store, run_id)
+    lock = run_lock(settings, redis)
+    holder = lock.holder()
+    if holder and store.status(holder) not in (None, "running"):
+        # A lock left by a run that is over (its release was lost): free it.
+        lock.release(holder)
+    return ended

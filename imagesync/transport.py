@@ -1,0 +1,319 @@
+"""Transports: how a command reaches a node.
+
+One small interface, :class:`Transport`, with two implementations chosen per
+node by configuration:
+
+* :class:`SSHTransport` (Fabric): one connection per node per process, opened
+  lazily, reopened when it drops; host keys checked against the configured
+  known_hosts file (unknown keys refused unless ``accept-new``).
+* :class:`LocalTransport`: the worker runs on the node itself.
+
+Library errors (paramiko, invoke, socket) are translated here into
+:mod:`imagesync.errors`, so nothing above this module sees them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut as InvokeCommandTimedOut
+from paramiko.ssh_exception import NoValidConnectionsError
+
+from .errors import (
+    AuthenticationFailed,
+    CommandTimedOut,
+    HostKeyChanged,
+    HostKeyUnknown,
+    NodeError,
+    NodeUnreachable,
+)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Transport(ABC):
+    """Runs shell commands on one node."""
+
+    node: str
+
+    @abstractmethod
+    def run(self, command: str, timeout: float) -> CommandResult:
+        """Run ``command`` (a shell command line) and wait at most ``timeout`` seconds.
+
+        Raises CommandTimedOut past the timeout and NodeUnreachable (or another
+        NodeError) when the node cannot be reached; a command that runs and
+        fails is a result with a non-zero exit code, not an exception.
+        """
+
+    def close(self) -> None:
+        """Release the connection, if any."""
+
+
+class LocalTransport(Transport):
+    """Runs commands on this machine, for a worker that runs on the node itself."""
+
+    def __init__(self, node: str, env: dict[str, str] | None = None) -> None:
+        self.node = node
+        self.env = {**os.environ, **(env or {})}
+
+    def run(self, command: str, timeout: float) -> CommandResult:
+        # A session of its own so that a timeout kills the whole pipeline.
+        process = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+            text=True,
+        )
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise CommandTimedOut(
+                self.node, f"command did not finish within {timeout:g} s", timeout
+            ) from None
+        return CommandResult(stdout, stderr, process.returncode)
+
+
+class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
+    """OpenSSH's ``StrictHostKeyChecking=accept-new``: remember unknown keys, refuse changed ones."""
+
+    def __init__(self, known_hosts: Path) -> None:
+        self.known_hosts = known_hosts
+        self._lock = threading.Lock()
+
+    def missing_host_key(self, client, hostname, key):  # type: ignore[no-untyped-def]
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        with self._lock:
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            with self.known_hosts.open("a") as handle:
+                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """How known_hosts names a host: ``host`` on port 22, ``[host]:port`` otherwise."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+class SSHTransport(Transport):
+    """Runs commands over SSH with Fabric; one connection, reopened when it drops."""
+
+    def __init__(
+        self,
+        node: str,
+        host: str,
+        port: int = 22,
+        user: str = "root",
+        key_file: Path | None = None,
+        known_hosts: Path | None = None,
+        host_key_policy: str = "reject",
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.user = user
+        self.key_file = key_file
+        self.known_hosts = known_hosts
+        self.host_key_policy = host_key_policy
+        self.connect_timeout = connect_timeout
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    def _connect(self) -> Connection:
+        if self._connection is not None and self._connection.is_connected:
+            return self._connection
+        self.close()
+        connect_kwargs: dict[str, object] = {
+            "banner_timeout": self.connect_timeout,
+            "auth_timeout": self.connect_timeout,
+            "channel_timeout": self.connect_timeout,
+        }
+        if self.key_file:
+            connect_kwargs.update(key_filename=[str(self.key_file)], look_for_keys=False)
+        connection = Connection(
+            self.host,
+            user=self.user,
+            port=self.port,
+            connect_timeout=max(1, round(self.connect_timeout)),
+            connect_kwargs=connect_kwargs,
+            config=Config(overrides={"load_ssh_configs": False}),
+        )
+        client = connection.client
+        client.get_host_keys().clear()
+        if self.known_hosts and self.known_hosts.exists():
+            try:
+                client.load_host_keys(str(self.known_hosts))
+            except (OSError, paramiko.SSHException) as exc:
+                raise HostKeyUnknown(self.node, f"cannot read known_hosts {self.known_hosts}: {exc}") from exc
+        if self.host_key_policy == "accept-new" and self.known_hosts:
+            client.set_missing_host_key_policy(AcceptNewPolicy(self.known_hosts))
+        else:
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            connection.open()
+        except BaseException as exc:
+            connection.close()
+            raise self._translate_connect_error(exc) from exc
+        transport = connection.client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)
+        self._connection = connection
+        return connection
+
+    def _translate_connect_error(self, exc: BaseException) -> BaseException:
+        where = known_hosts_name(self.host, self.port)
+        known = self.known_hosts or "~/.ssh/known_hosts"
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return HostKeyChanged(
+                self.node,
+                f"host key of {where} does not match {known} (reinstalled node, or someone "
+                f"in between): if the change is expected, run ssh-keygen -R '{where}' -f {known} "
+                "and add the new key",
+            )
+        if isinstance(exc, paramiko.AuthenticationException):
+            key = f" with key {self.key_file}" if self.key_file else ""
+            return AuthenticationFailed(
+                self.node,
+                f"SSH authentication as {self.user} refused by {where}{key}: "
+                f"install the key with ssh-copy-id -p {self.port} {self.user}@{self.host}",
+            )
+        if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+            return HostKeyUnknown(
+                self.node,
+                f"host key of {where} is not in {known}: add it with "
+                f"ssh-keyscan -p {self.port} {self.host} >> {known} (after checking it), "
+                'or set ssh.host_key_policy = "accept-new"',
+            )
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            reason = f"no answer within {self.connect_timeout:g} s"
+        elif isinstance(exc, NoValidConnectionsError):
+            reason = "connection refused"
+        elif isinstance(exc, socket.gaierror):
+            reason = f"unknown host name {self.host!r}"
+        elif isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+            reason = str(exc) or type(exc).__name__
+        else:
+            return exc
+        return NodeUnreachable(
+            self.node,
+            f"Cannot connect to {self.node} via SSH ({self.address}: {reason}): "
+            "check that the node is up and sshd is running",
+        )
+
+    def run(self, command: str, timeout: float) -> CommandResult:
+        with self._lock:
+            # A connection found dead is reopened once; a command that started
+            # and lost its connection is not re-run here (the caller decides).
+            for attempt in (1, 2):
+                connection = self._connect()
+                try:
+                    result = connection.run(
+                        command, hide=True, warn=True, timeout=timeout, in_stream=False
+                    )
+                    return CommandResult(result.stdout, result.stderr, result.exited)
+                except InvokeCommandTimedOut as exc:
+                    self.close()
+                    raise CommandTimedOut(
+                        self.node, f"command did not finish within {timeout:g} s", timeout
+                    ) from exc
+                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
+                    self.close()
+                    if attempt == 2:
+                        raise NodeUnreachable(
+                            self.node,
+                            f"SSH connection to {self.node} ({self.address}) dropped: {exc or type(exc).__name__}",
+                        ) from exc
+            raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # closing a broken connection may fail; it is gone either way
+                pass
+            self._connection = None
+
+
+_cache: dict[tuple[int, str], Transport] = {}
+_cache_lock = threading.Lock()
+
+
+def transport_for(settings, node) -> Transport:  # type: ignore[no-untyped-def]
+    """The transport of ``node`` for this process, kept open between calls.
+
+    Keyed by process id as well, so that a prefork child never shares the
+    parent's SSH connection.
+    """
+    key = (os.getpid(), node.name)
+    with _cache_lock:
+        transport = _cache.get(key)
+        if transport is None:
+            transport = _cache[key] = make_transport(settings, node)
+        return transport
+
+
+def make_transport(settings, node) -> Transport:  # type: ignore[no-untyped-def]
+    if node.transport == "local":
+        env = {}
+        if node.endpoint:
+            env = {
+                "CONTAINER_RUNTIME_ENDPOINT": node.endpoint,
+                "IMAGE_SERVICE_ENDPOINT": node.endpoint,
+                "CONTAINERD_ADDRESS": node.endpoint.removeprefix("unix://"),
+            }
+        return LocalTransport(node.name, env)
+    return SSHTransport(
+        node.name,
+        host=node.host,
+        port=node.port,
+        user=settings.node_user(node),
+        key_file=settings.node_key_file(node),
+        known_hosts=settings.ssh.known_hosts,
+        host_key_policy=settings.ssh.host_key_policy,
+        connect_timeout=settings.ssh.connect_timeout,
+    )
+
+
+def close_all() -> None:
+    with _cache_lock:
+        for transport in _cache.values():
+            transport.close()
+        _cache.clear()
+
+
+__all__ = [
+    "CommandResult",
+    "LocalTransport",
+    "NodeError",
+    "SSHTransport",
+    "Transport",
+    "close_all",
+    "make_transport",
+    "transport_for",
+]

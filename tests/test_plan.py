@@ -1,0 +1,82 @@
+from imagesync.plan import make_plan
+from imagesync.runtimes import Image
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+D3 = "sha256:" + "3" * 64
+PREFIXES = ["bcm11.local:5000", "nvcr.io/nvidia"]
+
+
+def image(tag=None, digest=D1, repo=None):
+    repo = repo or tag.rsplit(":", 1)[0]
+    return Image(id=digest, tags=(tag,) if tag else (), digests=(f"{repo}@{digest}",))
+
+
+def test_each_node_lacks_what_the_others_hold():
+    plan = make_plan(
+        {
+            "w1": [image("bcm11.local:5000/hpc/app:1"), image("docker.io/library/nginx:1", D2)],
+            "w2": [image("nvcr.io/nvidia/pytorch:24.01-py3", D3)],
+        },
+        PREFIXES,
+    )
+    assert plan.missing == {"w1": ["nvcr.io/nvidia/pytorch:24.01-py3"], "w2": ["bcm11.local:5000/hpc/app:1"]}
+    assert plan.total == 2
+    assert ("w2", "bcm11.local:5000/hpc/app:1") in plan.pulls
+    assert "docker.io/library/nginx:1" not in plan.wanted
+
+
+def test_unreachable_nodes_are_neither_sources_nor_targets():
+    plan = make_plan(
+        {"w1": [image("bcm11.local:5000/a:1")], "w2": []},
+        PREFIXES,
+        unreachable={"w3": "Cannot connect to w3 via SSH"},
+    )
+    assert plan.nodes == ["w1", "w2"]
+    assert plan.skipped == {"w3": "Cannot connect to w3 via SSH"}
+    assert plan.missing == {"w2": ["bcm11.local:5000/a:1"]}
+
+
+def test_tag_drift_is_reported():
+    plan = make_plan(
+        {"w1": [image("nvcr.io/nvidia/app:1", D1)], "w2": [image("nvcr.io/nvidia/app:1", D2)]},
+        PREFIXES,
+    )
+    assert plan.total == 0
+    assert len(plan.drift) == 1
+    assert plan.drift[0].reference == "nvcr.io/nvidia/app:1"
+    assert dict(plan.drift[0].digests) == {"w1": D1, "w2": D2}
+
+
+def test_untagged_images_travel_by_digest():
+    plan = make_plan({"w1": [image(None, D1, repo="nvcr.io/nvidia/triton")], "w2": []}, PREFIXES)
+    assert plan.missing == {"w2": [f"nvcr.io/nvidia/triton@{D1}"]}
+
+
+def test_crafted_names_are_refused_not_planned():
+    evil = Image(id=D1, tags=("nvcr.io/nvidia/x:1;touch /tmp/pwned", "nvcr.io/nvidia/$(id):1"), digests=())
+    plan = make_plan({"w1": [evil], "w2": []}, PREFIXES)
+    assert plan.total == 0
+    assert {r.reference for r in plan.refused} == {"nvcr.io/nvidia/x:1;touch /tmp/pwned", "nvcr.io/nvidia/$(id):1"}
+    assert all(r.node == "w1" for r in plan.refused)
+
+
+def test_declared_images_are_wanted_everywhere():
+    plan = make_plan({"w1": [], "w2": [image("nginx:1", D2, repo="nginx")]}, PREFIXES, declared=["nginx:1", "bad;name"])
+    assert plan.missing == {"w1": ["docker.io/library/nginx:1"]}
+    assert [r.node for r in plan.refused] == ["config"]
+
+
+def test_targets_limit_pulls_but_not_sources():
+    plan = make_plan(
+        {"w1": [image("nvcr.io/nvidia/a:1")], "w2": [], "w3": []}, PREFIXES, targets=["w3"]
+    )
+    assert plan.missing == {"w3": ["nvcr.io/nvidia/a:1"]}
+
+
+def test_short_names_are_normalized_before_comparing():
+    plan = make_plan(
+        {"w1": [image("nvcr.io/nvidia/a:1")], "w2": [Image(id=D1, tags=("nvcr.io/nvidia/a:1",), digests=())]},
+        PREFIXES,
+    )
+    assert plan.total == 0

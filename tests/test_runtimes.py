@@ -1,0 +1,82 @@
+import shlex
+from pathlib import Path
+
+import pytest
+
+from imagesync import runtimes
+from imagesync.errors import RefusedReference
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_parses_crictl_images_json():
+    images = runtimes.Crictl().parse_list((DATA / "crictl-images.json").read_text())
+    assert len(images) == 4
+    pytorch = images[0]
+    assert pytorch.tags == ("nvcr.io/nvidia/pytorch:24.01-py3",)
+    assert pytorch.digests[0].startswith("nvcr.io/nvidia/pytorch@sha256:0b2f")
+    assert pytorch.size == 9883452311
+    assert images[1].pinned
+    assert images[3].tags == ()
+
+
+def test_crictl_empty_and_garbage_output():
+    assert runtimes.Crictl().parse_list('{"images": []}') == []
+    assert runtimes.Crictl().parse_list("") == []
+    with pytest.raises(ValueError, match="not JSON"):
+        runtimes.Crictl().parse_list("FATA[0000] connect: connection refused")
+
+
+def test_parses_ctr_images_ls_grouping_rows_by_digest():
+    images = runtimes.Ctr().parse_list((DATA / "ctr-images-ls.txt").read_text())
+    by_id = {image.id: image for image in images}
+    busybox = by_id["sha256:9ae97d36d26566ff84e8893c64a6dc4fe8ca6d1144bf5b87b2b85a32def253c7"]
+    assert busybox.tags == ("docker.io/library/busybox:1.36",)
+    assert busybox.digests == (
+        "docker.io/library/busybox@sha256:9ae97d36d26566ff84e8893c64a6dc4fe8ca6d1144bf5b87b2b85a32def253c7",
+    )
+    assert busybox.size == int(2.1 * 1024**2)
+    pytorch = by_id["sha256:0b2f6a5b2e4c2e5dd5f8a9d1d3fbb0ce0ba0e1c2b5a2c2f9e1b8b9c1d4e7f6a1"]
+    assert pytorch.tags == ("nvcr.io/nvidia/pytorch:24.01-py3",)
+    assert pytorch.digests == ("nvcr.io/nvidia/pytorch@" + pytorch.id,)
+
+
+def test_pull_commands_run_under_the_nodes_timeout_and_quote_the_reference():
+    command = runtimes.Crictl("unix:///run/k3s/containerd.sock").pull_command("nvcr.io/nvidia/pytorch:24.01-py3", 1800)
+    words = shlex.split(command.command)
+    assert words[:5] == ["timeout", "-k", str(runtimes.KILL_AFTER), "1800", "crictl"]
+    assert words[-2:] == ["pull", "nvcr.io/nvidia/pytorch:24.01-py3"]
+    ctr = runtimes.Ctr("/run/containerd/containerd.sock", "k8s.io", "/etc/containerd/certs.d")
+    words = shlex.split(ctr.pull_command("nginx", 60).command)
+    assert words[4:] == ["ctr", "--address", "/run/containerd/containerd.sock", "--namespace", "k8s.io",
+                         "images", "pull", "--hosts-dir", "/etc/containerd/certs.d", "nginx"]
+
+
+@pytest.mark.parametrize("evil", ["nginx; touch /tmp/x", "$(touch /tmp/x)", "a\nb", "`id`"])
+def test_pull_command_refuses_invalid_references(evil):
+    for runtime in (runtimes.Crictl(), runtimes.Ctr()):
+        with pytest.raises(RefusedReference):
+            runtime.pull_command(evil, 60)
+
+
+@pytest.mark.parametrize(
+    "reason, transient",
+    [
+        ('rpc error: code = NotFound desc = failed to pull and unpack image "x": not found', False),
+        ("failed to resolve reference: unexpected status from HEAD request: 401 Unauthorized", False),
+        ("pull access denied, repository does not exist", False),
+        ("failed to copy: httpReadSeeker: failed open: unexpected status code 503 Service Unavailable", True),
+        ("dial tcp 127.0.0.1:5000: connect: connection refused", True),
+        ("read tcp 127.0.0.1:4000->127.0.0.1:5000: read: connection reset by peer", True),
+        ("write /var/lib/containerd/x: no space left on device", False),
+        ("something nobody has seen", False),
+    ],
+)
+def test_failure_classification(reason, transient):
+    assert runtimes.is_transient(reason) is transient
+
+
+def test_failure_reason_strips_log_noise():
+    stderr = ('E1122 10:00:00.000000   1234 remote_image.go:171] "PullImage from image service failed"\n'
+              'time="2026-11-22T10:00:00Z" level=fatal msg="pulling image: rpc error: code = NotFound desc = not found"\n')
+    assert runtimes.failure_reason(stderr) == "pulling image: rpc error: code = NotFound desc = not found"
