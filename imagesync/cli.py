@@ -122,7 +122,8 @@ def cmd_config(args) -> int:  # type: ignore[no-untyped-def]
     for column in ("key", "value", "from"):
         table.add_column(column)
     for key, value, source in settings.describe():
-        table.add_row(key, value, source)
+        # the file is named in the title; keep the column narrow
+        table.add_row(key, value, "file" if source.startswith("file") else source)
     out.print(table)
     return EXIT_OK
 

@@ -1,0 +1,104 @@
+"""imagesync's own processes on a test cluster: one worker per node, the control
+worker, beat and Flower, started exactly as an operator starts them
+(``imagesync worker --node NAME`` and so on), each logging to its own file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .process import ServerProcess, free_port, port_open, tail
+
+
+#: a worker of a test cluster has no neighbours worth a second of handshakes
+QUICK_START = ("--without-mingle", "--without-gossip")
+
+
+class Services:
+    """The Celery side of imagesync for one configuration file."""
+
+    def __init__(self, config_path: str | Path, workdir: str | Path, env: dict[str, str] | None = None) -> None:
+        self.config_path = Path(config_path)
+        self.workdir = Path(workdir)
+        self.env = {**os.environ, **(env or {}), "IMAGESYNC_CONFIG": str(self.config_path)}
+        self.processes: dict[str, ServerProcess] = {}
+        self.flower_port: int | None = None
+
+    def _start(self, name: str, argv: list[str], ready: str | None, timeout: float = 60.0,
+               wait: bool = True) -> ServerProcess:
+        log_path = self.workdir / f"{name}.log"
+        if log_path.exists():
+            log_path.rename(log_path.with_suffix(f".{os.getpid()}.{len(self.processes)}.old"))
+        process = ServerProcess(name, argv, log_path, env=self.env)
+        process.start()
+        self.processes[name] = process
+        if ready is not None and wait:
+            self.wait_ready(name, ready, timeout)
+        return process
+
+    def wait_ready(self, name: str, ready: str = "ready.", timeout: float = 60.0) -> None:
+        """Wait until ``ready`` appears in the process's log (Celery prints "<name> ready.")."""
+        log_path = self.workdir / f"{name}.log"
+        self.processes[name].wait_ready(lambda: ready in log_path.read_text(errors="replace"), timeout)
+
+    def _imagesync(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "imagesync.cli", *args]
+
+    def start_worker(self, node: str, *celery_args: str, wait: bool = True) -> ServerProcess:
+        """``imagesync worker --node NODE``: the node's queue, max_parallel processes."""
+        argv = self._imagesync("worker", "--node", node, "--", *QUICK_START, *celery_args)
+        return self._start(f"worker-{node}", argv, "ready.", wait=wait)
+
+    def start_control(self, *celery_args: str, wait: bool = True) -> ServerProcess:
+        argv = self._imagesync("worker", "--control", "--", *QUICK_START, *celery_args)
+        return self._start("control", argv, "ready.", wait=wait)
+
+    def start_beat(self) -> ServerProcess:
+        return self._start("beat", self._imagesync("beat"), "beat: Starting...")
+
+    def start_flower(self, user: str, password: str) -> ServerProcess:
+        self.flower_port = free_port()
+        argv = [sys.executable, "-m", "celery", "-A", "imagesync", "flower",
+                "--address=127.0.0.1", f"--port={self.flower_port}", f"--basic-auth={user}:{password}"]
+        process = self._start("flower", argv, None)
+        process.wait_ready(lambda: port_open(self.flower_port or 0), 60)
+        return process
+
+    def start_all(self, nodes: list[str]) -> None:
+        """The control worker and one worker per node, started together."""
+        self.start_control(wait=False)
+        for node in nodes:
+            self.start_worker(node, wait=False)
+        for name in ["control", *(f"worker-{node}" for node in nodes)]:
+            self.wait_ready(name)
+
+    def worker(self, node: str) -> ServerProcess:
+        return self.processes[f"worker-{node}"]
+
+    def log(self, name: str) -> str:
+        return tail(self.workdir / f"{name}.log", 200)
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is None:
+            return
+        pid = process.pid
+        process.stop(timeout=20)
+        # prefork children of a worker that had to be killed must not linger
+        try:
+            os.killpg(pid or 0, signal.SIGKILL) if pid else None
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
