@@ -21,3 +21,72 @@ def redis_client(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+class Deployment:
+    """A test cluster with imagesync deployed on it: config file, workers, CLI."""
+
+    def __init__(self, cluster, workdir):
+        from imagesync.cluster.services import Services
+
+        self.cluster = cluster
+        self.workdir = workdir
+        self.config_path = workdir / "imagesync.toml"
+        self.services = Services(self.config_path, workdir / "services")
+
+    def configure(self, **overrides):
+        """Write the config; ctr nodes get their registry hosts dir, as an operator would set it."""
+        if overrides.get("runtime", self.cluster.runtime) == "ctr":
+            extra = overrides.setdefault("nodes_extra", {})
+            for node in self.cluster.nodes:
+                extra.setdefault(node.name, {}).setdefault("hosts_dir", str(node.workdir / "certs.d"))
+        self.cluster.write_config(self.config_path, **overrides)
+        return self.config_path
+
+    def start(self, nodes=None):
+        names = [n.name for n in self.cluster.nodes] if nodes is None else nodes
+        self.services.start_all(names)
+
+    def cli(self, *args, timeout=300, env=None):
+        import os
+        import subprocess
+        import sys
+
+        return subprocess.run(
+            [sys.executable, "-m", "imagesync.cli", *args],
+            env={**os.environ, "IMAGESYNC_CONFIG": str(self.config_path), **(env or {})},
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def history(self, run_id=None):
+        import json
+
+        result = self.cli("history", "--json", *([run_id] if run_id else []))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def held(self, node, under=("bcm11", "nvidia")):
+        """Tag references a node's containerd holds under the test prefixes -> digest."""
+        prefixes = tuple(f"{self.cluster.registry_address}/{p}/" for p in under)
+        return {ref: digest for ref, digest in self.cluster.node(node).images().items()
+                if "@" not in ref and ref.startswith(prefixes)}
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    """``deploy(nodes=2, runtime="crictl")`` -> a started Deployment, stopped after the test."""
+    from contextlib import ExitStack
+
+    from imagesync.cluster.cluster import Cluster
+
+    stack = ExitStack()
+
+    def make(nodes=2, runtime="crictl", redis_password=None):
+        cluster = stack.enter_context(Cluster(tmp_path / "cluster", nodes=nodes, runtime=runtime,
+                                              redis_password=redis_password))
+        deployment = Deployment(cluster, tmp_path)
+        stack.enter_context(deployment.services)
+        return deployment
+
+    with stack:
+        yield make

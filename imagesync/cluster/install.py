@@ -1,0 +1,48 @@
+"""Install the Debian packages the test cluster runs (``python -m imagesync.cluster install``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+# command the cluster runs -> the Debian package that ships it
+REQUIRED_COMMANDS = {
+    "redis-server": "redis-server",
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "docker-registry": "docker-registry",
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+}
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+class InstallError(RuntimeError):
+    """Packages are missing and cannot be installed from here."""
+
+
+def missing_packages() -> list[str]:
+    """Debian packages whose commands are not on this machine, sorted."""
+    return sorted({pkg for cmd, pkg in REQUIRED_COMMANDS.items() if shutil.which(cmd, path=_SEARCH_PATH) is None})
+
+
+def ensure_system_packages() -> list[str]:
+    """Install what is missing with apt-get; returns the packages installed (none if
+    all are present). Not root and something missing: ``InstallError`` naming the
+    packages and the command to run."""
+    missing = missing_packages()
+    if not missing:
+        return []
+    command = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y " + " ".join(missing)
+    if os.geteuid() != 0:
+        raise InstallError(f"the test cluster needs {', '.join(missing)}; as root, run: {command}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env, stdin=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env,
+                   stdin=subprocess.DEVNULL)
+    still = missing_packages()
+    if still:
+        raise InstallError(f"installed {', '.join(missing)} but still missing commands from {', '.join(still)}")
+    return missing

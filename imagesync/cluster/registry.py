@@ -1,0 +1,163 @@
+"""A real registry for the test cluster: Debian's ``docker-registry`` (CNCF distribution 2.8).
+
+Images are pushed with the registry's HTTP API (no Docker, no skopeo): each blob
+is one ``POST /v2/<repo>/blobs/uploads/`` and one ``PUT <location>&digest=``,
+then ``PUT /v2/<repo>/manifests/<tag>``, over one keep-alive connection per
+thread, which makes a small image cost a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .image import MANIFEST_TYPE, Blob, build_image
+from .process import ClusterError, ServerProcess, free_port
+
+
+class RegistryError(ClusterError):
+    """The registry answered a push or delete with an unexpected status."""
+
+
+class Registry:
+    """``docker-registry serve`` on a free 127.0.0.1 port, storing under ``workdir``."""
+
+    def __init__(self, workdir: str | Path, port: int | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self._process: ServerProcess | None = None
+        self._local = threading.local()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def _write_config(self) -> Path:
+        config = self.workdir / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n"
+            "  level: warn\n"
+            "  accesslog:\n"
+            "    disabled: true\n"
+            "storage:\n"
+            "  filesystem:\n"
+            f"    rootdirectory: {self.workdir / 'data'}\n"
+            "  delete:\n"
+            "    enabled: true\n"
+            "  cache:\n"
+            "    blobdescriptor: inmemory\n"
+            "http:\n"
+            f"  addr: {self.address}\n"
+            "  secret: imagesync-test-cluster\n"
+        )
+        return config
+
+    def start(self, timeout: float = 15.0) -> Registry:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()
+        self._process = ServerProcess("docker-registry", ["docker-registry", "serve", str(config)],
+                                      self.workdir / "registry.log")
+        self._process.start()
+        try:
+            self._process.wait_ready(lambda: self._request("GET", "/v2/")[0] == 200, timeout)
+        except Exception:
+            self._process.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._process:
+            self._process.stop()
+
+    def __enter__(self) -> Registry:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            self._local.conn = conn
+        return conn
+
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        headers = dict(headers or {})
+        if body is not None:
+            headers.setdefault("Content-Length", str(len(body)))
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+            except (http.client.HTTPException, OSError):
+                # a kept-alive connection the server closed: one retry on a new one
+                conn.close()
+                self._local.conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _upload(self, repo: str, blob: Blob) -> None:
+        status, _, _ = self._request("HEAD", f"/v2/{repo}/blobs/{blob.digest}")
+        if status == 200:
+            return
+        status, headers, body = self._request("POST", f"/v2/{repo}/blobs/uploads/", b"")
+        if status != 202:
+            raise RegistryError(f"starting upload to {repo}: HTTP {status} {body[:200]!r}")
+        location = urlsplit(headers["location"])
+        query = f"{location.query}&" if location.query else ""
+        status, _, body = self._request(
+            "PUT", f"{location.path}?{query}digest={blob.digest}", blob.data,
+            {"Content-Type": "application/octet-stream"},
+        )
+        if status != 201:
+            raise RegistryError(f"uploading {blob.digest} to {repo}: HTTP {status} {body[:200]!r}")
+
+    def push_image(self, repo: str, tag: str, size: int = 1024, layers: int = 1, variant: str = "",
+                   user: str | None = None) -> str:
+        """Build and push ``repo:tag`` (see ``image.build_image``); returns the manifest digest."""
+        image = build_image(repo, tag, size=size, layers=layers, variant=variant, user=user)
+        for blob in image.blobs:
+            self._upload(repo, blob)
+        status, headers, body = self._request(
+            "PUT", f"/v2/{repo}/manifests/{tag}", image.manifest, {"Content-Type": MANIFEST_TYPE}
+        )
+        if status != 201:
+            raise RegistryError(f"pushing manifest {repo}:{tag}: HTTP {status} {body[:200]!r}")
+        return headers.get("docker-content-digest", image.digest)
+
+    def manifest_digest(self, repo: str, tag: str) -> str | None:
+        """The digest ``repo:tag`` points at, or None if the registry does not have it."""
+        status, headers, _ = self._request("HEAD", f"/v2/{repo}/manifests/{tag}", headers={"Accept": MANIFEST_TYPE})
+        return headers.get("docker-content-digest") if status == 200 else None
+
+    def delete_image(self, repo: str, tag: str) -> None:
+        """Delete the manifest ``repo:tag`` points at (and so every tag of it): a later
+        pull fails with the registry's ``not found``. Blobs stay until garbage collection."""
+        digest = self.manifest_digest(repo, tag)
+        if digest is None:
+            raise RegistryError(f"{repo}:{tag} is not in the registry")
+        status, _, body = self._request("DELETE", f"/v2/{repo}/manifests/{digest}")
+        if status != 202:
+            raise RegistryError(f"deleting {repo}:{tag}: HTTP {status} {body[:200]!r}")
+
+    def tags(self, repo: str) -> list[str]:
+        status, _, body = self._request("GET", f"/v2/{repo}/tags/list")
+        if status != 200:
+            return []
+        return list(json.loads(body).get("tags") or [])
