@@ -28,6 +28,11 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+def say(message: str) -> None:
+    """One plain line on stderr: never wrapped, whatever the terminal's width."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class CommandError(ImagesyncError):
     """Ends a command with one line and an exit code."""
 
@@ -86,13 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(f"imagesync: {problem}", markup=False)
+            say(f"imagesync: {problem}")
         return EXIT_CONFIG
     except CommandError as exc:
-        err.print(f"imagesync: {exc}", markup=False)
+        say(f"imagesync: {exc}")
         return exc.code
     except ImagesyncError as exc:
-        err.print(f"imagesync: {exc}", markup=False)
+        say(f"imagesync: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -172,7 +177,7 @@ def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
     out.print(table)
     failed = [row["node"] for row, ok in results if not ok]
     if failed:
-        err.print(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}", markup=False)
+        say(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -204,12 +209,12 @@ def cmd_plan(args) -> int:  # type: ignore[no-untyped-def]
 
 def _print_notes(plan) -> None:  # type: ignore[no-untyped-def]
     for node, reason in plan.skipped.items():
-        err.print(f"skipped {node}: {reason}", markup=False)
+        say(f"skipped {node}: {reason}")
     for drift in plan.drift:
         digests = ", ".join(f"{node} {digest[:19]}" for node, digest in drift.digests.items())
-        err.print(f"tag drift: {drift.reference}: {digests}", markup=False)
+        say(f"tag drift: {drift.reference}: {digests}")
     for refusal in plan.refused:
-        err.print(f"refused image name from {refusal.node}: {refusal.reference!r} ({refusal.reason})", markup=False)
+        say(f"refused image name from {refusal.node}: {refusal.reference!r} ({refusal.reason})")
 
 
 def cmd_status(args) -> int:  # type: ignore[no-untyped-def]
@@ -272,7 +277,7 @@ def cmd_sync(args) -> int:  # type: ignore[no-untyped-def]
     if result.failed():
         raise CommandError(f"the sync task failed: {started}")
     if started["status"] == "already-running":
-        err.print(f"imagesync: {started['message']}", markup=False)
+        say(f"imagesync: {started['message']}")
         return EXIT_RUNNING
     out.print(started["message"])
     if not args.wait:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import RUNTIMES, Cluster
+from .demo import DEMO_IMAGE_SIZE, DEMO_IMAGES, run_demo, stop_services
 from .install import InstallError, ensure_system_packages
 from .process import cmdline, find_processes, kill_pid, tail
 
@@ -60,7 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with Cluster(directory, nodes=args.nodes, runtime=args.runtime) as cluster:
-        config = cluster.write_config()
+        if args.seed == "demo":
+            cluster.seed({n: i for n, i in DEMO_IMAGES.items() if n in {x.name for x in cluster.nodes}},
+                         size=DEMO_IMAGE_SIZE)
+        config = cluster.write_config(**({"schedule": 300} if args.seed == "demo" else {}))
         state = {**cluster.state, "serve_pid": os.getpid(), "config": str(config),
                  "startup_seconds": round(cluster.startup_seconds or 0.0, 2)}
         (directory / "cluster.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -100,7 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "imagesync.cluster", "serve", "--dir", str(directory),
-             "--nodes", str(args.nodes), "--runtime", args.runtime],
+             "--nodes", str(args.nodes), "--runtime", args.runtime, "--seed", args.seed],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     deadline = time.monotonic() + args.timeout
@@ -119,8 +123,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``make demo``: a seeded cluster, imagesync's processes, one sync; left running."""
+    directory = Path(args.dir).absolute()
+    if cmd_install(args) != 0:
+        return 1
+    if _serve_alive(_state(directory)):
+        print(f"a demo is already running in {directory}; stopping it first", flush=True)
+        cmd_down(args)
+    args.seed, args.runtime = "demo", "crictl"
+    print(f"starting a {args.nodes}-node cluster in {directory} ...", flush=True)
+    if cmd_up(args) != 0:
+        return 1
+    return run_demo(directory, _state(directory) or {})
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     directory = Path(args.dir).absolute()
+    stopped = stop_services(directory)
+    if stopped:
+        print(f"stopped imagesync: {', '.join(stopped)}")
     state = _state(directory)
     if state is None:
         print(f"nothing to stop: no cluster.json in {directory}")
@@ -156,7 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--nodes", type=int, default=3)
         p.add_argument("--runtime", choices=RUNTIMES, default="crictl")
         p.add_argument("--timeout", type=float, default=60.0)
+        p.add_argument("--seed", choices=["none", "demo"], default="none",
+                       help="images to preload on the nodes (demo: different images per node)")
         p.set_defaults(run=run)
+    demo = sub.add_parser("demo", help="cluster + imagesync workers, beat, Flower; sync once; leave running")
+    demo.add_argument("--dir", required=True)
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--timeout", type=float, default=120.0)
+    demo.set_defaults(run=cmd_demo)
     down = sub.add_parser("down", help="stop the cluster started with up")
     down.add_argument("--dir", required=True)
     down.set_defaults(run=cmd_down)
