@@ -1,0 +1,121 @@
+"""Transports against a real sshd + containerd node, and on this machine."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from imagesync.cluster.cluster import Cluster
+from imagesync.cluster.process import free_port
+from imagesync.errors import (
+    AuthenticationFailed,
+    CommandTimedOut,
+    HostKeyChanged,
+    HostKeyUnknown,
+    NodeUnreachable,
+)
+from imagesync.transport import LocalTransport, SSHTransport
+
+
+@pytest.fixture(scope="module")
+def node_cluster(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("transport"), nodes=1) as cluster:
+        yield cluster
+
+
+def _ssh(cluster, **kwargs):
+    node = cluster.nodes[0]
+    options = dict(host=node.ssh_host, port=node.ssh_port, user=node.ssh_user, key_file=node.key_file,
+                   known_hosts=cluster.known_hosts, connect_timeout=3)
+    options.update(kwargs)
+    return SSHTransport(node.name, **options)
+
+
+@pytest.mark.cluster
+def test_runs_commands_with_the_nodes_environment_and_keeps_one_connection(node_cluster):
+    transport = _ssh(node_cluster)
+    first = transport.run("echo $CONTAINERD_ADDRESS; echo oops >&2; exit 3", timeout=10)
+    assert first.stdout.strip() == node_cluster.nodes[0].socket
+    assert first.stderr.strip() == "oops"
+    assert first.exit_code == 3 and not first.ok
+    connection = transport._connection
+    assert transport.run("crictl images -o json", timeout=10).ok
+    assert transport._connection is connection
+    transport.close()
+
+
+@pytest.mark.cluster
+def test_reconnects_after_the_connection_drops(node_cluster):
+    transport = _ssh(node_cluster)
+    assert transport.run("true", timeout=10).ok
+    node = node_cluster.nodes[0]
+    node.stop_sshd()
+    node.kill_session_processes()
+    node.start_sshd()
+    assert transport.run("echo again", timeout=10).stdout.strip() == "again"
+    transport.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize(
+    "options, error, words",
+    [
+        ({"port": "closed"}, NodeUnreachable, "Cannot connect to node-1 via SSH"),
+        ({"key_file": "other"}, AuthenticationFailed, "ssh-copy-id"),
+        ({"known_hosts": "empty"}, HostKeyUnknown, "ssh-keyscan"),
+    ],
+)
+def test_connection_errors_become_one_clear_error(node_cluster, tmp_path, options, error, words):
+    from imagesync.cluster.node import generate_key
+
+    if options.get("port") == "closed":
+        options["port"] = free_port()
+    if options.get("key_file") == "other":
+        options["key_file"] = generate_key(tmp_path / "other_key", "stranger")
+    if options.get("known_hosts") == "empty":
+        options["known_hosts"] = tmp_path / "known_hosts"
+        options["known_hosts"].write_text("")
+    transport = _ssh(node_cluster, **options)
+    with pytest.raises(error) as caught:
+        transport.run("true", timeout=10)
+    assert words in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.cluster
+def test_host_key_policies(node_cluster, tmp_path):
+    node = node_cluster.nodes[0]
+    known_hosts = tmp_path / "known_hosts"
+    transport = _ssh(node_cluster, known_hosts=known_hosts, host_key_policy="accept-new")
+    assert transport.run("true", timeout=10).ok
+    transport.close()
+    assert f"[127.0.0.1]:{node.ssh_port} ssh-ed25519" in known_hosts.read_text()
+    node.regenerate_host_key()
+    try:
+        for policy in ("accept-new", "reject"):
+            with pytest.raises(HostKeyChanged, match="does not match"):
+                _ssh(node_cluster, known_hosts=known_hosts, host_key_policy=policy).run("true", timeout=10)
+    finally:
+        node_cluster.known_hosts.write_text(node.known_hosts_line() + "\n")
+
+
+@pytest.mark.cluster
+def test_a_command_past_its_timeout_raises(node_cluster):
+    transport = _ssh(node_cluster)
+    began = time.monotonic()
+    with pytest.raises(CommandTimedOut):
+        transport.run("sleep 30", timeout=1)
+    assert time.monotonic() - began < 10
+    assert transport.run("echo fine", timeout=10).stdout.strip() == "fine"
+
+
+def test_local_transport_runs_and_times_out_with_the_whole_pipeline(tmp_path):
+    transport = LocalTransport("here", {"MARK": "x1"})
+    result = transport.run("echo $MARK; exit 4", timeout=5)
+    assert (result.stdout.strip(), result.exit_code) == ("x1", 4)
+    marker = tmp_path / "survivor"
+    with pytest.raises(CommandTimedOut):
+        transport.run(f"sleep 2 | sleep 2; touch {marker}", timeout=0.5)
+    time.sleep(2.5)
+    assert not marker.exists()
