@@ -227,3 +227,33 @@ def test_check_reports_ssh_and_runtime_per_node(deploy):
     assert "FAILED" in rows["node-3"]
     assert "Cannot connect to node-3 via SSH" in result.stdout.replace("│", "").replace("\n", " ").replace("  ", " ") or "Cannot" in result.stdout
     assert "2 of 3 nodes failed the check: node-2, node-3" in result.stderr
+
+
+def test_sync_node_warms_only_the_named_node(deploy):
+    d = deploy(nodes=3)
+    d.cluster.seed({"node-1": ["bcm11/a:1", "nvidia/b:1"], "node-2": [], "node-3": []})
+    d.configure()
+    d.start()
+    result = d.cli("sync", "--wait", "--node", "node-3")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert d.held("node-3") == d.held("node-1")
+    assert d.held("node-2") == {}
+    unknown = d.cli("sync", "--node", "node-9")
+    assert unknown.returncode == 2
+    assert "no node named 'node-9'" in unknown.stderr
+
+
+def test_a_node_served_by_a_worker_running_on_it_uses_the_local_transport(deploy):
+    import os
+
+    d = deploy(nodes=2)
+    d.cluster.seed({"node-1": ["bcm11/a:1"], "node-2": ["nvidia/b:1"]})
+    local = d.cluster.node("node-1")
+    d.configure(nodes_extra={"node-1": {"transport": "local", "endpoint": f"unix://{local.socket}"}})
+    # the worker "on" node-1 finds that node's crictl on its PATH, as on a real node
+    d.services.env["PATH"] = f"{local.bin_dir}:{os.environ['PATH']}"
+    d.start()
+    result = d.cli("sync", "--wait", env={"PATH": d.services.env["PATH"]})
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert d.held("node-1") == d.held("node-2")
+    assert len(d.held("node-1")) == 2
