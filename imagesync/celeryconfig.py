@@ -9,7 +9,6 @@ from celery.schedules import crontab
 
 from . import runtimes
 from .pulls import SSH_GRACE
-from .sync import stale_after
 
 CONTROL_QUEUE = "imagesync"
 #: seconds the sync task may take: inventory (bounded by its own timeout) and fan-out

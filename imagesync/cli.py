@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import logs, runtimes
 from .config import load_settings, mask_url
-from .errors import ConfigError, ImagesyncError, NodeError, RuntimeMissing
+from .errors import ConfigError, ImagesyncError, NodeError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
 
@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="imagesync",
         description="Keep container images in sync across Kubernetes worker nodes.",
     )
-    parser.add_argument("-c", "--config", help="configuration file (default: $IMAGESYNC_CONFIG or /etc/imagesync/imagesync.toml)")
+    parser.add_argument("-c", "--config",
+                        help="configuration file (default: $IMAGESYNC_CONFIG or /etc/imagesync/imagesync.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="show the effective configuration")
@@ -136,7 +137,7 @@ def cmd_config(args) -> int:  # type: ignore[no-untyped-def]
 def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
     from concurrent.futures import ThreadPoolExecutor
 
-    from .inventory import list_images
+    from .inventory import list_images, runtime_missing
     from .transport import transport_for
 
     settings = _settings()
@@ -152,7 +153,7 @@ def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
             row["ssh"] = "ok"
             version = transport.run(runtime.version_command(), timeout=30)
             if version.exit_code == runtimes.COMMAND_NOT_FOUND:
-                raise RuntimeMissing(node.name, f"{runtime.name} is not installed on {node.name}: install it or set runtime for this node")
+                raise runtime_missing(node.name, runtime.name)
             row["runtime"] = f"{runtime.name} ok"
             row["images"] = str(len(list_images(settings, node)))
             return row, True

@@ -43,16 +43,20 @@ class Inventory:
         return {node: error.message for node, error in sorted(self.errors.items())}
 
 
+def runtime_missing(node: str, runtime: str) -> RuntimeMissing:
+    return RuntimeMissing(
+        node,
+        f"{runtime} is not installed on {node} (or not on the SSH user's PATH): "
+        "install it or set runtime for this node",
+    )
+
+
 def list_images(settings, node) -> list[Image]:  # type: ignore[no-untyped-def]
     """The images ``node`` holds, as its runtime reports them."""
     runtime = runtimes.for_node(node)
     result = transport_for(settings, node).run(runtime.list_command(), timeout=LIST_TIMEOUT)
     if result.exit_code == COMMAND_NOT_FOUND:
-        raise RuntimeMissing(
-            node.name,
-            f"{runtime.name} is not installed on {node.name} (or not on the SSH user's PATH): "
-            f"install it or set runtime for this node",
-        )
+        raise runtime_missing(node.name, runtime.name)
     if not result.ok:
         reason = runtimes.failure_reason(result.stderr, result.stdout)
         raise NodeError(node.name, f"{runtime.name} cannot list images on {node.name}: {reason}")

@@ -13,7 +13,7 @@ import time
 
 from . import references, runtimes
 from .errors import CommandTimedOut, NodeError, RefusedReference
-from .inventory import list_images
+from .inventory import list_images, runtime_missing
 from .plan import holdings
 from .runs import FAILED, PRESENT, PULLED, TIMED_OUT, Outcome
 from .transport import transport_for
@@ -55,8 +55,9 @@ def pull_image(settings, node, image: str) -> tuple[Outcome, bool]:  # type: ign
     if result.ok:
         return outcome(PULLED), False
     if result.exit_code in runtimes.TIMEOUT_EXIT_CODES:
-        return outcome(TIMED_OUT, f"pull did not finish within time_out ({settings.time_out} s); stopped on the node"), False
+        reason = f"pull did not finish within time_out ({settings.time_out} s); stopped on the node"
+        return outcome(TIMED_OUT, reason), False
     if result.exit_code == runtimes.COMMAND_NOT_FOUND:
-        return outcome(FAILED, f"{runtime.name} is not installed on {node.name}"), False
+        return outcome(FAILED, runtime_missing(node.name, runtime.name).message), False
     reason = runtimes.failure_reason(result.stderr, result.stdout)
     return outcome(FAILED, reason), runtimes.is_transient(reason)

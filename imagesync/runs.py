@@ -15,7 +15,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -65,7 +65,7 @@ return 1
 
 def new_run_id(now: float | None = None) -> str:
     """A sortable, readable run id: ``20261122-023015-3f9a1c``."""
-    stamp = datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.fromtimestamp(now or time.time(), UTC).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
@@ -167,7 +167,7 @@ class RunStore:
         now = now or time.time()
         per_node = Counter(node for node, _ in pulls)
         complete = not pulls
-        record = {
+        record: dict[Any, Any] = {
             "id": run_id,
             "status": COMPLETED if complete else RUNNING,
             "trigger": trigger,

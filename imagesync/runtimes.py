@@ -51,7 +51,8 @@ class PullCommand:
 
 
 class Runtime(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def list_command(self) -> str: ...
 

@@ -21,7 +21,7 @@ from . import logs, runtimes
 from .inventory import take_inventory
 from .lock import RunLock
 from .plan import Plan, make_plan
-from .runs import RunStore, Outcome, new_run_id, summary_lines
+from .runs import Outcome, RunStore, new_run_id, summary_lines
 
 log = logging.getLogger("imagesync")
 
@@ -102,7 +102,8 @@ def start_run(
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
         for refusal in plan.refused:
-            log.warning("run %s: refused image name from %s: %r (%s)", run_id, refusal.node, refusal.reference, refusal.reason)
+            log.warning("run %s: refused image name from %s: %r (%s)",
+                        run_id, refusal.node, refusal.reference, refusal.reason)
         complete = store.create(
             run_id,
             trigger=trigger,

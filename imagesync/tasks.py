@@ -80,7 +80,8 @@ def pull(self, run_id: str, node: str, image: str) -> str:  # type: ignore[no-un
         except ConfigError as exc:
             outcome, transient = Outcome(node, image, FAILED, reason=exc.problems[0]), False
         except SoftTimeLimitExceeded:
-            outcome, transient = Outcome(node, image, TIMED_OUT, reason=f"task time limit ({PULL_SOFT_LIMIT} s) reached"), False
+            reason = f"task time limit ({PULL_SOFT_LIMIT} s) reached"
+            outcome, transient = Outcome(node, image, TIMED_OUT, reason=reason), False
         if transient and self.request.retries < self.max_retries:
             delay = backoff(self.request.retries)
             log.info("run %s: %s: %s failed (%s); retry %d of %d in %.1f s", run_id, node, image,

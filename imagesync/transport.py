@@ -63,7 +63,7 @@ class Transport(ABC):
         fails is a result with a non-zero exit code, not an exception.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a transport without a connection keeps nothing)
         """Release the connection, if any."""
 
 

@@ -77,6 +77,9 @@ def test_failure_classification(reason, transient):
 
 
 def test_failure_reason_strips_log_noise():
-    stderr = ('E1122 10:00:00.000000   1234 remote_image.go:171] "PullImage from image service failed"\n'
-              'time="2026-11-22T10:00:00Z" level=fatal msg="pulling image: rpc error: code = NotFound desc = not found"\n')
+    stderr = (
+        'E1122 10:00:00.000000   1234 remote_image.go:171] "PullImage from image service failed"\n'
+        'time="2026-11-22T10:00:00Z" level=fatal '
+        'msg="pulling image: rpc error: code = NotFound desc = not found"\n'
+    )
     assert runtimes.failure_reason(stderr) == "pulling image: rpc error: code = NotFound desc = not found"

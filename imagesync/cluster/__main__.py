@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.seed == "demo":
             cluster.seed({n: i for n, i in DEMO_IMAGES.items() if n in {x.name for x in cluster.nodes}},
                          size=DEMO_IMAGE_SIZE)
-        config = cluster.write_config(**({"schedule": 300} if args.seed == "demo" else {}))
+        config = cluster.write_config(None, **({"schedule": 300} if args.seed == "demo" else {}))
         state = {**cluster.state, "serve_pid": os.getpid(), "config": str(config),
                  "startup_seconds": round(cluster.startup_seconds or 0.0, 2)}
         (directory / "cluster.json").write_text(json.dumps(state, indent=2) + "\n")
