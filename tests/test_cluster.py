@@ -266,12 +266,36 @@ def test_everything_stops_even_with_a_pull_hanging(tmp_path: Path) -> None:
     assert cluster.nodes[0].processes("crictl") == []
 
 
+def test_a_server_whose_port_was_taken_moves_to_another_one(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, nodes=1)
+    chosen = [cluster.redis.port, cluster.registry.port, cluster.nodes[0].ssh_port]
+    holders = []
+    for port in chosen:  # someone else binds them between choice and start
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        holders.append(holder)
+    try:
+        with cluster:
+            node = cluster.nodes[0]
+            assert [cluster.redis.port, cluster.registry.port, node.ssh_port] != chosen
+            assert all(p not in chosen for p in [cluster.redis.port, cluster.registry.port, node.ssh_port])
+            assert f"[127.0.0.1]:{node.ssh_port} " in cluster.known_hosts.read_text()
+            ref = cluster.push("bcm11/moved", "1")
+            assert ssh(cluster, node, f"crictl pull {ref}").returncode == 0
+    finally:
+        for holder in holders:
+            holder.close()
+
+
 def test_a_failed_start_or_a_failing_test_leaves_no_process_behind(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         broken = Cluster(tmp_path / "broken", nodes=2)
-        broken.nodes[1].ssh_port = taken.getsockname()[1]  # sshd of node-2 cannot bind
+        node2 = broken.nodes[1]  # a node told to use a port that is taken cannot start
+        broken.nodes[1] = Node(node2.name, node2.workdir, key_file=broken.key_file,
+                               ssh_port=taken.getsockname()[1])
         with pytest.raises(ClusterError, match="sshd of node-2 exited"):
             broken.start()
     assert find_processes(str(tmp_path / "broken")) == []

@@ -83,3 +83,20 @@ def test_failure_reason_strips_log_noise():
         'msg="pulling image: rpc error: code = NotFound desc = not found"\n'
     )
     assert runtimes.failure_reason(stderr) == "pulling image: rpc error: code = NotFound desc = not found"
+
+
+def test_both_runtimes_agree_on_a_containerd_nodes_images():
+    """The same node, listed through the CRI (crictl's JSON) and by ctr (containerd 1.6)."""
+    from imagesync.plan import holdings
+
+    crictl = runtimes.Crictl().parse_list((DATA / "crictl-images-containerd.json").read_text())
+    ctr = runtimes.Ctr().parse_list((DATA / "ctr-images-ls-containerd.txt").read_text())
+    prefixes = ["127.0.0.1:14161/bcm11", "127.0.0.1:14161/nvidia"]
+    via_cri = holdings("n", crictl, prefixes).references
+    via_ctr = holdings("n", ctr, prefixes).references
+    assert via_cri == via_ctr
+    assert via_cri["127.0.0.1:14161/bcm11/hpc/app:1"] == (
+        "sha256:a550da9ae25406b668cb0484b0ee463ec9811d74acbd9f0453f44a7e1c9c9a45")
+    # the untagged image is held by its digest
+    assert "127.0.0.1:14161/nvidia/triton@sha256:61c875ca16a5a9c947b1bdbfc0bb70efa95fcebff5c551846dee591481265c6e" in via_cri
+    assert len(via_cri) == 3
