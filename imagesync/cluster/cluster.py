@@ -67,10 +67,13 @@ class Cluster:
         try:
             if not self.key_file.exists():
                 generate_key(self.key_file, "imagesync-test-client")
-            self.proxy.start()
-            starts: list[Callable[[], object]] = [self.redis.start, self.registry.start]
-            starts += [node.start for node in self.nodes]
-            self._parallel(starts)
+            # the registry first: if it had to move to another port, the proxy and
+            # the nodes' hosts.toml must name the port it got
+            self._parallel([self.redis.start, self.registry.start, self.proxy.start])
+            self.proxy.upstream = self.registry.address
+            for node in self.nodes:
+                node.registries = [self.proxy.address, self.registry.address]
+            self._parallel([node.start for node in self.nodes])
             self.known_hosts.write_text("".join(node.known_hosts_line() + "\n" for node in self.nodes))
             self.startup_seconds = time.monotonic() - began
             self._write_state()

@@ -429,7 +429,7 @@ def _cmd_rmi(client: ImageClient, args: argparse.Namespace) -> None:
 
 def _log(level: str, msg: str) -> None:
     """One logrus text line (non-TTY form), as crictl writes to stderr."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"time={json.dumps(now)} level={level} msg={json.dumps(msg)}", file=sys.stderr)
 
 

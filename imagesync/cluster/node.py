@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import crictl
-from .process import ClusterError, ProcessInfo, ServerProcess, find_processes, free_port
+from .process import ClusterError, ProcessInfo, ServerProcess, find_processes, free_port, retry_if_port_taken
 
 CRICTL_SOURCE = Path(crictl.__file__).resolve()
 # sockaddr_un.sun_path is 108 bytes with the NUL; containerd also adds ".ttrpc"
@@ -95,6 +95,8 @@ class Node:
         _check_path(self.workdir)
         self.registries = list(registries)
         self.ssh_port = ssh_port or free_port()
+        # known_hosts entries name the port: it may move only before the first start
+        self._port_fixed = ssh_port is not None
         self.key_file = Path(key_file).absolute() if key_file else self.workdir / "ssh" / "id_ed25519"
         self.bin_dir = self.workdir / "bin"
         self.pull_log = self.workdir / "pulls.log"
@@ -273,6 +275,16 @@ SetEnv {env}
             return
         # sshd refuses to start without its privilege separation directory
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        if self._port_fixed:
+            self._launch_sshd(timeout)
+        else:
+            retry_if_port_taken(lambda: self._launch_sshd(timeout), self._move_sshd)
+            self._port_fixed = True
+
+    def _move_sshd(self) -> None:
+        self.ssh_port = free_port()
+
+    def _launch_sshd(self, timeout: float) -> None:
         config = self._sshd_config()
         log = self.workdir / "ssh" / "log"
         seen = log.stat().st_size if log.exists() else 0

@@ -34,27 +34,55 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+# Not the global generator: tests seed that (hypothesis does), and processes
+# seeded alike would pick the same ports.
+_random = random.SystemRandom()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing uses right now, below the ephemeral range.
 
     Ports from bind(0) come from the ephemeral range, which every outgoing
     connection on the machine also draws from: between choosing such a port and
     a server binding it, a client (ssh, containerd, another test) can take it as
-    its local port. Below the range only another listener can.
+    its local port. Below the range only another listener can, and servers that
+    lose that race are moved (``retry_if_port_taken``).
     """
     low, _ = _ephemeral_range()
     if low > 11000:
-        for _ in range(100):
-            port = random.randint(10000, low - 1)
+        for _ in range(200):
+            port = _random.randint(10000, low - 1)
+            if port in _handed_out:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     continue
-                return port
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_taken(err: BaseException) -> bool:
+    """Whether a failed start was a lost race for the port (redis, sshd and the
+    registry all say "address already in use", in their own capitals)."""
+    return "address already in use" in str(err).lower()
+
+
+def retry_if_port_taken(start: Callable[[], None], move: Callable[[], None], attempts: int = 3) -> None:
+    """Run ``start``; if it fails because the port was taken, ``move`` to another port and retry."""
+    for attempt in range(attempts):
+        try:
+            start()
+            return
+        except (ClusterError, OSError) as err:
+            if attempt == attempts - 1 or not port_taken(err):
+                raise
+            move()
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from select import select
 from typing import Any
 
-from .process import free_port
+from .process import free_port, retry_if_port_taken
 
 # Headers that belong to one connection, not to the request (RFC 9110 7.6.1).
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
@@ -238,6 +238,7 @@ class RegistryProxy:
     def __init__(self, upstream: str, port: int | None = None) -> None:
         self.upstream = upstream
         self.port = port or free_port()
+        self._port_fixed = port is not None  # and once started
         self._mode = _Mode()
         self._lock = threading.Lock()
         self._requests: list[ProxyRequest] = []
@@ -259,7 +260,19 @@ class RegistryProxy:
 
     def start(self) -> RegistryProxy:
         self._stopping.clear()
-        self._server = _Server(("127.0.0.1", self.port), _Handler)
+
+        def bind() -> None:
+            self._server = _Server(("127.0.0.1", self.port), _Handler)
+
+        def move() -> None:
+            self.port = free_port()
+
+        if self._port_fixed:
+            bind()
+        else:
+            retry_if_port_taken(bind, move)
+            self._port_fixed = True
+        assert self._server is not None
         self._server.proxy = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"registry-proxy-{self.port}", daemon=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis
 
-from .process import ServerProcess, free_port
+from .process import ServerProcess, free_port, retry_if_port_taken
 
 
 class RedisServer:
@@ -23,6 +23,7 @@ class RedisServer:
         self.password = password
         self.appendonly = appendonly
         self.port = port or free_port()
+        self._port_fixed = port is not None  # and once started: restart() keeps the port
         self._process: ServerProcess | None = None
 
     @property
@@ -60,18 +61,29 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._process = ServerProcess("redis-server", self._argv(), self.workdir / "redis.log")
-        self._process.start()
-        try:
-            self._process.wait_ready(self._ping, timeout)
-        except Exception:
-            self._process.stop()
-            raise
+
+        def launch() -> None:
+            self._process = ServerProcess("redis-server", self._argv(), self.workdir / "redis.log")
+            self._process.start()
+            try:
+                self._process.wait_ready(self._ping, timeout)
+            except Exception:
+                self._process.stop()
+                raise
+
+        if self._port_fixed:
+            launch()
+        else:
+            retry_if_port_taken(launch, self._move)
+            self._port_fixed = True
         return self
 
+    def _move(self) -> None:
+        self.port = free_port()
+
     def _ping(self) -> bool:
-        # our server, not one that took the port first
-        with self.client() as c:
+        # our server, not one that took the port first (and that may never answer)
+        with redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1) as c:
             return bool(c.info("server")["process_id"] == self.pid)
 
     def stop(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .image import MANIFEST_TYPE, Blob, build_image
-from .process import ClusterError, ServerProcess, free_port
+from .process import ClusterError, ServerProcess, free_port, retry_if_port_taken
 
 
 class RegistryError(ClusterError):
@@ -28,6 +28,7 @@ class Registry:
     def __init__(self, workdir: str | Path, port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.port = port or free_port()
+        self._port_fixed = port is not None  # and once started
         self._process: ServerProcess | None = None
         self._local = threading.local()
 
@@ -62,16 +63,37 @@ class Registry:
 
     def start(self, timeout: float = 15.0) -> Registry:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self._write_config()
-        self._process = ServerProcess("docker-registry", ["docker-registry", "serve", str(config)],
-                                      self.workdir / "registry.log")
-        self._process.start()
-        try:
-            self._process.wait_ready(lambda: self._request("GET", "/v2/")[0] == 200, timeout)
-        except Exception:
-            self._process.stop()
-            raise
+
+        def launch() -> None:
+            config = self._write_config()
+            self._process = ServerProcess("docker-registry", ["docker-registry", "serve", str(config)],
+                                          self.workdir / "registry.log")
+            self._process.start()
+            try:
+                self._process.wait_ready(self._answers, timeout)
+            except Exception:
+                self._process.stop()
+                raise
+
+        if self._port_fixed:
+            launch()
+        else:
+            retry_if_port_taken(launch, self._move)
+            self._port_fixed = True
         return self
+
+    def _answers(self) -> bool:
+        # a short timeout of its own: whoever else holds the port may never answer
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        try:
+            conn.request("GET", "/v2/")
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+
+    def _move(self) -> None:
+        self.port = free_port()
+        self._local = threading.local()  # connections to the old port
 
     def stop(self) -> None:
         if self._process:

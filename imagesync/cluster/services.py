@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .process import ServerProcess, free_port, port_open, tail
 
-
 #: a worker of a test cluster has no neighbours worth a second of handshakes
 QUICK_START = ("--without-mingle", "--without-gossip")
 
