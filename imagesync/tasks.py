@@ -7,6 +7,7 @@ worker, whose concurrency is ``max_parallel``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -47,7 +48,10 @@ def backoff(retries: int) -> float:
 
 
 def send_pull(node: str, image: str, run_id: str, expires: float) -> None:
-    pull.apply_async(args=(run_id, node, image), queue=node_queue(node), expires=expires)
+    # argsrepr (shown by Flower) is the exact JSON of the arguments: the
+    # handler of an expired pull reads them back from it (see below).
+    args = (run_id, node, image)
+    pull.apply_async(args=args, queue=node_queue(node), expires=expires, argsrepr=json.dumps(args))
 
 
 @app.task(name="imagesync.sync", time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
@@ -106,9 +110,14 @@ def finalize() -> list[str]:
 def _report_expired_pull(request=None, expired=False, **_):  # type: ignore[no-untyped-def]
     # A pull that waited past its expiry is dropped by the worker; report it so
     # the run's counts stay right.
-    if request is None or not expired or request.task != pull.name:
+    # The request here is rebuilt from the message headers: no args, but our argsrepr.
+    if request is None or not expired or getattr(request, "task", None) != pull.name:
         return
-    run_id, node, image = request.args
+    try:
+        run_id, node, image = json.loads(request.argsrepr)
+    except (TypeError, ValueError):
+        log.warning("an expired pull could not be reported: arguments unreadable (%r)", request.argsrepr)
+        return
     finish_pull(settings, redis(), run_id, Outcome(
         node, image, EXPIRED, reason="waited in the queue past its expiry (node's worker down or busy)"))
 

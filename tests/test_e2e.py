@@ -258,3 +258,29 @@ def test_a_node_served_by_a_worker_running_on_it_uses_the_local_transport(deploy
     assert result.returncode == 0, result.stderr + result.stdout
     assert d.held("node-1") == d.held("node-2")
     assert len(d.held("node-1")) == 2
+
+
+def test_a_pull_that_waited_past_its_expiry_is_reported_expired(deploy):
+    import os
+
+    d = deploy(nodes=2)
+    d.cluster.seed({"node-1": ["bcm11/a:1"], "node-2": []})
+    d.configure()
+    image = d.cluster.ref("bcm11/a:1")
+    from imagesync.runs import RunStore
+
+    RunStore(d.cluster.redis.client(), stale_after=600, lock_ttl=600).create(
+        "r-expiry", trigger="test", pulls=[("node-2", image)], skipped={}, drift=[], refused=[], wanted=1)
+    send = ("import sys; from imagesync.tasks import send_pull; "
+            "send_pull('node-2', sys.argv[1], 'r-expiry', 1)")
+    subprocess.run([sys.executable, "-c", send, image], check=True, timeout=60,
+                   env={**os.environ, "IMAGESYNC_CONFIG": str(d.config_path)})
+    time.sleep(2)  # node-2's worker is not running yet: the pull outlives its expiry in the queue
+    d.services.start_worker("node-2")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and d.history("r-expiry")["status"] == "running":
+        time.sleep(0.5)
+    run = d.history("r-expiry")
+    assert run["status"] == "completed"
+    assert [(r["node"], r["status"]) for r in run["results"]] == [("node-2", "expired")]
+    assert image not in d.held("node-2")
