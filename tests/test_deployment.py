@@ -24,8 +24,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict = COMPOSE["services"]
-ENTRYPOINTS = [ROOT / "workers" / "entrypoint.sh", ROOT / "beat" / "entrypoint.sh"]
-WORKER, BEAT = ENTRYPOINTS
+ENTRYPOINTS = [ROOT / "workers" / "entrypoint.sh"]
+WORKER, = ENTRYPOINTS
 DOCKERFILES = [ROOT / "workers" / "Dockerfile", ROOT / "beat" / "Dockerfile"]
 CONFIG = "/etc/imagesync/imagesync.toml"
 REDIS_URL = "redis://redis:6379/0"
@@ -189,10 +189,16 @@ def test_copy_sources_exist_and_reach_the_builder(dockerfile):
             assert not dockerignored(source), f".dockerignore keeps {source} out of the build"
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_entrypoint_is_the_copied_script(dockerfile):
+def test_entrypoint_is_the_copied_script():
+    dockerfile = ROOT / "workers" / "Dockerfile"
     entrypoint = json.loads(dict(instructions(dockerfile))["ENTRYPOINT"])
     assert entrypoint[-1] in {destination for _, destination in copies(dockerfile)}
+
+
+def test_beat_runs_the_worker_entrypoint_in_its_beat_role():
+    beat = dict(instructions(ROOT / "beat" / "Dockerfile"))
+    assert "ENTRYPOINT" not in beat, "beat inherits the workers' entrypoint"
+    assert beat["ENV"] == "IMAGESYNC_ROLE=beat"
 
 
 def test_beat_builds_from_the_worker_image():
@@ -254,7 +260,7 @@ def test_worker_entrypoint_needs_a_node(fake_path, tmp_path):
      "celery -A imagesync inspect ping --timeout 10 --destination k8s-worker1@box"),
     (WORKER, ["--healthcheck"], {"IMAGESYNC_ROLE": "control"},
      "celery -A imagesync inspect ping --timeout 10 --destination control@box"),
-    (BEAT, [], {}, "imagesync beat --"),
+    (WORKER, [], {"IMAGESYNC_ROLE": "beat"}, "imagesync beat --"),
 ], ids=["node", "control", "node-health", "control-health", "beat"])
 def test_entrypoint_runs_the_command(script, args, environ, expected, fake_path, tmp_path):
     config = tmp_path / "imagesync.toml"

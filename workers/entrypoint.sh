@@ -1,8 +1,9 @@
 #!/bin/sh
-# Starts one imagesync worker in its container:
+# Starts one imagesync process in its container:
 #   IMAGESYNC_ROLE=control            the control worker (sync, housekeeping)
 #   IMAGESYNC_NODE=NAME (role "node") the worker of node NAME (its pulls)
-# Arguments go on to `celery worker`. With --healthcheck as its only argument
+#   IMAGESYNC_ROLE=beat               celery beat (beat/entrypoint.sh sets this)
+# Arguments go on to `celery worker` (or `celery beat`). With --healthcheck as its only argument
 # it pings this container's worker instead (the image's HEALTHCHECK).
 set -eu
 
@@ -20,10 +21,10 @@ unset IMAGESYNC_ROLE IMAGESYNC_NODE
 
 # The Celery node name, as `imagesync worker` chooses it: -n NAME@%h.
 case $role in
-    control) name=control ;;
+    control|beat) name=$role ;;
     node) [ -n "$node" ] || fail "set IMAGESYNC_NODE to the node this worker serves (or IMAGESYNC_ROLE=control)"
           name=$node ;;
-    *) fail "IMAGESYNC_ROLE is '$role': use 'node' (with IMAGESYNC_NODE) or 'control'" ;;
+    *) fail "IMAGESYNC_ROLE is '$role': use 'node' (with IMAGESYNC_NODE), 'control' or 'beat'" ;;
 esac
 
 if [ "$*" = --healthcheck ]; then
@@ -48,7 +49,8 @@ if [ -n "$key" ] && [ -e "$key" ] && [ ! -r "$key" ]; then
     fail "cannot read the SSH key $key as uid $(id -u): chown $(id -u) ssh/id_ed25519 on the host"
 fi
 
-if [ "$role" = control ]; then
-    exec imagesync worker --control -- "$@"
-fi
+case $role in
+    control) exec imagesync worker --control -- "$@" ;;
+    beat) exec imagesync beat -- "$@" ;;
+esac
 exec imagesync worker --node "$node" -- "$@"
