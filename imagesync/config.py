@@ -43,6 +43,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -107,6 +108,10 @@ _NAMESPACE_RULE = "use letters and digits joined by . _ -"
 _PREFIX = re.compile(r"[A-Za-z0-9._:/-]+")
 _PREFIX_RULE = "use letters, digits and . _ : / -"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# a registry as image references name it: host[:port]
+_REGISTRY = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                       r"|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?")
+_REGISTRY_RULE = "write the registry as image names spell it, such as nvcr.io or harbor.example.com:8443"
 
 # the five crontab fields in crontab order: name, crontab_parser bounds, what is allowed
 _CRONTAB_FIELDS = (
@@ -319,6 +324,13 @@ def _prefix(value: Any) -> str:
     return text
 
 
+def _secret(value: Any) -> str:
+    """A password: any non-empty text on one line (spaces allowed); never shown back."""
+    if not isinstance(value, str) or not value or "\n" in value or "\0" in value:
+        raise _invalid("is not a password: write it as one line of text, or use password_file")
+    return value
+
+
 def _without_repeats(items: list[str]) -> list[str]:
     """The same list with each item once, in the order first written."""
     return list(dict.fromkeys(items))
@@ -336,6 +348,36 @@ _LocalPath = Annotated[Path, _check(_path)]
 _Namespace = Annotated[str, _check(_text("a containerd namespace", _NAMESPACE, _NAMESPACE_RULE))]
 _Prefixes = Annotated[list[Annotated[str, _check(_prefix)]], AfterValidator(_without_repeats)]
 _Images = list[Annotated[str, _check(_text("an image reference"))]]
+
+
+class RegistryLogin(BaseModel):
+    """Credentials for one registry, given to the runtime with every pull from it.
+
+    The password is never shown (``config show`` masks it, reprs omit it);
+    ``password_file`` keeps it out of the configuration file altogether.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    username: _UserName
+    password: Annotated[str | None, _check(_secret, optional=True)] = Field(default=None, repr=False)
+    password_file: _KeyFile = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RegistryLogin:
+        if (self.password is None) == (self.password_file is None):
+            raise _invalid("give either password or password_file (one of them)")
+        return self
+
+    def secret(self) -> str:
+        """The password, read from password_file when that is how it is given."""
+        if self.password is not None:
+            return self.password
+        assert self.password_file is not None
+        return self.password_file.read_text().strip()
+
+
+_RegistryHost = Annotated[str, _check(_text("a registry", _REGISTRY, _REGISTRY_RULE))]
 
 
 class SSHSettings(BaseModel):
@@ -403,6 +445,8 @@ class Settings(BaseModel):
     redis_url: Annotated[str, _check(_redis_url)] = Field(default="redis://127.0.0.1:6379/0", repr=False)
     history: Annotated[int, _check(_whole_number("a whole number of runs", 1))] = 200
     retries: Annotated[int, _check(_whole_number("a whole number of retries", 0, 20))] = 3
+    # logins for private registries, by registry host: [registries."nvcr.io"]
+    registries: dict[_RegistryHost, RegistryLogin] = Field(default_factory=dict)
     # a factory, for the same reason as known_hosts' default
     ssh: SSHSettings = Field(default_factory=SSHSettings)
 
@@ -452,6 +496,14 @@ class Settings(BaseModel):
         """The SSH user for ``node``: its own, else ``ssh.user``."""
         return node.user or self.ssh.user
 
+    def login_for(self, registry: str) -> tuple[str, str] | None:
+        """(username, password) for pulls from ``registry`` (a host[:port]), if configured."""
+        login = self.registries.get(registry)
+        if login is None and registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+            login = next((self.registries[name] for name in ("docker.io", "index.docker.io",
+                                                              "registry-1.docker.io") if name in self.registries), None)
+        return None if login is None else (login.username, login.secret())
+
     def node_key_file(self, node: Node) -> Path | None:
         """The SSH key for ``node``: its own, else ``ssh.key_file``; None leaves it to SSH."""
         return node.key_file or self.ssh.key_file
@@ -489,11 +541,19 @@ class Settings(BaseModel):
             value = getattr(self, key)
             if key == "nodes":
                 value = [node.name for node in self.nodes]
+            elif key == "registries":
+                value = list(self.registries)
             elif key == "redis_url":
                 value = mask_url(value)
             rows.append((key, _display(value), sources[key]))
         for key in SSHSettings.model_fields:
             rows.append((f"ssh.{key}", _display(getattr(self.ssh, key)), sources[f"ssh.{key}"]))
+        for host, login in self.registries.items():
+            rows.append((f"registries.{host}.username", login.username, sources["registries"]))
+            if login.password_file is not None:
+                rows.append((f"registries.{host}.password_file", str(login.password_file), sources["registries"]))
+            else:
+                rows.append((f"registries.{host}.password", "****", sources["registries"]))
         for node in self.nodes:
             for key in Node.model_fields:
                 value = getattr(node, key)
@@ -814,7 +874,8 @@ def _where(location: Location, labels: Mapping[Location, str]) -> str:
         if location[:size] in labels:
             return labels[location[:size]]
     text = ""
-    for part in location:
+    # pydantic marks an invalid key of a table (a registry host) with "[key]"
+    for part in location[:-1] if location[-1:] == ("[key]",) else location:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
@@ -826,7 +887,8 @@ def _where(location: Location, labels: Mapping[Location, str]) -> str:
 def _unknown_key(location: Location, where: str) -> str:
     """'unknown key' with the closest known key of the same table, or the list of them."""
     table = location[:1]
-    model: type[BaseModel] = SSHSettings if table == ("ssh",) else Node if table == ("nodes",) else Settings
+    models: dict[Location, type[BaseModel]] = {("ssh",): SSHSettings, ("nodes",): Node, ("registries",): RegistryLogin}
+    model = models.get(table, Settings)
     known = list(model.model_fields)
     guess = _suggest(str(location[-1]), known)
     if guess:

@@ -44,7 +44,8 @@ def pull_image(settings, node, image: str) -> tuple[Outcome, bool]:  # type: ign
     try:
         if holds(settings, node, image):
             return outcome(PRESENT), False
-        command = runtime.pull_command(image, settings.time_out)
+        login = settings.login_for(references.parse(image).domain)
+        command = runtime.pull_command(image, settings.time_out, login)
         result = transport_for(settings, node).run(
             command.command, timeout=command.seconds + runtimes.KILL_AFTER + SSH_GRACE
         )
@@ -59,5 +60,11 @@ def pull_image(settings, node, image: str) -> tuple[Outcome, bool]:  # type: ign
         return outcome(TIMED_OUT, reason), False
     if result.exit_code == runtimes.COMMAND_NOT_FOUND:
         return outcome(FAILED, runtime_missing(node.name, runtime.name).message), False
+    if result.exit_code < 0:
+        # No exit status: over SSH (-1) the connection dropped under the pull or
+        # the pull died of a signal; locally, -N is death by signal N. The
+        # runtime said nothing, so only another attempt can tell more.
+        reason = f"the pull on {node.name} ended without an exit status: the connection dropped or the node killed it"
+        return outcome(FAILED, reason), True
     reason = runtimes.failure_reason(result.stderr, result.stdout)
     return outcome(FAILED, reason), runtimes.is_transient(reason)

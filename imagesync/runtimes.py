@@ -43,6 +43,10 @@ class Image:
     pinned: bool = False
 
 
+#: (username, password) for a private registry
+Login = tuple[str, str]
+
+
 @dataclass(frozen=True)
 class PullCommand:
     command: str
@@ -58,7 +62,7 @@ class Runtime(Protocol):
 
     def parse_list(self, output: str) -> list[Image]: ...
 
-    def pull_command(self, reference: str, time_out: int) -> PullCommand: ...
+    def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand: ...
 
     def version_command(self) -> str: ...
 
@@ -91,8 +95,9 @@ class Crictl:
     def version_command(self) -> str:
         return f"{self._base()} --version"
 
-    def pull_command(self, reference: str, time_out: int) -> PullCommand:
-        return _pull_under_timeout(f"{self._base()} pull {_checked(reference)}", time_out)
+    def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand:
+        creds = f" --creds {shlex.quote(':'.join(login))}" if login else ""
+        return _pull_under_timeout(f"{self._base()} pull{creds} {_checked(reference)}", time_out)
 
     def parse_list(self, output: str) -> list[Image]:
         """Parse ``crictl images -o json``."""
@@ -136,10 +141,11 @@ class Ctr:
     def version_command(self) -> str:
         return "ctr --version"
 
-    def pull_command(self, reference: str, time_out: int) -> PullCommand:
+    def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand:
         hosts = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""
+        user = f" --user {shlex.quote(':'.join(login))}" if login else ""
         return _pull_under_timeout(
-            f"{self._base()} images pull{hosts} {_checked(reference)}", time_out
+            f"{self._base()} images pull{hosts}{user} {_checked(reference)}", time_out
         )
 
     def parse_list(self, output: str) -> list[Image]:

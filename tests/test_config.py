@@ -149,6 +149,12 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         redis_url = "rediss://:s3cret@redis.example:6380/1"
         history = 5
         retries = 0
+        [registries."nvcr.io"]
+        username = "$oauthtoken"
+        password = "ngc api key"
+        [registries."harbor.local:8443"]
+        username = "robot$sync"
+        password_file = "{key}"
         [ssh]
         user = "admin"
         key_file = "{key}"
@@ -383,12 +389,12 @@ def test_the_shape_of_the_document(tmp_path):
         "prefixes: 'bcm11' is not a list: write ['bcm11']",
         "ssh: 5 is not a table of keys: write it as an [ssh] table",
         "unknown key what: remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, "
-        "log_dir, schedule, redis_url, history, retries, ssh)",
+        "log_dir, schedule, redis_url, history, retries, registries, ssh)",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\nnodes = "a"\n"odd key" = 1\n') == [
         "nodes: 'a' is not a list of nodes: write each node as a [[nodes]] table",
         'unknown key "odd key": remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, '
-        "log_dir, schedule, redis_url, history, retries, ssh)",
+        "log_dir, schedule, redis_url, history, retries, registries, ssh)",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\n') == [
         "nodes: no nodes are configured: list at least one worker node in a [[nodes]] table"
@@ -542,8 +548,9 @@ def test_every_override(tmp_path):
     assert settings.sources["nodes"] == f"file {tmp_path / 'imagesync.toml'}"
 
 
-def test_every_key_but_nodes_has_a_variable():
-    keys = {key for key in Settings.model_fields if key not in ("nodes", "ssh")}
+def test_every_key_but_nodes_and_registries_has_a_variable():
+    # nodes and registry logins are tables: they are written in the file
+    keys = {key for key in Settings.model_fields if key not in ("nodes", "registries", "ssh")}
     keys |= {f"ssh.{key}" for key in SSHSettings.model_fields}
     assert {".".join(key) for key in ENVIRONMENT.values()} == keys
     for variable, key in ENVIRONMENT.items():
@@ -904,4 +911,5 @@ def test_any_valid_document_is_loaded_as_written(document):
     assert [node.name for node in settings.nodes] == [node["name"] for node in document["nodes"]]
     assert settings.prefixes == list(dict.fromkeys(prefix.rstrip("/") for prefix in document["prefixes"]))
     assert settings.max_parallel == int(document.get("max_parallel", 4))
-    assert len(settings.describe()) == 10 + 5 + 10 * len(settings.nodes)
+    logins = sum(2 for _ in settings.registries)
+    assert len(settings.describe()) == 11 + 5 + 10 * len(settings.nodes) + logins

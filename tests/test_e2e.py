@@ -284,3 +284,36 @@ def test_a_pull_that_waited_past_its_expiry_is_reported_expired(deploy):
     assert run["status"] == "completed"
     assert [(r["node"], r["status"]) for r in run["results"]] == [("node-2", "expired")]
     assert image not in d.held("node-2")
+
+
+@pytest.mark.parametrize("runtime", ["crictl", "ctr"])
+def test_a_registry_that_demands_a_login_gets_the_configured_one_and_nothing_shows_it(deploy, runtime):
+    secret = "pa55-Wörd with spaces"
+    d = deploy(nodes=2, runtime=runtime, registry_login=("robot$sync", secret))
+    d.cluster.seed({"node-1": ["bcm11/private:1"], "node-2": []})
+    image = d.cluster.ref("bcm11/private:1")
+    registry = d.cluster.registry_address
+    # first without the login: the registry's refusal is permanent, not retried
+    d.configure(runtime=runtime)
+    d.start()
+    refused = d.cli("sync", "--wait")
+    assert refused.returncode == 1
+    outcome = d.history(_started_run(refused))["results"][0]
+    assert outcome["status"] == "failed" and outcome["attempts"] == 1
+    assert "401" in outcome["reason"] or "unauthorized" in outcome["reason"].lower()
+    d.services.stop_all()
+
+    password_file = d.workdir / "registry-password"
+    password_file.write_text(secret + "\n")
+    d.configure(runtime=runtime, registries={registry: {"username": "robot$sync", "password_file": str(password_file)}})
+    d.start()
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert image in d.held("node-2")
+
+    shown = d.cli("config", "show").stdout + d.cli("history", "--json").stdout
+    shown += d.cli("history", "--json", _started_run(result)).stdout
+    logs = [p for p in d.cluster.log_dir.rglob("*.log")] + list((d.workdir / "services").glob("*.log"))
+    assert logs
+    for text in [shown, *(p.read_text(errors="replace") for p in logs)]:
+        assert secret not in text

@@ -100,3 +100,12 @@ def test_both_runtimes_agree_on_a_containerd_nodes_images():
     # the untagged image is held by its digest
     assert "127.0.0.1:14161/nvidia/triton@sha256:61c875ca16a5a9c947b1bdbfc0bb70efa95fcebff5c551846dee591481265c6e" in via_cri
     assert len(via_cri) == 3
+
+
+def test_a_registry_login_goes_to_the_runtime_quoted():
+    login = ("$oauthtoken", "key with 'quotes' $(and) spaces")
+    words = shlex.split(runtimes.Crictl().pull_command("nvcr.io/nvidia/a:1", 60, login).command)
+    assert words[words.index("--creds") + 1] == "$oauthtoken:key with 'quotes' $(and) spaces"
+    words = shlex.split(runtimes.Ctr().pull_command("nvcr.io/nvidia/a:1", 60, login).command)
+    assert words[words.index("--user") + 1] == "$oauthtoken:key with 'quotes' $(and) spaces"
+    assert "--creds" not in runtimes.Crictl().pull_command("nvcr.io/nvidia/a:1", 60).command

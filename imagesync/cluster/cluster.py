@@ -35,7 +35,7 @@ class Cluster:
     """Redis, registry, proxy and ``nodes`` nodes (``node-1``...) under ``workdir``."""
 
     def __init__(self, workdir: str | Path, nodes: int = 3, runtime: str = "crictl",
-                 redis_password: str | None = None) -> None:
+                 redis_password: str | None = None, registry_login: tuple[str, str] | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         self.workdir = Path(workdir).absolute()
@@ -44,7 +44,7 @@ class Cluster:
         self.known_hosts = self.workdir / "known_hosts"
         self.log_dir = self.workdir / "logs"
         self.redis = RedisServer(self.workdir / "redis", password=redis_password)
-        self.registry = Registry(self.workdir / "registry")
+        self.registry = Registry(self.workdir / "registry", login=registry_login)
         self.proxy = RegistryProxy(self.registry.address)
         self.nodes = [
             Node(f"node-{i}", self.workdir / "nodes" / f"node-{i}",
@@ -181,7 +181,7 @@ class Cluster:
         def preload(name: str) -> None:
             node = self.node(name)
             for ref in seeded[name]:
-                node.pull(ref)
+                node.pull(ref, creds=":".join(self.registry.login) if self.registry.login else None)
 
         self._parallel([lambda name=name: preload(name) for name in seeded])  # type: ignore[misc]
         return seeded

@@ -256,10 +256,17 @@ class ImageClient:
         reply = self._call("ImageStatus", request, "ImageStatusResponse", self.timeout)
         return (_image(reply.image) if reply.HasField("image") else None), dict(reply.info)
 
-    def pull(self, image: str, timeout: float | None = None) -> str:
-        """Pull ``image``; returns the image id. Like crictl, no deadline unless given."""
+    def pull(self, image: str, timeout: float | None = None, creds: str | None = None) -> str:
+        """Pull ``image``; returns the image id. Like crictl, no deadline unless given.
+
+        ``creds`` is crictl's ``--creds USERNAME[:PASSWORD]``, sent as the CRI's AuthConfig.
+        """
         request = MESSAGES["PullImageRequest"]()
         request.image.image = image
+        if creds:
+            username, _, password = creds.partition(":")
+            request.auth.username = username
+            request.auth.password = password
         return str(self._call("PullImage", request, "PullImageResponse", timeout).image_ref)
 
     def remove(self, image: str) -> None:
@@ -369,7 +376,7 @@ def _cmd_pull(client: ImageClient, args: argparse.Namespace) -> None:
     _append_pull_log("start", args.image)
     try:
         try:
-            image_ref = client.pull(args.image)
+            image_ref = client.pull(args.image, creds=args.creds)
         except CRIError as err:
             outcome = "error"
             raise Fatal(f"pulling image: {err}") from None
@@ -451,6 +458,7 @@ def _parser() -> argparse.ArgumentParser:
     images.set_defaults(run=_cmd_images)
 
     pull = sub.add_parser("pull")
+    pull.add_argument("--creds", default=None, help="USERNAME[:PASSWORD] for the registry")
     pull.add_argument("image")
     pull.set_defaults(run=_cmd_pull)
 

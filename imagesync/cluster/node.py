@@ -363,10 +363,13 @@ SetEnv {env}
     def image_client(self, timeout: float = 10.0) -> crictl.ImageClient:
         return crictl.ImageClient(self.socket, timeout)
 
-    def pull(self, ref: str, timeout: float = 120.0) -> str:
-        """Pull ``ref`` through the CRI, as the kubelet would; returns the image id."""
+    def pull(self, ref: str, timeout: float = 120.0, creds: str | None = None) -> str:
+        """Pull ``ref`` through the CRI, as the kubelet would; returns the image id.
+
+        ``creds`` (``USER:PASSWORD``) is for a registry that demands a login.
+        """
         with self.image_client() as client:
-            return client.pull(ref, timeout=timeout)
+            return client.pull(ref, timeout=timeout, creds=creds)
 
     def remove(self, ref: str) -> None:
         """Remove the image ``ref`` names (every tag of it) through the CRI."""

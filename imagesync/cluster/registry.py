@@ -8,6 +8,7 @@ thread, which makes a small image cost a few milliseconds.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import threading
@@ -25,8 +26,11 @@ class RegistryError(ClusterError):
 class Registry:
     """``docker-registry serve`` on a free 127.0.0.1 port, storing under ``workdir``."""
 
-    def __init__(self, workdir: str | Path, port: int | None = None) -> None:
+    def __init__(self, workdir: str | Path, port: int | None = None,
+                 login: tuple[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
+        #: (username, password) the registry demands (htpasswd), for pulls and pushes alike
+        self.login = login
         self.port = port or free_port()
         self._port_fixed = port is not None  # and once started
         self._process: ServerProcess | None = None
@@ -58,8 +62,20 @@ class Registry:
             "http:\n"
             f"  addr: {self.address}\n"
             "  secret: imagesync-test-cluster\n"
+            + self._auth_config()
         )
         return config
+
+    def _auth_config(self) -> str:
+        if self.login is None:
+            return ""
+        import bcrypt  # paramiko's own dependency; the registry reads only bcrypt hashes
+
+        user, password = self.login
+        digest = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        htpasswd = self.workdir / "htpasswd"
+        htpasswd.write_text(f"{user}:{digest}\n")
+        return f"auth:\n  htpasswd:\n    realm: imagesync-test\n    path: {htpasswd}\n"
 
     def start(self, timeout: float = 15.0) -> Registry:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +103,7 @@ class Registry:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
         try:
             conn.request("GET", "/v2/")
-            return conn.getresponse().status == 200
+            return conn.getresponse().status in (200, 401)
         finally:
             conn.close()
 
@@ -117,6 +133,9 @@ class Registry:
     def _request(self, method: str, path: str, body: bytes | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         headers = dict(headers or {})
+        if self.login is not None:
+            token = base64.b64encode(":".join(self.login).encode()).decode()
+            headers.setdefault("Authorization", f"Basic {token}")
         if body is not None:
             headers.setdefault("Content-Length", str(len(body)))
         for attempt in (1, 2):
