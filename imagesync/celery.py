@@ -7,6 +7,7 @@ prints every problem and exits 2 before it starts anything.
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from celery import Celery
 
@@ -14,12 +15,18 @@ from .celeryconfig import celery_settings
 from .config import load_settings
 from .errors import ConfigError
 
+
+def refuse(error: ConfigError) -> NoReturn:
+    """Print every problem of the configuration and exit 2."""
+    for problem in error.problems:
+        print(f"imagesync: {problem}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 try:
     settings = load_settings()
 except ConfigError as exc:
-    for problem in exc.problems:
-        print(f"imagesync: {problem}", file=sys.stderr)
-    raise SystemExit(2) from None
+    refuse(exc)
 
 app = Celery("imagesync", include=["imagesync.tasks"])
 app.conf.update(celery_settings(settings))

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import parse_qs, urlsplit
 
 from celery.schedules import crontab_parser
 from pydantic import (
@@ -46,6 +47,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
+from redis import ConnectionPool, RedisError
 
 from imagesync.errors import ConfigError
 
@@ -307,13 +309,36 @@ def _schedule(value: Any) -> int | str:
 
 
 def _redis_url(value: Any) -> str:
-    """A redis://, rediss:// or unix:// URL, shown masked as it may hold a password."""
+    """A redis://, rediss:// or unix:// URL that redis-py can use, shown masked as it may hold a password."""
     if isinstance(value, str) and value.startswith(_REDIS_SCHEMES) and value.isprintable() and " " not in value:
-        return value
+        problem = _redis_url_problem(value)
+        if problem is None:
+            return value
+        raise _invalid(f"{_show(mask_url(value))}: {problem}")
     shown = _show(mask_url(value) if isinstance(value, str) else value)
     raise _invalid(
         f"{shown} is not a Redis URL: use redis://HOST:6379/0, rediss:// for TLS or unix:///path/to/redis.sock"
     )
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What keeps redis-py from using ``url``, found as every process would read it, without connecting.
+
+    Without this check, a wrong port or query option passed the loader and
+    ended every process that made a Redis client in a traceback.
+    """
+    try:
+        options = parse_qs(urlsplit(url).query)
+        tls = sorted(name for name in options if name.startswith("ssl_"))
+        if tls and not url.startswith("rediss://"):
+            return f"{tls[0]} is a TLS option: use a rediss:// URL"
+        ConnectionPool.from_url(url).make_connection()
+    except TypeError as exc:  # an option no connection takes
+        option = re.search(r"argument '(\w+)'", str(exc))
+        return f"redis-py takes no option {option.group(1) if option else 'of that name'}: remove it from the query"
+    except (ValueError, RedisError) as exc:
+        return f"{str(exc).rstrip('.')}: fix the URL"
+    return None
 
 
 def _prefix(value: Any) -> str:

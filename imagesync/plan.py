@@ -73,46 +73,74 @@ class Plan:
         }
 
 
+#: what holdings() decided about one name: (reference, its string) if it is kept,
+#: None if it lies outside the prefixes, or (shown name, reason) if it was refused
+_Verdict = tuple[references.Reference, str] | tuple[str, str] | None
+
+
 def holdings(
-    node: str, images: Iterable[Image], prefixes: Iterable[str], exact: Iterable[str] = ()
+    node: str,
+    images: Iterable[Image],
+    prefixes: Iterable[str],
+    exact: Iterable[str] = (),
+    memo: dict[str, _Verdict] | None = None,
 ) -> Holdings:
     """The references of ``images`` under ``prefixes`` or in ``exact``, normalized, with digests.
 
     Tags are kept with the digest of the same repository; an untagged image is
-    kept by its digest references (``repo@sha256:...``).
+    kept by its digest references (``repo@sha256:...``). ``memo`` carries the
+    verdict on each name from one node to the next: it must only be shared
+    between calls with the same ``prefixes`` and ``exact``.
     """
     prefixes = tuple(prefixes)
     exact = frozenset(exact)
     held: dict[str, str | None] = {}
     refused: list[Refusal] = []
+    verdicts: dict[str, _Verdict] = {} if memo is None else memo
 
-    def accept(text: str) -> references.Reference | None:
+    def judge(text: str) -> _Verdict:
         try:
             ref = references.parse(text)
         except RefusedReference as exc:
-            refused.append(Refusal(node, exc.reference, exc.reason))
-            return None
-        if str(ref) in exact or references.matches_any(ref, prefixes):
-            return ref
+            return (exc.reference, exc.reason)
+        name = str(ref)
+        if name in exact or references.matches_any(ref, prefixes):
+            return (ref, name)
         return None
+
+    def accept(text: str) -> tuple[references.Reference, str] | None:
+        """The reference and its normalized name, if ``text`` is kept."""
+        try:
+            verdict = verdicts[text]
+        except KeyError:
+            verdict = verdicts[text] = judge(text)
+        except TypeError:  # a name that is not even a string
+            verdict = judge(text)
+        if verdict is None:
+            return None
+        if isinstance(verdict[0], str):
+            refused.append(Refusal(node, verdict[0], verdict[1]))
+            return None
+        return verdict  # type: ignore[return-value]
 
     for image in images:
         digests: dict[str, str] = {}
-        digest_refs = []
+        digest_refs: list[tuple[str, str]] = []
         for text in image.digests:
-            ref = accept(text)
-            if ref is not None and ref.digest:
-                digests[ref.repository] = ref.digest
-                digest_refs.append(ref)
+            kept = accept(text)
+            if kept is not None and kept[0].digest:
+                ref, name = kept
+                digests[ref.repository] = ref.digest  # type: ignore[assignment]
+                digest_refs.append((name, ref.digest))  # type: ignore[arg-type]
         tagged = False
         for text in image.tags:
-            ref = accept(text)
-            if ref is not None:
-                held[str(ref)] = digests.get(ref.repository)
+            kept = accept(text)
+            if kept is not None:
+                held[kept[1]] = digests.get(kept[0].repository)
                 tagged = True
         if not tagged:
-            for ref in digest_refs:
-                held[str(ref)] = ref.digest
+            for name, digest in digest_refs:
+                held[name] = digest
     return Holdings(node, held, tuple(refused))
 
 
@@ -138,8 +166,12 @@ def make_plan(
             wanted.add(references.normalize(text))
         except RefusedReference as exc:
             refused.append(Refusal("config", exc.reference, exc.reason))
+    # every node reports mostly the same names: judge each name once
+    memo: dict[str, _Verdict] = {}
+    declared_wanted = frozenset(wanted)
     per_node = {
-        node: holdings(node, images, prefixes, exact=wanted) for node, images in inventories.items()
+        node: holdings(node, images, prefixes, exact=declared_wanted, memo=memo)
+        for node, images in inventories.items()
     }
     for h in per_node.values():
         refused.extend(h.refused)

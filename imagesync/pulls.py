@@ -39,6 +39,9 @@ def pull_image(settings, node, image: str) -> tuple[Outcome, bool]:  # type: ign
     try:
         image = references.normalize(image)
     except RefusedReference as exc:
+        # Only a forged or corrupt message gets here. The name goes on into log
+        # lines and the run record, so as the plan shows refusals: cut and escaped.
+        image = repr(exc.reference)
         return outcome(FAILED, f"refused: {exc.reason}"), False
     runtime = runtimes.for_node(node)
     try:

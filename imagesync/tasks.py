@@ -15,9 +15,11 @@ import random
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import after_setup_logger, task_revoked
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from . import logs
-from .celery import app, settings
+from .celery import app, refuse, settings
 from .celeryconfig import SYNC_TIME_LIMIT, node_queue, pull_time_limits
 from .errors import ConfigError
 from .pulls import pull_image
@@ -30,14 +32,26 @@ PULL_SOFT_LIMIT, PULL_HARD_LIMIT = pull_time_limits(settings)
 #: retry backoff: base seconds, doubled per attempt, capped, with jitter
 BACKOFF_BASE, BACKOFF_CAP = 2.0, 60.0
 
+#: how a worker's Redis client rides out a Redis restart: 0.25, 0.5, 1, then 2 s
+#: between attempts, about 12 s in all
+REDIS_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.25), retries=8)
+
 _redis: dict[int, Redis] = {}
 
 
 def redis() -> Redis:
-    """This process's Redis client (a forked child makes its own)."""
+    """This process's Redis client (a forked child makes its own).
+
+    A pull that ends while Redis restarts must still report, or its run loses
+    the outcome and ends abandoned; redis-py's default retries give up within
+    a second or two, so this client retries for longer. Recording an outcome
+    twice is harmless (the run counts each pull once).
+    """
     client = _redis.get(os.getpid())
     if client is None:
-        client = _redis[os.getpid()] = Redis.from_url(settings.redis_url, health_check_interval=30)
+        client = _redis[os.getpid()] = Redis.from_url(
+            settings.redis_url, health_check_interval=30, retry=REDIS_RETRY
+        )
     return client
 
 
@@ -124,6 +138,13 @@ def _report_expired_pull(request=None, expired=False, **_):  # type: ignore[no-u
 
 @after_setup_logger.connect
 def _log_to_files(logger=None, **_):  # type: ignore[no-untyped-def]
+    # A worker or beat started as "celery -A imagesync ..." has not been through
+    # the CLI's check: with a log_dir it cannot write, every log line would end
+    # in a traceback, so it stops here, before it starts anything.
+    try:
+        logs.check_log_dir(settings.log_dir)
+    except ConfigError as exc:
+        refuse(exc)
     if logger is not None:
         logger.addHandler(logs.file_handler(settings.log_dir))
     for noisy in ("paramiko", "invoke", "fabric"):

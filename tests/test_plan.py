@@ -80,3 +80,25 @@ def test_short_names_are_normalized_before_comparing():
         PREFIXES,
     )
     assert plan.total == 0
+
+
+def test_a_name_judged_once_is_refused_on_every_node_that_reports_it():
+    # make_plan judges each distinct name once and shares the verdict between nodes
+    evil = Image(id=D1, tags=("nvcr.io/nvidia/x:1;reboot",), digests=())
+    plan = make_plan({"w1": [evil], "w2": [evil], "w3": [image("nvcr.io/nvidia/a:1")]}, PREFIXES)
+    assert sorted((r.node, r.reference) for r in plan.refused) == [
+        ("w1", "nvcr.io/nvidia/x:1;reboot"), ("w2", "nvcr.io/nvidia/x:1;reboot")]
+    assert plan.missing == {"w1": ["nvcr.io/nvidia/a:1"], "w2": ["nvcr.io/nvidia/a:1"]}
+
+
+def test_holdings_with_a_shared_memo_match_holdings_without():
+    from imagesync.plan import holdings
+
+    images = [image("nvcr.io/nvidia/a:1"), image(None, D2, repo="nvcr.io/nvidia/b"), image("other.io/c:1", D3),
+              Image(id=D1, tags=("nvcr.io/nvidia/$(id):1",), digests=())]
+    memo: dict = {}
+    for node in ("w1", "w2"):
+        shared = holdings(node, images, PREFIXES, memo=memo)
+        alone = holdings(node, images, PREFIXES)
+        assert shared == alone
+    assert alone.references == {"nvcr.io/nvidia/a:1": D1, f"nvcr.io/nvidia/b@{D2}": D2}

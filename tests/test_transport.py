@@ -119,3 +119,35 @@ def test_local_transport_runs_and_times_out_with_the_whole_pipeline(tmp_path):
         transport.run(f"sleep 2 | sleep 2; touch {marker}", timeout=0.5)
     time.sleep(2.5)
     assert not marker.exists()
+
+
+@pytest.mark.cluster
+def test_large_output_on_both_streams_arrives_whole(node_cluster):
+    # both streams share the channel's window: reading one to its end first would stall
+    transport = _ssh(node_cluster)
+    result = transport.run("head -c 3000000 /dev/zero | tr '\\0' o; head -c 3000000 /dev/zero | tr '\\0' e >&2",
+                           timeout=30)
+    assert result.ok
+    assert (len(result.stdout), len(result.stderr)) == (3_000_000, 3_000_000)
+    assert set(result.stdout) == {"o"} and set(result.stderr) == {"e"}
+    transport.close()
+
+
+@pytest.mark.cluster
+def test_commands_run_in_a_process_holding_more_than_1024_descriptors(node_cluster):
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"the descriptor limit ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        transport = _ssh(node_cluster)
+        assert transport.run("echo past 1024", timeout=10).stdout.strip() == "past 1024"
+        transport.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
