@@ -215,7 +215,9 @@ _PERMANENT = re.compile(
 _TRANSIENT = re.compile(
     r"connection reset|connection refused|broken pipe|i/o timeout|timeout|"
     r"temporary failure|no route to host|unexpected eof|\beof\b|"
-    r"\b5\d\d\b|service unavailable|bad gateway|internal server error|too many requests|\b429\b",
+    r"\b5\d\d\b|service unavailable|bad gateway|internal server error|too many requests|\b429\b|"
+    # the runtime itself restarting under the pull (gRPC's Unavailable)
+    r"code = unavailable",
     re.IGNORECASE,
 )
 

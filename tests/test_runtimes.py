@@ -70,6 +70,7 @@ def test_pull_command_refuses_invalid_references(evil):
         ("read tcp 127.0.0.1:4000->127.0.0.1:5000: read: connection reset by peer", True),
         ("write /var/lib/containerd/x: no space left on device", False),
         ("something nobody has seen", False),
+        ('rpc error: code = Unavailable desc = connection error: dial unix /run/containerd/containerd.sock', True),
     ],
 )
 def test_failure_classification(reason, transient):
