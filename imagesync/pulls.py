@@ -13,8 +13,7 @@ import time
 
 from . import references, runtimes
 from .errors import CommandTimedOut, NodeError, RefusedReference
-from .inventory import list_images, runtime_missing
-from .plan import holdings
+from .inventory import LIST_TIMEOUT, runtime_missing
 from .runs import FAILED, PRESENT, PULLED, TIMED_OUT, Outcome
 from .transport import transport_for
 
@@ -23,10 +22,15 @@ SSH_GRACE = 10
 
 
 def holds(settings, node, image: str) -> bool:  # type: ignore[no-untyped-def]
-    """Whether ``node`` holds ``image`` (a normalized reference)."""
-    ref = references.parse(image)
-    held = holdings(node.name, list_images(settings, node), [ref.repository])
-    return str(ref) in held.references
+    """Whether ``node`` surely holds ``image`` (a normalized reference).
+
+    One question about one image, not a listing of the node: a node with
+    thousands of images answers as fast as one with ten. Anything but a
+    clear yes means "pull": pulling what is there is harmless.
+    """
+    runtime = runtimes.for_node(node)
+    result = transport_for(settings, node).run(runtime.presence_command(image), timeout=LIST_TIMEOUT)
+    return runtime.is_present(result)
 
 
 def pull_image(settings, node, image: str) -> tuple[Outcome, bool]:  # type: ignore[no-untyped-def]

@@ -20,9 +20,12 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import references
+
+if TYPE_CHECKING:
+    from .transport import CommandResult
 
 #: seconds between timeout's TERM and its KILL of a pull that ignores TERM
 KILL_AFTER = 5
@@ -66,6 +69,10 @@ class Runtime(Protocol):
 
     def version_command(self) -> str: ...
 
+    def presence_command(self, reference: str) -> str: ...
+
+    def is_present(self, result: CommandResult) -> bool: ...
+
 
 def _pull_under_timeout(command: str, time_out: int) -> PullCommand:
     return PullCommand(f"timeout -k {KILL_AFTER} {int(time_out)} {command}", int(time_out))
@@ -94,6 +101,13 @@ class Crictl:
 
     def version_command(self) -> str:
         return f"{self._base()} --version"
+
+    def presence_command(self, reference: str) -> str:
+        """Asks about one image (the CRI's ImageStatus): exit 0 only if the node holds it."""
+        return f"{self._base()} inspecti -q {_checked(reference)}"
+
+    def is_present(self, result: CommandResult) -> bool:
+        return result.ok
 
     def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand:
         creds = f" --creds {shlex.quote(':'.join(login))}" if login else ""
@@ -140,6 +154,14 @@ class Ctr:
 
     def version_command(self) -> str:
         return "ctr --version"
+
+    def presence_command(self, reference: str) -> str:
+        """Lists the one reference: a line if the node holds it, nothing if not."""
+        references.parse(reference)
+        return f"{self._base()} images ls -q {shlex.quote('name==' + reference)}"
+
+    def is_present(self, result: CommandResult) -> bool:
+        return result.ok and bool(result.stdout.strip())
 
     def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand:
         hosts = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""

@@ -110,3 +110,18 @@ def test_a_registry_login_goes_to_the_runtime_quoted():
     words = shlex.split(runtimes.Ctr().pull_command("nvcr.io/nvidia/a:1", 60, login).command)
     assert words[words.index("--user") + 1] == "$oauthtoken:key with 'quotes' $(and) spaces"
     assert "--creds" not in runtimes.Crictl().pull_command("nvcr.io/nvidia/a:1", 60).command
+
+
+def test_presence_is_asked_about_one_image():
+    from imagesync.transport import CommandResult
+
+    crictl, ctr = runtimes.Crictl(), runtimes.Ctr()
+    assert shlex.split(crictl.presence_command("nvcr.io/nvidia/a:1"))[-3:] == ["inspecti", "-q", "nvcr.io/nvidia/a:1"]
+    assert shlex.split(ctr.presence_command("nvcr.io/nvidia/a:1"))[-3:] == ["ls", "-q", "name==nvcr.io/nvidia/a:1"]
+    assert crictl.is_present(CommandResult("sha256:1\n", "", 0))
+    assert not crictl.is_present(CommandResult("", 'no such image "x" present', 1))
+    assert ctr.is_present(CommandResult("nvcr.io/nvidia/a:1\n", "", 0))
+    assert not ctr.is_present(CommandResult("", "", 0))
+    for runtime in (crictl, ctr):
+        with pytest.raises(RefusedReference):
+            runtime.presence_command("a;b")

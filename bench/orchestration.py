@@ -1,0 +1,169 @@
+"""Orchestration efficiency: does imagesync keep every node's ``max_parallel`` slots busy?
+
+Four nodes each lack the same N images (declared in the configuration), and
+every pull takes a known time. The best any scheduler can do is
+``max over nodes of ceil(missing / max_parallel) x pull time``; the figure is
+the makespan (from the sync trigger to the run record's ``finished``) over
+that ideal. Target: at most 1.05.
+
+Pulls of a known time come from a crictl on each node that sleeps for the pull
+(``sleep_crictl``): on a real cluster the runtime's own work runs on the node's
+CPUs, but here all nodes share this machine's cores, and the test cluster's
+Python crictl costs ~0.15 CPU-seconds per call, which would turn this into a
+measure of the machine. ``--real`` adds one run through real containerd and
+the registry proxy's ``delay`` for comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .common import (
+    Deployment,
+    Report,
+    Sample,
+    clear_pull_log,
+    progress,
+    pull_intervals,
+    remove_workdir,
+    verdict,
+    workdir,
+)
+
+MAX_PARALLEL = 4
+NODES = 4
+TARGET = 1.05
+
+_SLEEP_CRICTL = r"""#!/bin/bash
+# crictl for the orchestration benchmark: a pull takes exactly @SECONDS@ s and
+# next to nothing else; the node's images are the lines of @HELD@.
+held=@HELD@
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -i|--image-endpoint|-r|--runtime-endpoint|-t|--timeout) shift 2 ;;
+    --*=*) shift ;;
+    *) break ;;
+  esac
+done
+case "$1" in
+  images)
+    printf '{"images":['
+    sed 's/.*/{"id":"sha256:bench","repoTags":["&"],"repoDigests":[],"size":"1"}/' "$held" | paste -sd, -
+    printf ']}\n' ;;
+  pull)
+    log=${CRICTL_PULL_LOG:-/dev/null}
+    echo "start $EPOCHREALTIME $2 $$" >> "$log"
+    sleep @SECONDS@
+    echo "$2" >> "$held"
+    echo "end $EPOCHREALTIME $2 $$ ok" >> "$log"
+    echo "Image is up to date for sha256:bench" ;;
+  inspecti) grep -qxF -- "${@: -1}" "$held" || { echo "no such image \"${@: -1}\" present" >&2; exit 1; } ;;
+  --version|version) echo "crictl version v1.26.0 (benchmark shim)" ;;
+  *) echo "benchmark crictl: unsupported: $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def install_sleep_crictl(node: Any, seconds: float) -> None:
+    """Replace the node's crictl with one whose pulls sleep ``seconds`` (see module doc)."""
+    held = node.workdir / "bench-held.txt"
+    held.write_text("")
+    crictl = node.bin_dir / "crictl"
+    crictl.write_text(_SLEEP_CRICTL.replace("@SECONDS@", repr(seconds)).replace("@HELD@", str(held)))
+    crictl.chmod(0o755)
+
+
+def set_held(node: Any, refs: list[str]) -> None:
+    (node.workdir / "bench-held.txt").write_text("".join(r + "\n" for r in refs))
+
+
+def ideal(missing_per_node: dict[str, int], pull_seconds: float, max_parallel: int = MAX_PARALLEL) -> float:
+    return max(math.ceil(n / max_parallel) for n in missing_per_node.values()) * pull_seconds
+
+
+def _one_run(d: Deployment, images: list[str], pull_seconds: float) -> dict[str, float]:
+    for node in d.cluster.nodes:
+        set_held(node, [])
+        clear_pull_log(node)
+    run, makespan = d.sync()
+    pulls = pull_intervals(d.cluster.nodes)
+    assert len(pulls) == len(images) * len(d.cluster.nodes), (len(pulls), run.counts)
+    sent = run.finished - makespan
+    best = ideal({n.name: len(images) for n in d.cluster.nodes}, pull_seconds)
+    return {
+        "makespan": makespan,
+        "ratio": makespan / best,
+        "first_pull": min(s for _, s, _ in pulls) - sent,
+        "last_pull_end": max(e for _, _, e in pulls) - sent,
+        "finished": makespan,
+    }
+
+
+def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Report,
+            whatif: str | None = None) -> Sample:
+    root = workdir("orch")
+    try:
+        with Deployment(root, nodes=NODES, whatif=whatif) as d:
+            for node in d.cluster.nodes:
+                install_sleep_crictl(node, pull_seconds)
+            images = [f"{d.cluster.registry_address}/bcm11/bench/img{i:04d}:1" for i in range(images_per_node)]
+            d.configure(images=images, max_parallel=MAX_PARALLEL, time_out=120)
+            progress(f"orchestration {NODES}x{images_per_node}: starting workers")
+            d.start_workers()
+            # warm-up: one pull per worker process, so every SSH connection is open, as on a
+            # deployment whose workers have been up for a while
+            for node in d.cluster.nodes:
+                set_held(node, images[MAX_PARALLEL:])
+            d.sync()
+            runs = []
+            for i in range(repeats):
+                progress(f"orchestration {NODES}x{images_per_node}: run {i + 1} of {repeats}")
+                runs.append(_one_run(d, images, pull_seconds))
+    finally:
+        remove_workdir(root)
+    best = ideal({f"n{i}": images_per_node for i in range(NODES)}, pull_seconds)
+    ratio = Sample.of(r["ratio"] for r in runs)
+    report.say(f"{NODES} nodes x {images_per_node} missing images, max_parallel={MAX_PARALLEL}, "
+               f"pull = {pull_seconds:g} s (sleeping crictl): ideal {best:.1f} s"
+               + (f"   [WHAT-IF {whatif}, not imagesync as shipped]" if whatif else ""))
+    report.say(f"  makespan        {Sample.of(r['makespan'] for r in runs).show('.2f', ' s')}")
+    report.say(f"  makespan/ideal  {ratio.show('.3f')}   target <= {TARGET}: {verdict(ratio.median <= TARGET)}")
+    report.say(f"  trigger -> first pull starts   {Sample.of(r['first_pull'] for r in runs).show('.3f', ' s')}")
+    tail = Sample.of(r["finished"] - r["last_pull_end"] for r in runs)
+    report.say(f"  last pull ends -> run finished {tail.show('.3f', ' s')}")
+    report.figure(f"{NODES}x{images_per_node}" + (f"_{whatif}" if whatif else ""),
+                  {"ratio": ratio.values, "ideal": best})
+    return ratio
+
+
+def measure_real(images_per_node: int, delay: float, report: Report) -> None:
+    """The same through real containerd and the Python crictl, with the proxy's ``delay``."""
+    root = workdir("orchr")
+    try:
+        with Deployment(root, nodes=NODES) as d:
+            refs = d.cluster.push_many([f"bcm11/bench/real{i:03d}:1" for i in range(images_per_node)])
+            d.configure(images=refs, max_parallel=MAX_PARALLEL, time_out=120)
+            progress(f"orchestration real {NODES}x{images_per_node}: starting workers")
+            d.start_workers()
+            d.cluster.proxy.delay(delay)
+            for node in d.cluster.nodes:
+                clear_pull_log(node)
+            run, makespan = d.sync()
+            pulls = pull_intervals(d.cluster.nodes)
+            durations = sorted(e - s for _, s, e in pulls)
+            pull = durations[len(durations) // 2]
+    finally:
+        remove_workdir(root)
+    best = ideal({f"n{i}": images_per_node for i in range(NODES)}, pull)
+    report.say(f"real containerd, Python crictl, proxy delay {delay:g} s: {NODES} x {images_per_node}, "
+               f"median pull {pull:.3f} s (crictl timestamps), ideal {best:.1f} s: makespan {makespan:.2f} s, "
+               f"ratio {makespan / best:.3f} (n=1; bounded by this machine's CPU, see README)")
+
+
+def run(report: Report, quick: bool = False) -> None:
+    measure(40, 1.0, 2 if quick else 5, report)
+    if not quick:
+        measure(200, 1.0, 2, report)
+        measure(40, 1.0, 3, report, whatif="no-holds-check")
+        measure_real(40, 1.0, report)

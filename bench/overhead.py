@@ -1,0 +1,182 @@
+"""Per-pull control overhead: imagesync against the seed's Bash pipeline.
+
+Two nodes each hold their own set of small real images and lack the other's;
+both approaches bring every node to the union, on the same cluster, taking
+turns with fresh image sets:
+
+* imagesync: ``imagesync sync --wait`` (the CLI, the control worker and one
+  worker per node, already running, as they are in production);
+* the seed: ``bench/seed_sync.sh`` (one ``ssh`` per command, ``crictl images
+  -o json | jq``, ``xargs -P MAX_PARALLEL ssh NODE timeout T crictl pull``).
+
+Overhead = wall time minus the pure pull time, per pull; the pure pull time
+is what the pulls alone need with every slot busy: max over nodes of the sum
+of the durations the node's crictl logged around its PullImage call, divided
+by max_parallel. A run with nothing to do shows each approach's fixed cost.
+Target: imagesync's at most a third of the pipeline's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .common import (
+    Deployment,
+    Report,
+    Sample,
+    clear_pull_log,
+    progress,
+    pull_intervals,
+    remove_workdir,
+    verdict,
+    workdir,
+)
+from .orchestration import install_sleep_crictl, set_held
+
+SCRIPT = Path(__file__).with_name("seed_sync.sh")
+NODES = 2
+PER_NODE = 20
+MAX_PARALLEL = 4
+TARGET = 1 / 3
+#: seconds a pull takes with the sleeping crictl
+SLEEP_PULL = 0.3
+
+
+def pure_pull_seconds(pulls: list[tuple[str, float, float]], max_parallel: int = MAX_PARALLEL) -> float:
+    """The time the pulls alone need, every slot busy: max over nodes of the
+    node's summed pull durations / max_parallel."""
+    per_node: dict[str, float] = {}
+    for node, start, end in pulls:
+        per_node[node] = per_node.get(node, 0.0) + (end - start)
+    return max(per_node.values()) / max_parallel
+
+
+def _images(d: Deployment, tag: str) -> dict[str, list[str]]:
+    return {node.name: [f"bcm11/bench/{tag}-{node.name}-{i:02d}:1" for i in range(PER_NODE)]
+            for node in d.cluster.nodes}
+
+
+def _seed(d: Deployment, tag: str, runtime: str) -> int:
+    """Give each node its own PER_NODE images; returns the pulls a sync needs.
+
+    ``real``: pushed, and pulled through the CRI beforehand; ``sleeping``:
+    listed by the sleeping crictl (see bench/orchestration.py).
+    """
+    images = _images(d, tag)
+    if runtime == "real":
+        d.cluster.seed(images)
+    else:
+        for node in d.cluster.nodes:
+            set_held(node, [d.cluster.ref(i) for i in images[node.name]])
+    for node in d.cluster.nodes:
+        clear_pull_log(node)
+    return PER_NODE * NODES * (NODES - 1)
+
+
+def _pulls(d: Deployment) -> list[tuple[str, float, float]]:
+    return pull_intervals(d.cluster.nodes)
+
+
+def _imagesync(d: Deployment, expected: int) -> dict[str, float]:
+    began = time.monotonic()
+    result = d.cli("sync", "--wait")
+    wall = time.monotonic() - began
+    if result.returncode != 0:
+        raise RuntimeError(f"imagesync sync failed:\n{result.stdout}\n{result.stderr}")
+    return _figures(d, wall, expected)
+
+
+def _bash(d: Deployment, expected: int) -> dict[str, float]:
+    config = d.cluster.config()
+    env = {
+        **os.environ,
+        "NODES": " ".join(f"{n.ssh_host}:{n.ssh_port}" for n in d.cluster.nodes),
+        "SSH_KEY": str(d.cluster.key_file),
+        "KNOWN_HOSTS": str(d.cluster.known_hosts),
+        "PREFIXES": " ".join(config["prefixes"]),
+        "MAX_PARALLEL": str(MAX_PARALLEL),
+        "TIME_OUT": str(config["time_out"]),
+        "LOG_DIR": str(d.root / "seed-logs"),
+    }
+    began = time.monotonic()
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - began
+    if result.returncode != 0:
+        raise RuntimeError(f"seed_sync.sh failed:\n{result.stderr}")
+    return _figures(d, wall, expected)
+
+
+def _figures(d: Deployment, wall: float, expected: int) -> dict[str, float]:
+    pulls = _pulls(d)
+    if len(pulls) != expected:
+        raise RuntimeError(f"expected {expected} pulls, the nodes logged {len(pulls)}")
+    pure = pure_pull_seconds(pulls) if pulls else 0.0
+    return {"wall": wall, "pure": pure, "pulls": len(pulls),
+            "pull_median": sorted(e - s for _, s, e in pulls)[len(pulls) // 2] if pulls else 0.0,
+            "overhead": (wall - pure) / max(1, len(pulls))}
+
+
+def measure(report: Report, runtime: str, repeats: int, whatif: str | None = None) -> None:
+    root = workdir("overhead")
+    results: dict[str, list[dict[str, float]]] = {"imagesync": [], "bash": []}
+    try:
+        with Deployment(root, nodes=NODES, whatif=whatif) as d:
+            if runtime == "sleeping":
+                for node in d.cluster.nodes:
+                    install_sleep_crictl(node, SLEEP_PULL)
+            d.configure(max_parallel=MAX_PARALLEL)
+            progress(f"overhead ({runtime}): starting workers")
+            d.start_workers()
+            # warm-up, as a deployment that has been up a while: connections open
+            _seed(d, "warm", runtime)
+            d.cli("sync", "--wait")
+            for node in d.cluster.nodes:
+                clear_pull_log(node)
+            idle: dict[str, list[float]] = {"imagesync": [], "bash": []}
+            for name, approach in (("imagesync", _imagesync), ("bash", _bash)):
+                for _ in range(2):
+                    idle[name].append(approach(d, 0)["wall"])
+            for i in range(repeats):
+                # alternate which goes first, so a slow spell of the machine hits both
+                order = [("imagesync", _imagesync), ("bash", _bash)]
+                for name, approach in order if i % 2 == 0 else order[::-1]:
+                    progress(f"overhead ({runtime}): run {i + 1} of {repeats}: {name}")
+                    expected = _seed(d, f"r{i}{name[0]}", runtime)
+                    results[name].append(approach(d, expected))
+    finally:
+        remove_workdir(root)
+    pulls = int(results["imagesync"][0]["pulls"])
+    what = ("real containerd, each crictl call a Python process of the test cluster (~0.15 CPU-s)"
+            if runtime == "real"
+            else f"the sleeping crictl, pull = {SLEEP_PULL:g} s (a runtime that costs nothing else)")
+    if whatif:
+        what += f"   [WHAT-IF {whatif}, not imagesync as shipped]"
+    report.say(f"{NODES} nodes each lacking the other's {PER_NODE} images ({pulls} pulls), "
+               f"max_parallel={MAX_PARALLEL}, {what}:")
+    for name, label in (("imagesync", "imagesync sync --wait"), ("bash", "seed's Bash pipeline")):
+        runs = results[name]
+        report.say(f"  {label:22s} wall {Sample.of(r['wall'] for r in runs).show('.2f', ' s')}, "
+                   f"pure pull {Sample.of(r['pure'] for r in runs).show('.2f', ' s')}, "
+                   f"overhead/pull {Sample.of(r['overhead'] * 1000 for r in runs).show('.0f', ' ms')}")
+    report.say("  fixed cost (a run with nothing to pull): "
+               f"imagesync {Sample.of(idle['imagesync']).show('.2f', ' s')}, "
+               f"Bash {Sample.of(idle['bash']).show('.2f', ' s')}")
+    pairs = list(zip(results["imagesync"], results["bash"], strict=True))
+    ratios = Sample.of(a["overhead"] / b["overhead"] for a, b in pairs)
+    walls = Sample.of(a["wall"] / b["wall"] for a, b in pairs)
+    report.say(f"  wall time imagesync/Bash  {walls.show('.2f')}")
+    report.say(f"  overhead imagesync/Bash   {ratios.show('.2f')}   target <= 0.33: {verdict(ratios.median <= TARGET)}")
+    report.figure(f"overhead_{runtime}" + (f"_{whatif}" if whatif else ""), results)
+
+
+def run(report: Report, quick: bool = False) -> None:
+    if shutil.which("jq") is None:
+        raise SystemExit("bench overhead: the seed's pipeline needs jq: apt-get install jq")
+    measure(report, "sleeping", 2 if quick else 4)
+    measure(report, "real", 2 if quick else 3)
+    if not quick:
+        measure(report, "real", 3, whatif="no-holds-check")
