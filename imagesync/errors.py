@@ -7,7 +7,6 @@ sees one tree and every message can be shown to an operator as it is::
     ImagesyncError
     ├── ConfigError                 the configuration is invalid (all problems listed)
     ├── RefusedReference            an image name fails the OCI reference grammar
-    ├── LockHeld                    another run holds the single-run lock
     └── NodeError                   something went wrong with one node
         ├── NodeUnreachable         TCP/SSH connection failed or dropped
         ├── AuthenticationFailed    the node refused our key
@@ -42,14 +41,6 @@ class RefusedReference(ImagesyncError):
         self.reference = reference
         self.reason = reason
         super().__init__(f"refused image reference {reference!r}: {reason}")
-
-
-class LockHeld(ImagesyncError):
-    """Another run holds the single-run lock."""
-
-    def __init__(self, holder: str | None) -> None:
-        self.holder = holder
-        super().__init__(f"already running: run {holder} holds the lock")
 
 
 class NodeError(ImagesyncError):

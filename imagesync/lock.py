@@ -47,9 +47,6 @@ class RunLock:
         value = self.redis.get(self.key)
         return value.decode() if isinstance(value, bytes) else value
 
-    def seconds_left(self) -> int:
-        return max(0, int(self.redis.ttl(self.key)))
-
     def renew(self, run_id: str) -> bool:
         """Extend the lock by its TTL, if ``run_id`` still holds it."""
         return bool(self._renew(keys=[self.key], args=[run_id, self.ttl]))

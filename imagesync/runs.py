@@ -262,10 +262,6 @@ class RunStore:
         runs = (self.get(run_id, with_results=False) for run_id in ids)
         return [run for run in runs if run is not None]
 
-    def latest(self) -> Run | None:
-        runs = self.recent(1)
-        return runs[0] if runs else None
-
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value

@@ -100,7 +100,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "cluster.json").unlink(missing_ok=True)
     log = directory / "serve.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    path = filter(None, [str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH")])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "imagesync.cluster", "serve", "--dir", str(directory),

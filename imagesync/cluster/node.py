@@ -376,7 +376,8 @@ SetEnv {env}
         with self.image_client() as client:
             client.remove(ref)
 
-    def run(self, argv: Sequence[str] | str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str] | str, check: bool = True,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run a command locally with the environment an SSH session on this node gets."""
         if isinstance(argv, str):
             argv = ["/bin/sh", "-c", argv]
