@@ -85,6 +85,32 @@ def retry_if_port_taken(start: Callable[[], None], move: Callable[[], None], att
             move()
 
 
+def start_server(name: str, argv: Callable[[], Sequence[str]], log_path: Path,
+                 ready: Callable[[ServerProcess], bool],
+                 timeout: float, port_fixed: bool, move: Callable[[], None]) -> ServerProcess:
+    """Start a server on its port and wait until ``ready``; if someone took the port
+    first (and it was not fixed by the caller), ``move`` to another and try again.
+    ``argv`` is called for each try, so that it can name the current port; ``ready``
+    is given the process, so that it can tell its own server from a squatter."""
+    started: list[ServerProcess] = []
+
+    def launch() -> None:
+        process = ServerProcess(name, argv(), log_path)
+        process.start()
+        try:
+            process.wait_ready(lambda: ready(process), timeout)
+        except Exception:
+            process.stop()
+            raise
+        started.append(process)
+
+    if port_fixed:
+        launch()
+    else:
+        retry_if_port_taken(launch, move)
+    return started[-1]
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import redis
 
-from .process import ServerProcess, free_port, retry_if_port_taken
+from .process import ServerProcess, free_port, start_server
 
 
 class RedisServer:
@@ -62,29 +62,18 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-        def launch() -> None:
-            self._process = ServerProcess("redis-server", self._argv(), self.workdir / "redis.log")
-            self._process.start()
-            try:
-                self._process.wait_ready(self._ping, timeout)
-            except Exception:
-                self._process.stop()
-                raise
-
-        if self._port_fixed:
-            launch()
-        else:
-            retry_if_port_taken(launch, self._move)
-            self._port_fixed = True
+        self._process = start_server("redis-server", self._argv, self.workdir / "redis.log", self._ping,
+                                     timeout, self._port_fixed, self._move)
+        self._port_fixed = True
         return self
 
     def _move(self) -> None:
         self.port = free_port()
 
-    def _ping(self) -> bool:
+    def _ping(self, process: ServerProcess) -> bool:
         # our server, not one that took the port first (and that may never answer)
         with redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1) as c:
-            return bool(c.info("server")["process_id"] == self.pid)
+            return bool(c.info("server")["process_id"] == process.pid)
 
     def stop(self) -> None:
         """SIGTERM: redis flushes the AOF and exits."""

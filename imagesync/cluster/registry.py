@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .image import MANIFEST_TYPE, Blob, build_image
-from .process import ClusterError, ServerProcess, free_port, retry_if_port_taken
+from .process import ClusterError, ServerProcess, free_port, start_server
 
 
 class RegistryError(ClusterError):
@@ -80,22 +80,10 @@ class Registry:
     def start(self, timeout: float = 15.0) -> Registry:
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-        def launch() -> None:
-            config = self._write_config()
-            self._process = ServerProcess("docker-registry", ["docker-registry", "serve", str(config)],
-                                          self.workdir / "registry.log")
-            self._process.start()
-            try:
-                self._process.wait_ready(self._answers, timeout)
-            except Exception:
-                self._process.stop()
-                raise
-
-        if self._port_fixed:
-            launch()
-        else:
-            retry_if_port_taken(launch, self._move)
-            self._port_fixed = True
+        self._process = start_server(
+            "docker-registry", lambda: ["docker-registry", "serve", str(self._write_config())],
+            self.workdir / "registry.log", lambda _: self._answers(), timeout, self._port_fixed, self._move)
+        self._port_fixed = True
         return self
 
     def _answers(self) -> bool:
