@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     about = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in about.items()), flush=True)
-    from imagesync.cluster import ensure_system_packages
+    from testcluster import ensure_system_packages
 
     ensure_system_packages()
     reports = []

@@ -172,8 +172,8 @@ class Deployment:
     """
 
     def __init__(self, root: Path, nodes: int = 2, runtime: str = "crictl", whatif: str | None = None) -> None:
-        from imagesync.cluster.cluster import Cluster
-        from imagesync.cluster.services import Services
+        from testcluster.cluster import Cluster
+        from testcluster.services import Services
 
         self.root = root
         self.cluster = Cluster(root / "cluster", nodes=nodes, runtime=runtime)

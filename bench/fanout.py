@@ -28,7 +28,7 @@ IMAGES_PER_NODE = 2000
 
 
 def _config(root: Path, redis_url: str, nodes: int) -> Path:
-    from imagesync.cluster.cluster import toml_dumps
+    from testcluster.cluster import toml_dumps
 
     from .synthetic import PREFIXES
 
@@ -193,7 +193,7 @@ def _say_child(report: Report, nodes: int, runs: list[dict[str, Any]]) -> None:
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from imagesync.cluster.redis import RedisServer
+    from testcluster.redis import RedisServer
 
     root = workdir("fanout")
     try:

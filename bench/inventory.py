@@ -62,8 +62,8 @@ def _measure(settings: Any, repeats: int, cold: bool) -> list[dict[str, float]]:
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from imagesync.cluster.cluster import Cluster
     from imagesync.config import load_settings
+    from testcluster.cluster import Cluster
 
     root = workdir("inventory")
     cores = os.cpu_count() or 1

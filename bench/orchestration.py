@@ -165,5 +165,5 @@ def run(report: Report, quick: bool = False) -> None:
     measure(40, 1.0, 2 if quick else 5, report)
     if not quick:
         measure(200, 1.0, 2, report)
-        measure(40, 1.0, 3, report, whatif="no-holds-check")
+        measure(40, 1.0, 3, report, whatif="always-check")
         measure_real(40, 1.0, report)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.schedules import crontab
 
 from . import runtimes
 from .pulls import SSH_GRACE
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 CONTROL_QUEUE = "imagesync"
 #: seconds the sync task may take: inventory (bounded by its own timeout) and fan-out
@@ -17,18 +20,22 @@ SYNC_TIME_LIMIT = 900
 FINALIZE_EVERY = 30.0
 
 
+#: every node's queue is this, then the node's name
+NODE_QUEUE_PREFIX = "node."
+
+
 def node_queue(node: str) -> str:
     """Each node has its own queue, served by that node's worker alone."""
-    return f"node.{node}"
+    return f"{NODE_QUEUE_PREFIX}{node}"
 
 
-def pull_time_limits(settings) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def pull_time_limits(settings: Settings) -> tuple[int, int]:
     """(soft, hard) limits of a pull task: after the node-side timeout and the SSH grace."""
     soft = settings.time_out + runtimes.KILL_AFTER + SSH_GRACE + 5
     return soft, soft + 15
 
 
-def schedule_of(settings):  # type: ignore[no-untyped-def]
+def schedule_of(settings: Settings):
     if isinstance(settings.schedule, int):
         return float(settings.schedule)
     minute, hour, day_of_month, month_of_year, day_of_week = settings.schedule.split()
@@ -36,7 +43,7 @@ def schedule_of(settings):  # type: ignore[no-untyped-def]
                    month_of_year=month_of_year, day_of_week=day_of_week)
 
 
-def celery_settings(settings) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def celery_settings(settings: Settings) -> dict[str, Any]:
     _, hard = pull_time_limits(settings)
     # The Redis transport redelivers any message unacknowledged for this long;
     # it must exceed the longest pull (plus a retry's countdown) or a long pull

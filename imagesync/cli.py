@@ -19,8 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import logs, runtimes
-from .config import load_settings, mask_url
+from .config import Node, Settings, load_settings, mask_url
 from .errors import ConfigError, ImagesyncError, NodeError
+from .plan import Plan
+from .runs import Run
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
 
@@ -104,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     return load_settings()
 
 
-def _redis(settings):  # type: ignore[no-untyped-def]
+def _redis(settings: Settings):
     from redis import Redis
     from redis.exceptions import RedisError
 
@@ -122,7 +124,7 @@ def _redis(settings):  # type: ignore[no-untyped-def]
     return client
 
 
-def cmd_config(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings()
     table = Table(title=f"imagesync configuration ({settings.path or 'defaults'})")
     for column in ("key", "value", "from"):
@@ -134,7 +136,7 @@ def cmd_config(args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_OK
 
 
-def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_check(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from .inventory import list_images, runtime_missing
@@ -143,7 +145,7 @@ def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
     settings = _settings()
     out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes)")
 
-    def probe(node):  # type: ignore[no-untyped-def]
+    def probe(node: Node):
         row = {"node": node.name, "address": f"{node.host}:{node.port}" if node.transport == "ssh" else "local",
                "ssh": "-", "runtime": "-", "images": "-", "detail": ""}
         runtime = runtimes.for_node(node)
@@ -183,7 +185,7 @@ def cmd_check(args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_OK
 
 
-def cmd_plan(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_plan(args: argparse.Namespace) -> int:
     from .sync import plan_now
 
     settings = _settings()
@@ -208,7 +210,7 @@ def cmd_plan(args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_OK
 
 
-def _print_notes(plan) -> None:  # type: ignore[no-untyped-def]
+def _print_notes(plan: Plan) -> None:
     for node, reason in plan.skipped.items():
         say(f"skipped {node}: {reason}")
     for drift in plan.drift:
@@ -218,7 +220,7 @@ def _print_notes(plan) -> None:  # type: ignore[no-untyped-def]
         say(f"refused image name from {refusal.node}: {refusal.reference!r} ({refusal.reason})")
 
 
-def cmd_status(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_status(args: argparse.Namespace) -> int:
     from .sync import plan_now
 
     settings = _settings()
@@ -232,7 +234,7 @@ def cmd_status(args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_OK
 
 
-def status_table(plan) -> Table:  # type: ignore[no-untyped-def]
+def status_table(plan: Plan) -> Table:
     """Images down, nodes across; a cell shows the digest a node holds, or that it lacks the image."""
     drifted = {d.reference for d in plan.drift}
     table = Table(title=f"{len(plan.wanted)} images x {len(plan.nodes)} nodes")
@@ -256,7 +258,7 @@ def status_table(plan) -> Table:  # type: ignore[no-untyped-def]
     return table
 
 
-def cmd_sync(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_sync(args: argparse.Namespace) -> int:
     settings = _settings()
     for name in args.node or ():
         settings.node(name)
@@ -280,14 +282,21 @@ def cmd_sync(args) -> int:  # type: ignore[no-untyped-def]
     if started["status"] == "already-running":
         say(f"imagesync: {started['message']}")
         return EXIT_RUNNING
-    out.print(started["message"])
+    missed = started.get("missed") or {}
+    if missed:
+        say(f"imagesync: {started['message']}: bring those nodes back and sync again")
+    else:
+        out.print(started["message"])
+    if started["status"] == "nothing-to-do":
+        return EXIT_FAILED if missed else EXIT_OK
     if not args.wait:
         out.print(f"follow it with: imagesync history {started['run']}")
-        return EXIT_OK
-    return follow(settings, redis, started["run"])
+        return EXIT_FAILED if missed else EXIT_OK
+    code = follow(settings, redis, started["run"])
+    return EXIT_FAILED if missed else code
 
 
-def follow(settings, redis, run_id: str) -> int:  # type: ignore[no-untyped-def]
+def follow(settings: Settings, redis, run_id: str) -> int:
     """Show a progress bar until the run ends, then its summary; non-zero if any pull failed."""
     from .sync import run_store
 
@@ -314,7 +323,7 @@ def follow(settings, redis, run_id: str) -> int:  # type: ignore[no-untyped-def]
     return EXIT_OK if run.status == "completed" and not run.failures else EXIT_FAILED
 
 
-def print_run(run) -> None:  # type: ignore[no-untyped-def]
+def print_run(run: Run) -> None:
     from .runs import summary_lines
 
     lines = summary_lines(run)
@@ -323,7 +332,7 @@ def print_run(run) -> None:  # type: ignore[no-untyped-def]
         out.print("  " + line.split(": ", 1)[1], markup=False)
 
 
-def cmd_history(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_history(args: argparse.Namespace) -> int:
     from .sync import run_store
 
     settings = _settings()
@@ -352,7 +361,7 @@ def cmd_history(args) -> int:  # type: ignore[no-untyped-def]
     return EXIT_OK
 
 
-def cmd_worker(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_worker(args: argparse.Namespace) -> int:
     from .celeryconfig import CONTROL_QUEUE, node_queue
 
     settings = _settings()
@@ -367,7 +376,7 @@ def cmd_worker(args) -> int:  # type: ignore[no-untyped-def]
     return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
 
 
-def cmd_beat(args) -> int:  # type: ignore[no-untyped-def]
+def cmd_beat(args: argparse.Namespace) -> int:
     settings = _settings()
     logs.check_log_dir(settings.log_dir)
     extra = [a for a in args.celery_args if a != "--"]

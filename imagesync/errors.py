@@ -89,3 +89,9 @@ class PullFailed(NodeError):
         self.reason = reason
         self.transient = transient
         super().__init__(node, f"pull of {image} failed: {reason}")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, cut to ``limit`` characters, for a log line or a run record."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

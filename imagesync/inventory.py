@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import runtimes
-from .errors import NodeError, RuntimeMissing
+from .errors import NodeError, RuntimeMissing, one_line
 from .runtimes import COMMAND_NOT_FOUND, Image
 from .transport import transport_for
+
+if TYPE_CHECKING:
+    from .config import Node, Settings
 
 #: seconds a node may take to list its images
 LIST_TIMEOUT = 60.0
@@ -51,7 +55,7 @@ def runtime_missing(node: str, runtime: str) -> RuntimeMissing:
     )
 
 
-def list_images(settings, node) -> list[Image]:  # type: ignore[no-untyped-def]
+def list_images(settings: Settings, node: Node) -> list[Image]:
     """The images ``node`` holds, as its runtime reports them."""
     runtime = runtimes.for_node(node)
     result = transport_for(settings, node).run(runtime.list_command(), timeout=LIST_TIMEOUT)
@@ -66,18 +70,22 @@ def list_images(settings, node) -> list[Image]:  # type: ignore[no-untyped-def]
         raise NodeError(node.name, str(exc)) from exc
 
 
-def take_inventory(settings, nodes: Iterable | None = None) -> Inventory:  # type: ignore[no-untyped-def]
+def take_inventory(settings: Settings, nodes: Iterable | None = None) -> Inventory:
     """List images on ``nodes`` (all configured nodes by default) in parallel."""
     nodes = list(settings.nodes if nodes is None else nodes)
     inventory = Inventory()
     if not nodes:
         return inventory
 
-    def one(node):  # type: ignore[no-untyped-def]
+    def one(node: Node):
         try:
             return node.name, list_images(settings, node), None
         except NodeError as exc:
             return node.name, None, exc
+        except Exception as exc:
+            # Whatever went wrong with one node skips that node, never the run.
+            reason = f"unexpected error listing images on {node.name}: {type(exc).__name__}: {one_line(str(exc))}"
+            return node.name, None, NodeError(node.name, reason)
 
     with ThreadPoolExecutor(max_workers=min(len(nodes), MAX_THREADS)) as pool:
         for name, images, error in pool.map(one, nodes):

@@ -18,8 +18,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .runs import Outcome
 
 MAIN_LOG = "image-sync.log"
 SUCCESS_LOG = "success_images.log"
@@ -53,6 +57,11 @@ class DailyFileHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             append(self.log_dir, self.name_, self.format(record), record.created)
+        except OSError as exc:
+            # Not a traceback per line on a full disk: one error, through the
+            # other handlers (stderr, the journal).
+            if record.name != "imagesync" or not record.getMessage().startswith("log_dir:"):
+                report_unwritable(self.log_dir, exc)
         except Exception:
             self.handleError(record)
 
@@ -94,7 +103,23 @@ def setup(log_dir: Path | None, level: int = logging.INFO, stderr: bool = True) 
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def record_pull(log_dir: Path, run_id: str, outcome) -> None:  # type: ignore[no-untyped-def]
+_unwritable: set[str] = set()
+
+
+def report_unwritable(log_dir: Path, error: OSError) -> None:
+    """Say once per process and folder, loudly, that pull lines cannot be written.
+
+    The outcome itself is safe in the run record (``imagesync history``).
+    """
+    if str(log_dir) in _unwritable:
+        return
+    _unwritable.add(str(log_dir))
+    logging.getLogger("imagesync").error(
+        "log_dir: cannot write pull lines to %s (%s): outcomes are kept in Redis (imagesync history); "
+        "free space or fix the folder's permissions", log_dir, error.strerror or error)
+
+
+def record_pull(log_dir: Path, run_id: str, outcome: Outcome) -> None:
     """One line in success_images.log or failed_images.log for a finished pull."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(outcome.finished))
     line = (

@@ -179,10 +179,17 @@ def make_plan(
 
     chosen = set(per_node) if targets is None else set(targets) & set(per_node)
     nodes = sorted(chosen)
-    missing = {
-        node: sorted(ref for ref in wanted if ref not in per_node[node].references)
-        for node in nodes
-    }
+    pinned = {ref: _repo_digest(ref) for ref in wanted if "@" in ref}
+    missing = {}
+    for node in nodes:
+        held = per_node[node].references
+        # a digest reference is held when the node holds that digest under any
+        # name of the repository: tagged, untagged, or pinned
+        by_digest = {pin for ref, digest in held.items() if digest for pin in [_repo_digest(ref, digest)]}
+        missing[node] = sorted(
+            ref for ref in wanted
+            if ref not in held and not (ref in pinned and pinned[ref] in by_digest)
+        )
     return Plan(
         nodes=nodes,
         skipped=dict(sorted((unreachable or {}).items())),
@@ -192,6 +199,12 @@ def make_plan(
         drift=find_drift(per_node.values()),
         refused=refused,
     )
+
+
+def _repo_digest(ref: str, digest: str | None = None) -> tuple[str, str | None]:
+    """(repository, digest) of a normalized reference: its own digest, or the one given."""
+    parsed = references.parse(ref)
+    return parsed.repository, parsed.digest or digest
 
 
 def find_drift(per_node: Iterable[Holdings]) -> list[Drift]:

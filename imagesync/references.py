@@ -145,10 +145,38 @@ def is_valid(text: str) -> bool:
 
 
 def validate_prefix(prefix: str) -> str:
-    """Check a configured prefix (a registry, or a registry plus path) and return it."""
+    """Check a configured prefix (a registry, or a registry plus path) and return it normalized.
+
+    Normalized as references are, so that it can match what a runtime reports:
+    the registry host in lower case, ``index.docker.io`` as ``docker.io``, and
+    ``library/nginx`` as ``docker.io/library/nginx``. A prefix that could never
+    match a reference is refused, with the reason and, where there is one, the
+    prefix that was probably meant.
+    """
     prefix = prefix.strip().rstrip("/")
+    if "://" in prefix:
+        bare = prefix.split("://", 1)[1].rstrip("/")
+        raise _refuse(prefix, f"a prefix names a registry, not a URL: did you mean {bare}?")
+    first, _, rest = prefix.partition("/")
+    if _looks_like_domain(first) and not first.startswith("["):
+        domain = first.lower()
+        if domain in LEGACY_DOMAINS:
+            domain = DEFAULT_DOMAIN
+        prefix = f"{domain}/{rest}" if rest else domain
+    last = prefix.rsplit("/", 1)[-1]
+    tagged = ":" in last and ("/" in prefix or not last.rsplit(":", 1)[1].isdigit())
+    if "@" in last or tagged:
+        meant = prefix.split("@", 1)[0]
+        meant = meant.rsplit(":", 1)[0] if ":" in meant.rsplit("/", 1)[-1] and tagged else meant
+        raise _refuse(prefix, f"a prefix names a registry or repository, not a tag or digest: did you mean {meant}?")
+    path = rest if _looks_like_domain(first) else prefix
+    if path and not _is_lowercase_path(path):
+        fixed = prefix[: len(prefix) - len(path)] + path.lower()
+        raise _refuse(prefix, f"repository paths are lowercase, so this matches nothing: did you mean {fixed}?")
     if not prefix or not prefix.isascii() or _PREFIX.fullmatch(prefix) is None:
         raise _refuse(prefix, "not a registry host or repository path")
+    if not _looks_like_domain(first) and prefix.startswith(OFFICIAL_REPO_PREFIX):
+        prefix = f"{DEFAULT_DOMAIN}/{prefix}"
     return prefix
 
 
@@ -161,10 +189,19 @@ def matches_prefix(ref: Reference, prefix: str) -> bool:
     ``bcm11/app`` and ``docker.io/bcm11/app``; a prefix naming a whole
     repository also matches it (``nvcr.io/nvidia/pytorch``).
     """
-    for name in (ref.repository, _familiar_repository(ref)):
-        if name == prefix or name.startswith(prefix + "/"):
+    # Registry hosts are case-insensitive; prefixes come normalized from
+    # validate_prefix, but a runtime may report a host as it was typed.
+    for name in (ref.repository.lower(), _familiar_repository(ref), _hub_short(ref)):
+        if name and (name == prefix or name.startswith(prefix + "/")):
             return True
     return False
+
+
+def _hub_short(ref: Reference) -> str:
+    """``docker.io/nginx`` for ``docker.io/library/nginx``: how a prefix may name an official image."""
+    if ref.domain == DEFAULT_DOMAIN and ref.path.startswith(OFFICIAL_REPO_PREFIX):
+        return f"{DEFAULT_DOMAIN}/{ref.path.removeprefix(OFFICIAL_REPO_PREFIX)}"
+    return ""
 
 
 def _familiar_repository(ref: Reference) -> str:

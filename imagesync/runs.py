@@ -30,33 +30,75 @@ FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped
 OUTCOMES = (PULLED, PRESENT, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
 SUCCESSES = (PULLED, PRESENT)
 
+# The time inside a script is Redis's own (TIME), unless a caller passes one
+# (tests), so that the clocks of the hosts never decide staleness. Scripts that
+# read TIME and then write need effects replication (the default from Redis 7).
+_NOW = """
+if redis.replicate_commands then redis.replicate_commands() end
+local function now(given)
+    if given and given ~= '' then return tonumber(given) end
+    local t = redis.call('TIME')
+    return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
 # A pull reports; returns -1 unknown run, 0 duplicate, 1 recorded,
 # 2 recorded and the run is now complete (lock released), 3 late report.
-_RECORD = """
+# A script whose reply was lost is run again by redis-py's retry with the same
+# arguments: that re-run answers what the first run answered (the outcome JSON,
+# stamped with its finishing time, tells a re-run from a second delivery).
+_RECORD = _NOW + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then return 0 end
+if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
+    if redis.call('HGET', KEYS[3], ARGV[2]) ~= ARGV[3] then return 0 end
+    if redis.call('HGET', KEYS[1], 'completed_by') == ARGV[2] then return 2 end
+    if redis.call('HGET', KEYS[1], 'status') == 'running' then return 1 end
+    return 3
+end
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[4], 1)
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 3 end
-redis.call('HSET', KEYS[1], 'last_progress', ARGV[5])
+local t = now(ARGV[5])
+redis.call('HSET', KEYS[1], 'last_progress', string.format('%.6f', t))
 if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expected')) then
-    redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', ARGV[5])
+    redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', string.format('%.6f', t), 'completed_by', ARGV[2])
     redis.call('ZREM', KEYS[4], ARGV[1])
     if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
     return 2
 end
-redis.call('ZADD', KEYS[4], tonumber(ARGV[5]) + tonumber(ARGV[6]), ARGV[1])
+redis.call('ZADD', KEYS[4], t + tonumber(ARGV[6]), ARGV[1])
 if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
 return 1
 """
 
-# Mark a stuck run abandoned; returns 1 if this call did it.
-_ABANDON = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+# A pull still working for a run (a retry): counts as progress, as a report
+# does. Returns 1 if the run is running and was touched.
+_TOUCH = _NOW + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local t = now(ARGV[4])
+redis.call('HSET', KEYS[1], 'last_progress', string.format('%.6f', t))
+redis.call('ZADD', KEYS[2], t + tonumber(ARGV[2]), ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+return 1
+"""
+
+# Mark a run abandoned; returns 1 if this call did it (a re-run of the same
+# call, same token, answers 1 again). Unless forced, the run must still be
+# stale at this instant: a pull that reported since it was found stale saves it.
+_ABANDON = _NOW + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'abandoned' and redis.call('HGET', KEYS[1], 'abandon_token') == ARGV[4] then return 1 end
+if status ~= 'running' then
     redis.call('ZREM', KEYS[2], ARGV[1])
     return 0
 end
-redis.call('HSET', KEYS[1], 'status', 'abandoned', 'finished', ARGV[2], 'reason', ARGV[3])
+local t = now(ARGV[2])
+if ARGV[5] ~= 'force' then
+    local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
+    if deadline and tonumber(deadline) > t then return 0 end
+end
+redis.call('HSET', KEYS[1], 'status', 'abandoned', 'finished', string.format('%.6f', t), 'reason', ARGV[3],
+           'abandon_token', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
@@ -150,6 +192,7 @@ class RunStore:
         self.history = int(history)
         self._record = redis.register_script(_RECORD)
         self._abandon = redis.register_script(_ABANDON)
+        self._touch = redis.register_script(_TOUCH)
 
     def create(
         self,
@@ -164,7 +207,7 @@ class RunStore:
         now: float | None = None,
     ) -> bool:
         """Record a new run; returns True if it expects no pulls and is already complete."""
-        now = now or time.time()
+        now = now or self.now()
         per_node = Counter(node for node, _ in pulls)
         complete = not pulls
         record: dict[Any, Any] = {
@@ -208,24 +251,44 @@ class RunStore:
                 keys=[keys.run(run_id), keys.run_done(run_id), keys.run_results(run_id),
                       keys.ACTIVE, keys.LOCK],
                 args=[run_id, pull_key(outcome.node, outcome.image), outcome.to_json(),
-                      outcome.status, repr(time.time()), self.stale_after, self.lock_ttl],
+                      outcome.status, "", self.stale_after, self.lock_ttl],
             )
         )
 
     def status(self, run_id: str) -> str | None:
         return _text(self.redis.hget(keys.run(run_id), "status"))
 
+    def state(self, run_id: str) -> tuple[str | None, float | None]:
+        """The run's status and when it started (None, None for an unknown run)."""
+        status, started = self.redis.hmget(keys.run(run_id), ["status", "started"])
+        return _text(status), float(started) if started else None
+
+    def touch(self, run_id: str, now: float | None = None) -> bool:
+        """Count a sign of life of a pull (a retry) as progress: the run is not
+        stale, and its lock is renewed. False if the run is no longer running."""
+        return bool(self._touch(keys=[keys.run(run_id), keys.ACTIVE, keys.LOCK],
+                                args=[run_id, self.stale_after, self.lock_ttl, _given(now)]))
+
+    def now(self) -> float:
+        """Redis's clock: the one clock every host of a deployment shares."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
     def stale(self, now: float | None = None) -> list[str]:
         """Runs in progress that have made no progress for ``stale_after`` seconds."""
-        now = now or time.time()
+        now = now or self.now()
         return [_text(r) for r in self.redis.zrangebyscore(keys.ACTIVE, "-inf", now)]
 
-    def abandon(self, run_id: str, reason: str, now: float | None = None) -> bool:
-        """Mark a run abandoned and release its lock; True if this call did it."""
+    def abandon(self, run_id: str, reason: str, now: float | None = None, force: bool = False) -> bool:
+        """Mark a run abandoned and release its lock; True if this call did it.
+
+        Unless ``force``, only a run that is still stale at this instant: the
+        check and the change are one atomic step.
+        """
         return bool(
             self._abandon(
                 keys=[keys.run(run_id), keys.ACTIVE, keys.LOCK],
-                args=[run_id, repr(now or time.time()), reason],
+                args=[run_id, _given(now), reason, secrets.token_hex(8), "force" if force else ""],
             )
         )
 
@@ -261,6 +324,11 @@ class RunStore:
         ids = [_text(r) for r in self.redis.lrange(keys.HISTORY, 0, limit - 1)]
         runs = (self.get(run_id, with_results=False) for run_id in ids)
         return [run for run in runs if run is not None]
+
+
+def _given(now: float | None) -> str:
+    """A time for a script: empty means Redis's own clock."""
+    return "" if now is None else repr(now)
 
 
 def _text(value: Any) -> Any:

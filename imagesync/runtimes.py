@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import references
 
 if TYPE_CHECKING:
+    from .config import Node
     from .transport import CommandResult
 
 #: seconds between timeout's TERM and its KILL of a pull that ignores TERM
@@ -65,17 +66,34 @@ class Runtime(Protocol):
 
     def parse_list(self, output: str) -> list[Image]: ...
 
-    def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand: ...
+    def pull_command(
+        self, reference: str, time_out: int, login: Login | None = None, check: bool = False
+    ) -> PullCommand: ...
 
     def version_command(self) -> str: ...
 
-    def presence_command(self, reference: str) -> str: ...
 
-    def is_present(self, result: CommandResult) -> bool: ...
+#: what a checked pull prints instead of pulling when the node already holds the image
+PRESENT_MARKER = "imagesync: already present"
 
 
-def _pull_under_timeout(command: str, time_out: int) -> PullCommand:
-    return PullCommand(f"timeout -k {KILL_AFTER} {int(time_out)} {command}", int(time_out))
+def _pull_under_timeout(pull: str, time_out: int, presence_test: str | None = None) -> PullCommand:
+    """``pull`` under the node's ``timeout``; with ``presence_test``, one command that
+    asks first and pulls only if the answer is no.
+
+    The question and the pull share one SSH round trip and one time budget, so
+    the task's time limits cover the whole of it. ``exec`` makes the pull the
+    process that ``timeout`` signals.
+    """
+    if presence_test is not None:
+        script = f"if {presence_test}; then echo {shlex.quote(PRESENT_MARKER)}; exit 0; fi; exec {pull}"
+        pull = f"sh -c {shlex.quote(script)}"
+    return PullCommand(f"timeout -k {KILL_AFTER} {int(time_out)} {pull}", int(time_out))
+
+
+def found_present(result: CommandResult) -> bool:
+    """Whether a checked pull found the image already there (and pulled nothing)."""
+    return result.ok and PRESENT_MARKER in result.stdout
 
 
 def _checked(reference: str) -> str:
@@ -102,16 +120,15 @@ class Crictl:
     def version_command(self) -> str:
         return f"{self._base()} --version"
 
-    def presence_command(self, reference: str) -> str:
-        """Asks about one image (the CRI's ImageStatus): exit 0 only if the node holds it."""
-        return f"{self._base()} inspecti -q {_checked(reference)}"
-
-    def is_present(self, result: CommandResult) -> bool:
-        return result.ok
-
-    def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand:
+    def pull_command(
+        self, reference: str, time_out: int, login: Login | None = None, check: bool = False
+    ) -> PullCommand:
+        """``crictl pull``; with ``check``, first the CRI's ImageStatus (``inspecti``),
+        which exits 0 only if the node holds the image."""
         creds = f" --creds {shlex.quote(':'.join(login))}" if login else ""
-        return _pull_under_timeout(f"{self._base()} pull{creds} {_checked(reference)}", time_out)
+        ref = _checked(reference)
+        presence = f"{self._base()} inspecti -q {ref} >/dev/null 2>&1" if check else None
+        return _pull_under_timeout(f"{self._base()} pull{creds} {ref}", time_out, presence)
 
     def parse_list(self, output: str) -> list[Image]:
         """Parse ``crictl images -o json``."""
@@ -155,20 +172,19 @@ class Ctr:
     def version_command(self) -> str:
         return "ctr --version"
 
-    def presence_command(self, reference: str) -> str:
-        """Lists the one reference: a line if the node holds it, nothing if not."""
-        references.parse(reference)
-        return f"{self._base()} images ls -q {shlex.quote('name==' + reference)}"
-
-    def is_present(self, result: CommandResult) -> bool:
-        return result.ok and bool(result.stdout.strip())
-
-    def pull_command(self, reference: str, time_out: int, login: Login | None = None) -> PullCommand:
+    def pull_command(
+        self, reference: str, time_out: int, login: Login | None = None, check: bool = False
+    ) -> PullCommand:
+        """``ctr images pull``; with ``check``, first ``ctr images ls -q name==REF``,
+        which prints the reference only if the node holds it."""
         hosts = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""
         user = f" --user {shlex.quote(':'.join(login))}" if login else ""
-        return _pull_under_timeout(
-            f"{self._base()} images pull{hosts}{user} {_checked(reference)}", time_out
-        )
+        ref = _checked(reference)
+        presence = None
+        if check:
+            listing = f"{self._base()} images ls -q {shlex.quote('name==' + reference)} 2>/dev/null"
+            presence = f'[ -n "$({listing})" ]'
+        return _pull_under_timeout(f"{self._base()} images pull{hosts}{user} {ref}", time_out, presence)
 
     def parse_list(self, output: str) -> list[Image]:
         """Parse ``ctr images ls``: one row per reference, grouped here by manifest digest.
@@ -220,7 +236,7 @@ def _int(value: object) -> int:
         return 0
 
 
-def for_node(node) -> Runtime:  # type: ignore[no-untyped-def]
+def for_node(node: Node) -> Runtime:
     """The runtime adapter configured for ``node`` (a :class:`imagesync.config.Node`)."""
     if node.runtime == "ctr":
         return Ctr(address=node.endpoint, namespace=node.namespace, hosts_dir=node.hosts_dir)

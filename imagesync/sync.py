@@ -14,15 +14,20 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from redis import Redis
 
 from . import logs, runtimes
+from .errors import ImagesyncError
 from .inventory import take_inventory
 from .lock import RunLock
 from .plan import Plan, make_plan
 from .runs import Outcome, RunStore, new_run_id, summary_lines
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 log = logging.getLogger("imagesync")
 
@@ -34,21 +39,21 @@ RENEW_EVERY = 500
 SendPull = Callable[[str, str, str, float], None]
 
 
-def stale_after(settings) -> int:  # type: ignore[no-untyped-def]
+def stale_after(settings: Settings) -> int:
     """Seconds a run may go without progress: one full pull, its kill grace and a margin."""
     return int(settings.time_out + runtimes.KILL_AFTER + STALE_MARGIN)
 
 
-def run_store(settings, redis: Redis) -> RunStore:  # type: ignore[no-untyped-def]
+def run_store(settings: Settings, redis: Redis) -> RunStore:
     ttl = stale_after(settings)
     return RunStore(redis, stale_after=ttl, lock_ttl=ttl, history=settings.history)
 
 
-def run_lock(settings, redis: Redis) -> RunLock:  # type: ignore[no-untyped-def]
+def run_lock(settings: Settings, redis: Redis) -> RunLock:
     return RunLock(redis, ttl=stale_after(settings))
 
 
-def pull_expiry(settings, pulls_on_node: int) -> float:  # type: ignore[no-untyped-def]
+def pull_expiry(settings: Settings, pulls_on_node: int) -> float:
     """Seconds a queued pull stays worth running: the node's whole queue at worst, plus a margin.
 
     Redis has no message TTL; without ``expires`` the pulls of a node whose
@@ -65,12 +70,25 @@ class Started:
     message: str
     pulls: int = 0
     plan: Plan | None = None
+    #: nodes the run was meant for that it could not reach: node -> why
+    missed: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "run": self.run_id, "pulls": self.pulls, "message": self.message}
+        return {"status": self.status, "run": self.run_id, "pulls": self.pulls, "message": self.message,
+                "missed": self.missed}
 
 
-def plan_now(settings, targets: Iterable[str] | None = None) -> Plan:  # type: ignore[no-untyped-def]
+def missed_targets(plan: Plan, configured: Iterable[str], targets: Iterable[str] | None) -> dict[str, str]:
+    """The nodes a run was meant for but skipped: the named targets it could not
+    reach, or every node when it reached none. Such a run has failed."""
+    if targets is not None:
+        return {node: plan.skipped[node] for node in targets if node in plan.skipped}
+    if plan.skipped and set(plan.skipped) >= set(configured):
+        return dict(plan.skipped)
+    return {}
+
+
+def plan_now(settings: Settings, targets: Iterable[str] | None = None) -> Plan:
     """Inventory every node and plan, without changing anything."""
     inventory = take_inventory(settings)
     return make_plan(
@@ -79,7 +97,7 @@ def plan_now(settings, targets: Iterable[str] | None = None) -> Plan:  # type: i
 
 
 def start_run(
-    settings,  # type: ignore[no-untyped-def]
+    settings: Settings,
     redis: Redis,
     send_pull: SendPull,
     trigger: str = "manual",
@@ -115,10 +133,16 @@ def start_run(
             refused=plan.to_dict()["refused"],
             wanted=len(plan.wanted),
         )
+        missed = missed_targets(plan, (node.name for node in settings.nodes), targets)
         if complete:
             lock.release(run_id)
             write_summary(settings, store, run_id)
+            if missed:
+                message = f"run {run_id}: nothing to pull on the nodes it reached; " + _missed_line(missed)
+                return Started("nothing-to-do", run_id, message, 0, plan, missed)
             return Started("nothing-to-do", run_id, f"run {run_id}: every node already holds every image", 0, plan)
+        # The lock's TTL ran from before the inventory, which may have taken long.
+        _keep_lock(lock, run_id, "after the inventory")
         per_node = Counter(node for node, _ in pulls)
         log.info("run %s started by %s: %d pulls on %d nodes (%s)", run_id, trigger, plan.total,
                  len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())))
@@ -126,14 +150,35 @@ def start_run(
         for sent, (node, image) in enumerate(pulls, 1):
             send_pull(node, image, run_id, expiry[node])
             if sent % RENEW_EVERY == 0:
-                lock.renew(run_id)
+                _keep_lock(lock, run_id, f"after sending {sent} of {len(pulls)} pulls")
+        _keep_lock(lock, run_id, "after sending every pull")
     except BaseException as exc:
         # Whatever was queued will report into a run that is already over;
-        # the lock must not outlive this failure.
-        store.abandon(run_id, f"start failed: {exc}")
-        lock.release(run_id)
+        # the lock must not outlive this failure, whatever else fails here.
+        try:
+            if store.abandon(run_id, f"start failed: {exc}", force=True):
+                write_summary(settings, store, run_id)
+        finally:
+            lock.release(run_id)
         raise
-    return Started("started", run_id, f"run {run_id} started: {plan.total} pulls", plan.total, plan)
+    message = f"run {run_id} started: {plan.total} pulls" + (f"; {_missed_line(missed)}" if missed else "")
+    return Started("started", run_id, message, plan.total, plan, missed)
+
+
+def _missed_line(missed: Mapping[str, str]) -> str:
+    return "skipped " + "; ".join(f"{node} ({reason})" for node, reason in missed.items())
+
+
+class LockLost(ImagesyncError):
+    """The run's lock expired or was taken while the run was being started."""
+
+
+def _keep_lock(lock: RunLock, run_id: str, when: str) -> None:
+    """Renew the run's lock; a run that lost it stops here rather than overlap another."""
+    if not lock.renew(run_id):
+        holder = lock.holder()
+        raise LockLost(f"run {run_id} lost its lock {when} (now held by {holder or 'nobody'}): "
+                       "the inventory took longer than the lock's TTL; the run stops here")
 
 
 def interleaved(missing: Mapping[str, list[str]]) -> list[tuple[str, str]]:
@@ -148,15 +193,22 @@ def interleaved(missing: Mapping[str, list[str]]) -> list[tuple[str, str]]:
     return [pull for batch in itertools.zip_longest(*queues) for pull in batch if pull is not None]
 
 
-def finish_pull(settings, redis: Redis, run_id: str, outcome: Outcome) -> int:  # type: ignore[no-untyped-def]
-    """Record a finished pull: log files, run record, and the summary if it was the last."""
-    logs.record_pull(settings.log_dir, run_id, outcome)
+def finish_pull(settings: Settings, redis: Redis, run_id: str, outcome: Outcome) -> int:
+    """Record a finished pull: run record first, then log files, and the summary if it was the last.
+
+    Redis comes first: the log files are a copy of what the run record holds,
+    and a full or read-only ``log_dir`` must never cost an outcome.
+    """
+    store = run_store(settings, redis)
+    state = store.record(run_id, outcome)
+    try:
+        logs.record_pull(settings.log_dir, run_id, outcome)
+    except OSError as exc:
+        logs.report_unwritable(settings.log_dir, exc)
     level = logging.INFO if outcome.succeeded else logging.WARNING
     log.log(level, "run %s: %s: %s %s in %.1f s%s", run_id, outcome.node, outcome.image,
             outcome.status.replace("_", " "), outcome.duration,
             f": {outcome.reason}" if outcome.reason else "")
-    store = run_store(settings, redis)
-    state = store.record(run_id, outcome)
     if state == -1:
         log.warning("run %s: no record of this run in Redis (lost or expired); outcome logged only", run_id)
     elif state == 2:
@@ -164,7 +216,7 @@ def finish_pull(settings, redis: Redis, run_id: str, outcome: Outcome) -> int:  
     return state
 
 
-def write_summary(settings, store: RunStore, run_id: str) -> None:  # type: ignore[no-untyped-def]
+def write_summary(settings: Settings, store: RunStore, run_id: str) -> None:
     run = store.get(run_id)
     if run is None:
         return
@@ -172,7 +224,7 @@ def write_summary(settings, store: RunStore, run_id: str) -> None:  # type: igno
         log.log(logging.INFO if i == 0 and not run.failures else logging.WARNING, line)
 
 
-def finalize_stale(settings, redis: Redis, now: float | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+def finalize_stale(settings: Settings, redis: Redis, now: float | None = None) -> list[str]:
     """End runs that made no progress for too long, release their lock, write their summary."""
     store = run_store(settings, redis)
     ended = []

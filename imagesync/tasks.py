@@ -7,22 +7,23 @@ worker, whose concurrency is ``max_parallel``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
+import time
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import after_setup_logger, task_revoked
+from celery.signals import after_setup_logger, worker_init, worker_ready
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import logs
 from .celery import app, refuse, settings
-from .celeryconfig import SYNC_TIME_LIMIT, node_queue, pull_time_limits
-from .errors import ConfigError
-from .pulls import pull_image
+from .celeryconfig import NODE_QUEUE_PREFIX, SYNC_TIME_LIMIT, node_queue, pull_time_limits
+from .errors import ConfigError, one_line
+from .pulls import needs_check, pull_image
+from .redelivery import take_back
 from .runs import EXPIRED, FAILED, RUNNING, SKIPPED, TIMED_OUT, Outcome
 from .sync import finalize_stale, finish_pull, run_store, start_run
 
@@ -62,10 +63,17 @@ def backoff(retries: int) -> float:
 
 
 def send_pull(node: str, image: str, run_id: str, expires: float) -> None:
-    # argsrepr (shown by Flower) is the exact JSON of the arguments: the
-    # handler of an expired pull reads them back from it (see below).
-    args = (run_id, node, image)
-    pull.apply_async(args=args, queue=node_queue(node), expires=expires, argsrepr=json.dumps(args))
+    """Queue one pull, worth running for ``expires`` seconds.
+
+    The deadline travels as an argument rather than as Celery's ``expires``: a
+    worker drops an expired message before any code of ours sees its
+    arguments, and a retry loses what would let a handler read them back. The
+    task itself reports a pull past its deadline as "expired", retried or
+    not, in a pool process, like any other outcome. Like ``expires``, the
+    deadline compares the clocks of two hosts: keep them in sync (NTP).
+    """
+    pull.apply_async(args=(run_id, node, image), kwargs={"deadline": round(time.time() + expires, 3)},
+                     queue=node_queue(node))
 
 
 @app.task(name="imagesync.sync", time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
@@ -86,32 +94,41 @@ def sync(trigger: str = "manual", nodes: list[str] | None = None) -> dict:
     soft_time_limit=PULL_SOFT_LIMIT,
     time_limit=PULL_HARD_LIMIT,
 )
-def pull(self, run_id: str, node: str, image: str) -> str:  # type: ignore[no-untyped-def]
+def pull(self, run_id: str, node: str, image: str, deadline: float | None = None) -> str:  # type: ignore[no-untyped-def]
     """Pull ``image`` onto ``node`` for run ``run_id`` and report the outcome."""
     attempts = self.request.retries + 1
-    state = _run_status(run_id)
+    state, started = run_store(settings, redis()).state(run_id)
     if state not in (None, RUNNING):
         outcome = Outcome(node, image, SKIPPED, reason=f"run was already {state} when this pull started")
+    elif deadline is not None and time.time() > deadline:
+        outcome = Outcome(node, image, EXPIRED,
+                          reason="waited in the queue past its expiry (node's worker down or busy)")
     else:
         try:
-            outcome, transient = pull_image(settings, settings.node(node), image)
+            redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+            check = needs_check(self.request.retries, redelivered, started)
+            outcome, transient = pull_image(settings, settings.node(node), image, check=check)
         except ConfigError as exc:
             outcome, transient = Outcome(node, image, FAILED, reason=exc.problems[0]), False
         except SoftTimeLimitExceeded:
             reason = f"task time limit ({PULL_SOFT_LIMIT} s) reached"
             outcome, transient = Outcome(node, image, TIMED_OUT, reason=reason), False
+        except Exception as exc:
+            # A bug or a surprise must not cost the outcome: the run counts it.
+            log.exception("run %s: %s: %s: unexpected error", run_id, node, image)
+            reason = f"unexpected error: {type(exc).__name__}: {one_line(str(exc))}"
+            outcome, transient = Outcome(node, image, FAILED, reason=reason), False
         if transient and self.request.retries < self.max_retries:
             delay = backoff(self.request.retries)
             log.info("run %s: %s: %s failed (%s); retry %d of %d in %.1f s", run_id, node, image,
                      outcome.reason, attempts, self.max_retries, delay)
+            # A pull being retried is a run making progress: its run must not
+            # be taken for stuck while the retries last.
+            run_store(settings, redis()).touch(run_id)
             raise self.retry(countdown=delay)
     outcome.attempts = attempts
     finish_pull(settings, redis(), run_id, outcome)
     return outcome.status
-
-
-def _run_status(run_id: str) -> str | None:
-    return run_store(settings, redis()).status(run_id)
 
 
 @app.task(name="imagesync.finalize", ignore_result=True)
@@ -120,20 +137,34 @@ def finalize() -> list[str]:
     return finalize_stale(settings, redis())
 
 
-@task_revoked.connect
-def _report_expired_pull(request=None, expired=False, **_):  # type: ignore[no-untyped-def]
-    # A pull that waited past its expiry is dropped by the worker; report it so
-    # the run's counts stay right.
-    # The request here is rebuilt from the message headers: no args, but our argsrepr.
-    if request is None or not expired or getattr(request, "task", None) != pull.name:
+#: when this worker started, before it took any message off its queues
+_worker_started = 0.0
+
+
+@worker_init.connect
+def _note_start(**_: object) -> None:
+    global _worker_started
+    _worker_started = time.time()
+
+
+@worker_ready.connect
+def _take_back_unacked_pulls(sender=None, **_):  # type: ignore[no-untyped-def]
+    # A node worker that starts takes back at once what its dead predecessor
+    # held, rather than leave it to the visibility timeout (imagesync.redelivery).
+    if sender is None:
+        return
+    queues = [name for name in sender.app.amqp.queues.consume_from if name.startswith(NODE_QUEUE_PREFIX)]
+    if not queues:
         return
     try:
-        run_id, node, image = json.loads(request.argsrepr)
-    except (TypeError, ValueError):
-        log.warning("an expired pull could not be reported: arguments unreadable (%r)", request.argsrepr)
+        with sender.app.connection_for_write() as connection:
+            restored = take_back(connection.default_channel, queues, before=_worker_started or time.time())
+    except Exception as exc:  # never keep a worker from starting: the visibility timeout still holds
+        log.warning("could not take back the unacknowledged pulls of %s: %s", ", ".join(queues), exc)
         return
-    finish_pull(settings, redis(), run_id, Outcome(
-        node, image, EXPIRED, reason="waited in the queue past its expiry (node's worker down or busy)"))
+    if restored:
+        log.warning("took back %d unacknowledged pulls of %s left by a worker that died",
+                    len(restored), ", ".join(queues))
 
 
 @after_setup_logger.connect

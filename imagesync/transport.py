@@ -24,6 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paramiko
 from fabric import Config, Connection
@@ -37,6 +38,9 @@ from .errors import (
     NodeError,
     NodeUnreachable,
 )
+
+if TYPE_CHECKING:
+    from .config import Node, Settings
 
 
 @dataclass(frozen=True)
@@ -378,7 +382,7 @@ _cache: dict[tuple[int, str], Transport] = {}
 _cache_lock = threading.Lock()
 
 
-def transport_for(settings, node) -> Transport:  # type: ignore[no-untyped-def]
+def transport_for(settings: Settings, node: Node) -> Transport:
     """The transport of ``node`` for this process, kept open between calls.
 
     Keyed by process id as well, so that a prefork child never shares the
@@ -392,7 +396,7 @@ def transport_for(settings, node) -> Transport:  # type: ignore[no-untyped-def]
         return transport
 
 
-def make_transport(settings, node) -> Transport:  # type: ignore[no-untyped-def]
+def make_transport(settings: Settings, node: Node) -> Transport:
     if node.transport == "local":
         env = {}
         if node.endpoint:

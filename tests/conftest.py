@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagesync.cluster.redis import RedisServer
+from testcluster.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ class Deployment:
     """A test cluster with imagesync deployed on it: config file, workers, CLI."""
 
     def __init__(self, cluster, workdir):
-        from imagesync.cluster.services import Services
+        from testcluster.services import Services
 
         self.cluster = cluster
         self.workdir = workdir
@@ -77,7 +77,7 @@ def deploy(tmp_path):
     """``deploy(nodes=2, runtime="crictl")`` -> a started Deployment, stopped after the test."""
     from contextlib import ExitStack
 
-    from imagesync.cluster.cluster import Cluster
+    from testcluster.cluster import Cluster
 
     stack = ExitStack()
 

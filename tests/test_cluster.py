@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from imagesync.cluster import (
+from testcluster import (
     Cluster,
     ClusterError,
     InstallError,
@@ -31,7 +31,7 @@ from imagesync.cluster import (
     ensure_system_packages,
     max_concurrency,
 )
-from imagesync.cluster.process import cmdline, find_processes, wait_until
+from testcluster.process import cmdline, find_processes, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -334,7 +334,7 @@ def test_redis_restart_keeps_data_and_kill_is_a_crash(tmp_path: Path) -> None:
 
 def test_up_and_down_run_a_cluster_in_the_background(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    up = subprocess.run([sys.executable, "-m", "imagesync.cluster", "up", "--dir", str(tmp_path), "--nodes", "1"],
+    up = subprocess.run([sys.executable, "-m", "testcluster", "up", "--dir", str(tmp_path), "--nodes", "1"],
                         capture_output=True, text=True, env=env, timeout=60)
     assert up.returncode == 0, up.stderr
     state = json.loads((tmp_path / "cluster.json").read_text())
@@ -349,7 +349,7 @@ def test_up_and_down_run_a_cluster_in_the_background(tmp_path: Path) -> None:
              f"{node['user']}@127.0.0.1", "crictl images -q"], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
     finally:
-        down = subprocess.run([sys.executable, "-m", "imagesync.cluster", "down", "--dir", str(tmp_path)],
+        down = subprocess.run([sys.executable, "-m", "testcluster", "down", "--dir", str(tmp_path)],
                               capture_output=True, text=True, env=env, timeout=60)
     assert down.returncode == 0 and down.stdout.startswith("stopped")
     assert [p for p in pids if cmdline(p)] == []

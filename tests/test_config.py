@@ -913,3 +913,15 @@ def test_any_valid_document_is_loaded_as_written(document):
     assert settings.max_parallel == int(document.get("max_parallel", 4))
     logins = sum(2 for _ in settings.registries)
     assert len(settings.describe()) == 11 + 5 + 10 * len(settings.nodes) + logins
+
+
+def test_prefixes_are_normalized_and_one_that_can_never_match_is_a_config_error(tmp_path):
+    path = tmp_path / "imagesync.toml"
+    path.write_text('prefixes = ["library/nginx", "Registry.Example.com/x"]\n[[nodes]]\nname = "w1"\n')
+    assert load_settings(path, environ={}).prefixes == ["docker.io/library/nginx", "registry.example.com/x"]
+    path.write_text('prefixes = ["nvcr.io/nvidia/pytorch:24.01"]\n[[nodes]]\nname = "w1"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, environ={})
+    assert refused.value.problems == [
+        "prefixes[0]: 'nvcr.io/nvidia/pytorch:24.01' is not a usable image prefix: a prefix names a registry "
+        "or repository, not a tag or digest: did you mean nvcr.io/nvidia/pytorch?"]

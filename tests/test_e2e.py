@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from imagesync.cluster.measure import max_concurrency
+from testcluster.measure import max_concurrency
 
 pytestmark = pytest.mark.cluster
 

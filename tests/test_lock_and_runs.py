@@ -3,10 +3,14 @@
 import time
 from multiprocessing import Pool
 
+import pytest
 import redis as redis_py
 
 from imagesync.lock import RunLock
 from imagesync.runs import ABANDONED, COMPLETED, RUNNING, Outcome, RunStore, summary_lines
+
+# a real redis-server: not for `make unit`
+pytestmark = pytest.mark.cluster
 
 
 def test_only_one_run_takes_the_lock(redis_client):
@@ -107,3 +111,82 @@ def test_history_is_bounded(redis_client):
 def test_unknown_run_is_reported_not_created(redis_client):
     assert _store(redis_client).record("nope", Outcome("w1", "a", "pulled")) == -1
     assert not redis_client.exists("imagesync:run:nope")
+
+
+def _two_pull_run(redis_client, stale_after=60):
+    store = _store(redis_client, stale_after=stale_after)
+    RunLock(redis_client, ttl=60).acquire("r1")
+    store.create("r1", trigger="test", pulls=[("w1", "a"), ("w2", "b")], skipped={}, drift=[], refused=[], wanted=2)
+    return store
+
+
+def test_a_record_run_twice_with_the_same_report_answers_the_same(redis_client):
+    # redis-py runs a script again when its reply was lost: the re-run must not
+    # turn "you completed the run" into "duplicate", or no one writes the summary
+    store = _two_pull_run(redis_client)
+    first, last = Outcome("w1", "a", "pulled"), Outcome("w2", "b", "pulled")
+    assert store.record("r1", first) == 1
+    assert store.record("r1", first) == 1
+    assert store.record("r1", last) == 2
+    assert store.record("r1", last) == 2
+    # a second delivery of a pull is a different report: a duplicate
+    assert store.record("r1", Outcome("w2", "b", "present")) == 0
+    assert store.get("r1").counts == {"pulled": 2}
+
+
+def test_an_abandon_run_twice_answers_the_same_and_a_run_that_reported_is_not_abandoned(redis_client):
+    store = _two_pull_run(redis_client, stale_after=1)
+    # found stale, but a pull reports before the abandon: the run lives on
+    time.sleep(1.1)
+    assert store.stale() == ["r1"]
+    store.record("r1", Outcome("w1", "a", "pulled"))
+    assert not store.abandon("r1", "no progress")
+    assert store.status("r1") == RUNNING
+    # the same call re-run (same token) answers 1 again
+    time.sleep(1.1)
+    args = ["r1", "", "no progress", "token-1", ""]
+    keys = ["imagesync:run:r1", "imagesync:active", "imagesync:lock"]
+    assert store._abandon(keys=keys, args=args) == 1
+    assert store._abandon(keys=keys, args=args) == 1
+    assert store._abandon(keys=keys, args=["r1", "", "again", "token-2", ""]) == 0
+    assert store.status("r1") == ABANDONED
+
+
+def test_a_retry_counts_as_progress_and_keeps_the_lock(redis_client):
+    store = _two_pull_run(redis_client, stale_after=2)
+    lock = RunLock(redis_client, ttl=2)
+    for _ in range(3):
+        time.sleep(0.8)
+        assert store.touch("r1")
+    assert store.stale() == []
+    assert lock.holder() == "r1" and redis_client.ttl(lock.key) > 1
+    store.abandon("r1", "test", force=True)
+    assert not store.touch("r1")
+
+
+def test_staleness_runs_on_redis_clock_not_the_hosts(redis_client):
+    store = _two_pull_run(redis_client, stale_after=60)
+    seconds, _ = redis_client.time()
+    score = redis_client.zscore("imagesync:active", "r1")
+    assert abs(score - (seconds + 60)) < 2
+    # a host clock an hour ahead changes nothing when no time is passed in
+    assert store.stale() == []
+    assert not store.abandon("r1", "host clock ahead")
+
+
+def test_an_outcome_is_recorded_even_when_the_log_files_cannot_be_written(redis_client, redis_server, tmp_path, caplog):
+    from imagesync.config import load_settings
+    from imagesync.sync import finish_pull
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    config = tmp_path / "imagesync.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\nlog_dir = "{blocked}"\n'
+                      'prefixes = ["bcm11"]\n[[nodes]]\nname = "w1"\n[[nodes]]\nname = "w2"\n')
+    settings = load_settings(config)
+    store = _two_pull_run(redis_client)
+    assert finish_pull(settings, redis_client, "r1", Outcome("w1", "a", "pulled")) == 1
+    assert finish_pull(settings, redis_client, "r1", Outcome("w2", "b", "failed", reason="x")) == 2
+    assert store.get("r1").status == COMPLETED
+    errors = [r for r in caplog.records if r.getMessage().startswith("log_dir: cannot write")]
+    assert len(errors) == 1  # said once, loudly

@@ -102,3 +102,36 @@ def test_holdings_with_a_shared_memo_match_holdings_without():
         alone = holdings(node, images, PREFIXES)
         assert shared == alone
     assert alone.references == {"nvcr.io/nvidia/a:1": D1, f"nvcr.io/nvidia/b@{D2}": D2}
+
+
+def test_a_declared_digest_reference_is_held_by_a_node_holding_that_digest():
+    app = "nvcr.io/nvidia/app"
+    nodes = {"w1": [image(f"{app}:1", D1)], "w2": [image(f"{app}:2", D1)], "w3": [image(f"{app}:1", D2)]}
+    declared = [f"{app}@{D1}", f"{app}:1@{D1}"]
+    plan = make_plan(nodes, PREFIXES, declared)
+    assert sorted(plan.missing) == ["w1", "w2", "w3"]
+    assert f"{app}@{D1}" not in plan.missing["w1"] + plan.missing["w2"]
+    assert f"{app}:1@{D1}" not in plan.missing["w1"] + plan.missing["w2"]
+    assert {f"{app}@{D1}", f"{app}:1@{D1}"} <= set(plan.missing["w3"])  # another digest is not it
+
+
+def test_an_untagged_image_next_to_the_same_digest_tagged_settles():
+    app = "nvcr.io/nvidia/app"
+    plan = make_plan({"w1": [image(None, D1, repo=app)], "w2": [image(f"{app}:1", D1)]}, PREFIXES)
+    # w1 lacks the tag; w2 holds the digest under the tag, so it lacks nothing
+    assert plan.missing == {"w1": [f"{app}:1"]}
+    # once w1 has pulled the tag, the cluster is converged: nothing to plan
+    converged = make_plan({"w1": [image(f"{app}:1", D1)], "w2": [image(f"{app}:1", D1)]}, PREFIXES)
+    assert converged.missing == {} and converged.total == 0
+
+
+def test_a_run_whose_targets_were_all_skipped_has_missed_them():
+    from imagesync.sync import missed_targets
+
+    down = {"w2": "Cannot connect to w2 via SSH"}
+    plan = make_plan({"w1": [image("nvcr.io/nvidia/a:1")]}, PREFIXES, unreachable=down)
+    assert missed_targets(plan, ["w1", "w2"], ["w2"]) == down  # sync --node w2
+    assert missed_targets(plan, ["w1", "w2"], ["w1"]) == {}
+    assert missed_targets(plan, ["w1", "w2"], None) == {}  # one of two down: the run goes on
+    everyone = {"w1": "refused", **down}
+    assert missed_targets(make_plan({}, PREFIXES, unreachable=everyone), ["w1", "w2"], None) == everyone

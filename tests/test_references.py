@@ -88,3 +88,38 @@ def test_bad_prefixes_are_refused(prefix):
 
 def test_prefix_trailing_slash_is_dropped():
     assert references.validate_prefix("nvcr.io/nvidia/") == "nvcr.io/nvidia"
+
+
+@pytest.mark.parametrize("prefix, normalized", [
+    ("docker.io/nginx", "docker.io/nginx"),
+    ("library/nginx", "docker.io/library/nginx"),
+    ("index.docker.io/x", "docker.io/x"),
+    ("Registry.Example.com/x", "registry.example.com/x"),
+    ("harbor.local:443", "harbor.local:443"),
+])
+def test_prefixes_are_normalized_as_references_are(prefix, normalized):
+    assert references.validate_prefix(prefix) == normalized
+
+
+@pytest.mark.parametrize("prefix, ref", [
+    ("docker.io/nginx", "nginx"),
+    ("library/nginx", "nginx:1.25"),
+    ("index.docker.io/x", "docker.io/x/app:1"),
+    ("Registry.Example.com/x", "registry.example.com/x/app:1"),
+    ("registry.example.com/x", "Registry.Example.com/x/app:1"),
+    ("docker.io/bcm11", "bcm11/app:1"),
+])
+def test_a_normalized_prefix_matches_what_the_runtime_reports(prefix, ref):
+    assert references.matches_prefix(references.parse(ref), references.validate_prefix(prefix))
+
+
+@pytest.mark.parametrize("prefix, meant", [
+    ("https://harbor.local/x", "harbor.local/x"),
+    ("nvcr.io/nvidia/pytorch:24.01", "nvcr.io/nvidia/pytorch"),
+    ("nginx:1.25", "nginx"),
+    ("Bcm11/App", "bcm11/app"),
+])
+def test_a_prefix_that_can_never_match_is_refused_with_what_was_meant(prefix, meant):
+    with pytest.raises(RefusedReference) as refused:
+        references.validate_prefix(prefix)
+    assert refused.value.reason.endswith(f"did you mean {meant}?")

@@ -112,16 +112,53 @@ def test_a_registry_login_goes_to_the_runtime_quoted():
     assert "--creds" not in runtimes.Crictl().pull_command("nvcr.io/nvidia/a:1", 60).command
 
 
-def test_presence_is_asked_about_one_image():
-    from imagesync.transport import CommandResult
+def test_an_unchecked_pull_is_the_pull_alone():
+    for runtime in (runtimes.Crictl(), runtimes.Ctr()):
+        words = shlex.split(runtime.pull_command("nvcr.io/nvidia/a:1", 60).command)
+        assert words[:4] == ["timeout", "-k", "5", "60"]
+        assert "sh" not in words and "inspecti" not in words and "ls" not in words
 
-    crictl, ctr = runtimes.Crictl(), runtimes.Ctr()
-    assert shlex.split(crictl.presence_command("nvcr.io/nvidia/a:1"))[-3:] == ["inspecti", "-q", "nvcr.io/nvidia/a:1"]
-    assert shlex.split(ctr.presence_command("nvcr.io/nvidia/a:1"))[-3:] == ["ls", "-q", "name==nvcr.io/nvidia/a:1"]
-    assert crictl.is_present(CommandResult("sha256:1\n", "", 0))
-    assert not crictl.is_present(CommandResult("", 'no such image "x" present', 1))
-    assert ctr.is_present(CommandResult("nvcr.io/nvidia/a:1\n", "", 0))
-    assert not ctr.is_present(CommandResult("", "", 0))
-    for runtime in (crictl, ctr):
+
+def _fake_runtime(bin_dir, name, holds):
+    """A stand-in crictl/ctr on PATH: answers presence for ``holds``, logs every pull."""
+    log = bin_dir / "calls.log"
+    script = bin_dir / name
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *"inspecti -q {holds}"*) exit 0 ;;
+  *inspecti*) echo 'no such image present' >&2; exit 1 ;;
+  *"ls -q name=={holds}"*) echo '{holds}'; exit 0 ;;
+  *" ls -q "*) exit 0 ;;
+  *pull*) echo "pulled $*"; exit 0 ;;
+esac
+exit 2
+""")
+    script.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize("name", ["crictl", "ctr"])
+def test_a_checked_pull_asks_then_pulls_in_one_node_side_command(tmp_path, name):
+    from imagesync.transport import LocalTransport
+
+    held, lacking = "nvcr.io/nvidia/a:1", "nvcr.io/nvidia/b:1"
+    log = _fake_runtime(tmp_path, name, held)
+    node = LocalTransport("n", env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    runtime = runtimes.Crictl() if name == "crictl" else runtimes.Ctr()
+
+    present = node.run(runtime.pull_command(held, 30, check=True).command, timeout=30)
+    assert runtimes.found_present(present), present
+    assert "pull" not in log.read_text()
+
+    pulled = node.run(runtime.pull_command(lacking, 30, ("u", "it's $(secret)"), check=True).command, timeout=30)
+    assert pulled.ok and not runtimes.found_present(pulled), pulled
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3 and "pull" in calls[-1] and lacking in calls[-1]
+    assert "it's $(secret)" in calls[-1]  # quoted through both shells, never expanded
+
+
+def test_a_checked_pull_refuses_invalid_references():
+    for runtime in (runtimes.Crictl(), runtimes.Ctr()):
         with pytest.raises(RefusedReference):
-            runtime.presence_command("a;b")
+            runtime.pull_command("a;b", 60, check=True)

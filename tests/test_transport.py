@@ -6,8 +6,6 @@ import time
 
 import pytest
 
-from imagesync.cluster.cluster import Cluster
-from imagesync.cluster.process import free_port
 from imagesync.errors import (
     AuthenticationFailed,
     CommandTimedOut,
@@ -16,6 +14,8 @@ from imagesync.errors import (
     NodeUnreachable,
 )
 from imagesync.transport import LocalTransport, SSHTransport
+from testcluster.cluster import Cluster
+from testcluster.process import free_port
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_reconnects_after_the_connection_drops(node_cluster):
     ],
 )
 def test_connection_errors_become_one_clear_error(node_cluster, tmp_path, options, error, words):
-    from imagesync.cluster.node import generate_key
+    from testcluster.node import generate_key
 
     if options.get("port") == "closed":
         options["port"] = free_port()

@@ -9,7 +9,7 @@ Images are named by the proxy's address, so every pull a node makes goes through
 ``cluster.proxy`` (delay, hang, error, reset) and is recorded there; pushes go
 straight to the registry. Everything is started in parallel, and stopped on exit,
 on a failed start and at interpreter exit; ``state`` (written to
-``<workdir>/cluster.json``) lets ``python -m imagesync.cluster down`` find it all.
+``<workdir>/cluster.json``) lets ``python -m testcluster down`` find it all.
 """
 
 from __future__ import annotations

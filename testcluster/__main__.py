@@ -1,4 +1,4 @@
-"""``python -m imagesync.cluster install | up --dir DIR --nodes N | down --dir DIR``.
+"""``python -m testcluster install | up --dir DIR --nodes N | down --dir DIR``.
 
 ``up`` starts a detached ``serve`` process that owns the cluster (the proxy is a
 thread of it), waits until everything answers, prints what runs where and
@@ -24,7 +24,7 @@ from .demo import DEMO_IMAGE_SIZE, DEMO_IMAGES, run_demo, stop_services
 from .install import InstallError, ensure_system_packages
 from .process import cmdline, find_processes, kill_pid, tail
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _state(directory: Path) -> dict[str, Any] | None:
@@ -37,7 +37,7 @@ def _state(directory: Path) -> dict[str, Any] | None:
 def _serve_alive(state: dict[str, Any] | None) -> bool:
     pid = (state or {}).get("serve_pid")
     line = cmdline(pid) if isinstance(pid, int) else None
-    return line is not None and "imagesync.cluster" in line
+    return line is not None and "testcluster" in line
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -87,7 +87,7 @@ def _describe(state: dict[str, Any]) -> str:
     lines += [
         f"config    {state['config']}",
         f"started in {state['startup_seconds']} s by pid {state['serve_pid']}; "
-        f"stop with: python -m imagesync.cluster down --dir {shlex.quote(state['workdir'])}",
+        f"stop with: python -m testcluster down --dir {shlex.quote(state['workdir'])}",
     ]
     return "\n".join(lines)
 
@@ -104,7 +104,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imagesync.cluster", "serve", "--dir", str(directory),
+            [sys.executable, "-m", "testcluster", "serve", "--dir", str(directory),
              "--nodes", str(args.nodes), "--runtime", args.runtime, "--seed", args.seed],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
@@ -160,7 +160,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         leftovers += [(p, name) for name, p in node["pids"].items()]
         leftovers += [(p.pid, "") for p in find_processes(".", f"CONTAINERD_ADDRESS={node['socket']}")]
     if pid:
-        leftovers.append((pid, "imagesync.cluster"))
+        leftovers.append((pid, "testcluster"))
     killed = [f"{what or 'session'} {p}" for p, what in leftovers if p and kill_pid(p, what)]
     (directory / "cluster.json").unlink(missing_ok=True)
     print("stopped" + (f"; also had to stop: {', '.join(killed)}" if killed else ""))
@@ -168,7 +168,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imagesync.cluster",
+    parser = argparse.ArgumentParser(prog="python -m testcluster",
                                      description="Run the imagesync test cluster on this machine.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="apt-get install the packages the cluster needs").set_defaults(run=cmd_install)

@@ -2,9 +2,9 @@
 
 Used by the tests, by ``make demo`` and by the benchmarks::
 
-    python -m imagesync.cluster install               # apt-get what is missing
-    python -m imagesync.cluster up --dir DIR --nodes 3
-    python -m imagesync.cluster down --dir DIR
+    python -m testcluster install               # apt-get what is missing
+    python -m testcluster up --dir DIR --nodes 3
+    python -m testcluster down --dir DIR
 
 Modules, one noun each: ``redis`` (RedisServer), ``registry`` (Registry, pushes
 over its HTTP API), ``image`` (deterministic images without Docker), ``proxy``

@@ -178,8 +178,8 @@ class Node:
             )
 
     def _write_crictl(self) -> None:
-        # Runs crictl.py by path: importing the imagesync package would load
-        # whatever its __init__ imports (Celery...) on every SSH command.
+        # Runs crictl.py by path: importing the testcluster package would load
+        # whatever its __init__ imports (the whole cluster) on every SSH command.
         wrapper = self.bin_dir / "crictl"
         wrapper.write_text(
             f"#!{sys.executable}\n"

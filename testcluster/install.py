@@ -1,4 +1,4 @@
-"""Install the Debian packages the test cluster runs (``python -m imagesync.cluster install``)."""
+"""Install the Debian packages the test cluster runs (``python -m testcluster install``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ REQUIRED_COMMANDS = {
     "sshd": "openssh-server",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    # images made without Docker (OCI layouts, archives), registry to registry copies
+    "skopeo": "skopeo",
+    # the seed's Bash pipeline that bench/ compares imagesync with
+    "jq": "jq",
 }
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 

@@ -61,7 +61,7 @@ Everything is still running:
   config       {config}
   logs         {state['workdir']}/logs/  (workers: {directory / 'services'}/)
   try          IMAGESYNC_CONFIG={config} imagesync plan | status | history | sync --wait
-  stop it all  make demo-down   (or: python -m imagesync.cluster down --dir {shown})""", flush=True)
+  stop it all  make demo-down   (or: python -m testcluster down --dir {shown})""", flush=True)
     return code
 
 

@@ -1,0 +1,302 @@
+"""The settings model and its validators.
+
+:class:`Settings` is the whole configuration; its tables are :class:`Node`,
+:class:`SSHSettings` and :class:`RegistryLogin`.
+
+Each field's type carries the check of :mod:`.checks` that gives its error
+text; the validators here check what involves several keys (distinct node
+names, something to sync, one password).  :class:`Settings` also answers
+``config show``: :attr:`Settings.sources` and :meth:`Settings.describe`.
+Reading a file into it is :mod:`.sources`' job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from imagesync.errors import ConfigError
+
+from .checks import (
+    _check,
+    _choice,
+    _existing_file,
+    _invalid,
+    _path,
+    _positive_seconds,
+    _prefix,
+    _redis_url,
+    _schedule,
+    _secret,
+    _text,
+    _whole_number,
+    _without_repeats,
+    mask_url,
+)
+
+Runtime = Literal["crictl", "ctr"]
+Transport = Literal["ssh", "local"]
+HostKeyPolicy = Literal["reject", "accept-new"]
+
+# A node's name becomes its Celery queue name, hence the narrow alphabet.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_NODE_NAME_RULE = "use up to 63 letters, digits, '.', '_' and '-', starting with a letter or digit"
+# containerd's own rule for namespace names
+_NAMESPACE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+_NAMESPACE_RULE = "use letters and digits joined by . _ -"
+# a registry as image references name it: host[:port]
+_REGISTRY = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                       r"|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?")
+_REGISTRY_RULE = "write the registry as image names spell it, such as nvcr.io or harbor.example.com:8443"
+
+
+# The types of the values, each with the check that gives its error text.
+_NodeName = Annotated[str, _check(_text("a node name", _NODE_NAME, _NODE_NAME_RULE))]
+_Port = Annotated[int, _check(_whole_number("a port number", 1, 65535))]
+_UserName = Annotated[str, _check(_text("a user name"))]
+_OptionalUserName = Annotated[str | None, _check(_text("a user name"), optional=True)]
+_KeyFile = Annotated[Path | None, _check(_existing_file, optional=True)]
+_LocalPath = Annotated[Path, _check(_path)]
+_Namespace = Annotated[str, _check(_text("a containerd namespace", _NAMESPACE, _NAMESPACE_RULE))]
+_Prefixes = Annotated[list[Annotated[str, _check(_prefix)]], AfterValidator(_without_repeats)]
+_Images = list[Annotated[str, _check(_text("an image reference"))]]
+
+
+class RegistryLogin(BaseModel):
+    """Credentials for one registry, given to the runtime with every pull from it.
+
+    The password is never shown (``config show`` masks it, reprs omit it);
+    ``password_file`` keeps it out of the configuration file altogether.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    username: _UserName
+    password: Annotated[str | None, _check(_secret, optional=True)] = Field(default=None, repr=False)
+    password_file: _KeyFile = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RegistryLogin:
+        if (self.password is None) == (self.password_file is None):
+            raise _invalid("give either password or password_file (one of them)")
+        return self
+
+    def secret(self) -> str:
+        """The password, read from password_file when that is how it is given."""
+        if self.password is not None:
+            return self.password
+        assert self.password_file is not None
+        return self.password_file.read_text().strip()
+
+
+_RegistryHost = Annotated[str, _check(_text("a registry", _REGISTRY, _REGISTRY_RULE))]
+
+
+class SSHSettings(BaseModel):
+    """How the manager reaches nodes over SSH; a node may set its own user and key_file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: _UserName = "root"
+    key_file: _KeyFile = None
+    # a factory, so that ~ is the home of whoever loads the settings, not of the import
+    known_hosts: _LocalPath = Field(default_factory=lambda: Path(os.path.expanduser("~/.ssh/known_hosts")))
+    # "reject" by default: a node whose key we do not know may not be the node we think
+    host_key_policy: Annotated[HostKeyPolicy, _check(_choice(HostKeyPolicy))] = "reject"
+    connect_timeout: Annotated[float, _check(_positive_seconds)] = 10.0
+
+
+class Node(BaseModel):
+    """One worker node whose images are kept in sync.
+
+    Its name is also the name of its Celery queue; ``host`` defaults to it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: _NodeName
+    # None stands for "not written" and becomes the name in _host_or_name
+    host: str = Field(default=None, validate_default=True)
+    port: _Port = 22
+    user: _OptionalUserName = None
+    key_file: _KeyFile = None
+    runtime: Annotated[Runtime, _check(_choice(Runtime))] = "crictl"
+    endpoint: Annotated[str | None, _check(_text("a socket address"), optional=True)] = None
+    namespace: _Namespace = "k8s.io"
+    hosts_dir: Annotated[str | None, _check(_text("a directory on the node"), optional=True)] = None
+    transport: Annotated[Transport, _check(_choice(Transport))] = "ssh"
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host_or_name(cls, value: Any, info: ValidationInfo) -> str:
+        if value is None:
+            # no "name" in info.data means it was invalid: that is reported,
+            # and this placeholder never leaves the failed validation
+            return str(info.data.get("name", ""))
+        return _text("a host name")(value)
+
+
+class Settings(BaseModel):
+    """The whole configuration: which nodes, which images, and how to run.
+
+    :func:`load_settings` builds it and records where each value came from
+    (:attr:`sources`) and which file was read (:attr:`path`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nodes: list[Node]
+    prefixes: _Prefixes = []
+    # checked even when left out, so that _something_to_sync runs with the other checks
+    images: _Images = Field(default_factory=list, validate_default=True)
+    time_out: Annotated[int, _check(_whole_number("a whole number of seconds", 1))] = 1800
+    max_parallel: Annotated[int, _check(_whole_number("a whole number of pulls", 1, 256))] = 4
+    log_dir: _LocalPath = Path("/var/log/imagesync")
+    schedule: Annotated[int | str, _check(_schedule)] = "*/30 * * * *"
+    # repr=False: the URL may carry a password, and reprs end up in logs
+    redis_url: Annotated[str, _check(_redis_url)] = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    history: Annotated[int, _check(_whole_number("a whole number of runs", 1))] = 200
+    retries: Annotated[int, _check(_whole_number("a whole number of retries", 0, 20))] = 3
+    # logins for private registries, by registry host: [registries."nvcr.io"]
+    registries: dict[_RegistryHost, RegistryLogin] = Field(default_factory=dict)
+    # a factory, for the same reason as known_hosts' default
+    ssh: SSHSettings = Field(default_factory=SSHSettings)
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("nodes", mode="after")
+    @classmethod
+    def _distinct_nodes(cls, nodes: list[Node]) -> list[Node]:
+        # Runs only when every node is valid, so a duplicate name next to an
+        # invalid node is reported once that node is fixed.
+        if not nodes:
+            raise _invalid("no nodes are configured: list at least one worker node")
+        seen: set[str] = set()
+        for index, node in enumerate(nodes):
+            if node.name in seen:
+                raise _invalid(
+                    f"{node.name!r} is the name of another node too: give each node its own name",
+                    at=("nodes", index, "name"),
+                )
+            seen.add(node.name)
+        return nodes
+
+    @field_validator("images", mode="after")
+    @classmethod
+    def _something_to_sync(cls, images: list[str], info: ValidationInfo) -> list[str]:
+        # no "prefixes" in info.data means they were invalid: that is reported
+        if info.data.get("prefixes") == [] and not images:
+            raise _invalid(
+                "no prefixes and no images are configured: list at least one prefix or image to keep in sync",
+                at=("prefixes",),
+            )
+        return images
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``; ConfigError if there is none."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(node.name for node in self.nodes)
+        raise ConfigError(
+            [f"no node named {name!r} in the configuration; known nodes: {known}"],
+            source=str(self._path) if self._path else None,
+        )
+
+    def node_user(self, node: Node) -> str:
+        """The SSH user for ``node``: its own, else ``ssh.user``."""
+        return node.user or self.ssh.user
+
+    def login_for(self, registry: str) -> tuple[str, str] | None:
+        """(username, password) for pulls from ``registry`` (a host[:port]), if configured."""
+        login = self.registries.get(registry)
+        if login is None and registry in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+            login = next((self.registries[name] for name in ("docker.io", "index.docker.io",
+                                                              "registry-1.docker.io") if name in self.registries), None)
+        return None if login is None else (login.username, login.secret())
+
+    def node_key_file(self, node: Node) -> Path | None:
+        """The SSH key for ``node``: its own, else ``ssh.key_file``; None leaves it to SSH."""
+        return node.key_file or self.ssh.key_file
+
+    @property
+    def path(self) -> Path | None:
+        """The file these settings were loaded from; None if they were built in code."""
+        return self._path
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Where each key's value came from, by dotted key ("time_out", "ssh.user", "nodes").
+
+        Each is "default", "file PATH" or "env VARIABLE"; settings built in
+        code say "argument" for the keys they were given.
+        """
+        if self._sources:
+            return dict(self._sources)
+        given = self.model_fields_set
+        sources = {key: "argument" if key in given else "default" for key in _TOP_KEYS}
+        for key in SSHSettings.model_fields:
+            given_here = "ssh" in given and key in self.ssh.model_fields_set
+            sources[f"ssh.{key}"] = "argument" if given_here else "default"
+        return sources
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(key, value, source) for every key and every node's fields, for ``config show``.
+
+        A node's user and key_file show the value in effect, which may come
+        from the ssh table; the Redis password is masked.
+        """
+        sources = self.sources
+        rows = []
+        for key in _TOP_KEYS:
+            value = getattr(self, key)
+            if key == "nodes":
+                value = [node.name for node in self.nodes]
+            elif key == "registries":
+                value = list(self.registries)
+            elif key == "redis_url":
+                value = mask_url(value)
+            rows.append((key, _display(value), sources[key]))
+        for key in SSHSettings.model_fields:
+            rows.append((f"ssh.{key}", _display(getattr(self.ssh, key)), sources[f"ssh.{key}"]))
+        for host, login in self.registries.items():
+            rows.append((f"registries.{host}.username", login.username, sources["registries"]))
+            if login.password_file is not None:
+                rows.append((f"registries.{host}.password_file", str(login.password_file), sources["registries"]))
+            else:
+                rows.append((f"registries.{host}.password", "****", sources["registries"]))
+        for node in self.nodes:
+            for key in Node.model_fields:
+                value = getattr(node, key)
+                source = sources["nodes"] if key in node.model_fields_set else "default"
+                if key in ("user", "key_file") and value is None:
+                    value, source = getattr(self.ssh, key), sources[f"ssh.{key}"]
+                rows.append((f"nodes.{node.name}.{key}", _display(value), source))
+        return rows
+
+
+#: the top-level keys besides the ssh table, in the order they are documented
+_TOP_KEYS = [key for key in Settings.model_fields if key != "ssh"]
+
+
+def _display(value: object) -> str:
+    """A value as ``config show`` prints it."""
+    if value is None:
+        return "(not set)"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value) or "(none)"
+    return str(value)

@@ -1,0 +1,81 @@
+"""One pull onto one node: when it asks first, and what it costs on the node.
+
+The pull path is measured against a real sshd + containerd node, through both
+runtimes; every SSH command a pull sends is counted by wrapping the real
+transport.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from imagesync import pulls
+from imagesync.config import load_settings
+from imagesync.runs import PRESENT, PULLED
+from testcluster.cluster import Cluster
+
+
+def test_a_fresh_first_delivery_trusts_the_plan():
+    assert not pulls.needs_check(0, False, run_started=1000.0, now=1000.0 + pulls.FRESH_PLAN - 1)
+
+
+@pytest.mark.parametrize("retries, redelivered, started, now", [
+    (1, False, 1000.0, 1001.0),                      # a retry
+    (0, True, 1000.0, 1001.0),                       # redelivered after a worker died
+    (0, False, 1000.0, 1000.0 + pulls.FRESH_PLAN + 1),  # waited long in its queue
+    (0, False, None, 1000.0),                        # its run is unknown
+])
+def test_a_pull_that_may_be_stale_asks_first(retries, redelivered, started, now):
+    assert pulls.needs_check(retries, redelivered, run_started=started, now=now)
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("pulls"), nodes=1) as cluster:
+        yield cluster
+
+
+class _Counting:
+    """The real transport, counting the commands sent through it."""
+
+    def __init__(self, real):
+        self.real, self.commands = real, []
+
+    def run(self, command, timeout):
+        self.commands.append(command)
+        return self.real.run(command, timeout)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("runtime", ["crictl", "ctr"])
+def test_every_pull_is_one_command_on_the_node(one_node, tmp_path, monkeypatch, runtime):
+    node = one_node.nodes[0]
+    extra = {node.name: {"hosts_dir": str(node.workdir / "certs.d")}} if runtime == "ctr" else {}
+    settings = load_settings(one_node.write_config(tmp_path / "imagesync.toml", runtime=runtime,
+                                                   nodes_extra=extra))
+    counting: dict[str, _Counting] = {}
+    real_transport_for = pulls.transport_for
+
+    def transport_for(settings, node):
+        return counting.setdefault(node.name, _Counting(real_transport_for(settings, node)))
+
+    monkeypatch.setattr(pulls, "transport_for", transport_for)
+    fresh, other = one_node.push(f"bcm11/one-{runtime}", "1"), one_node.push(f"bcm11/two-{runtime}", "1")
+    target = settings.node(node.name)
+
+    # first delivery: the pull alone
+    outcome, _ = pulls.pull_image(settings, target, fresh, check=False)
+    assert outcome.status == PULLED, outcome.reason
+    assert node.images()[fresh] == one_node.digests[fresh]
+    # the same image again, checked (a redelivery): present, nothing pulled
+    outcome, _ = pulls.pull_image(settings, target, fresh, check=True)
+    assert outcome.status == PRESENT, outcome.reason
+    # checked, and missing: asked and pulled in the same command
+    outcome, _ = pulls.pull_image(settings, target, other, check=True)
+    assert outcome.status == PULLED, outcome.reason
+    assert node.images()[other] == one_node.digests[other]
+
+    commands = counting[node.name].commands
+    assert len(commands) == 3  # one SSH round trip per pull, checked or not
+    assert all(command.startswith("timeout ") for command in commands)  # one time budget covers each
+    assert not node.processes("crictl|ctr")  # nothing left running on the node
