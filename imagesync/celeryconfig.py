@@ -57,6 +57,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": transport_options,
         "visibility_timeout": visibility,
         "broker_connection_retry_on_startup": True,
+        # A crontab schedule is read in this zone (the host's by default), the
+        # zone the operator reads the logs in; Celery's own default is UTC.
+        "timezone": settings.timezone,
+        "enable_utc": True,
         # A pull survives a killed worker: acknowledged only once done,
         # requeued if the process running it dies. Safe because pulls are idempotent.
         "task_acks_late": True,

@@ -35,6 +35,38 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+#: the distributions whose versions a bug report needs, as ``--version`` names them
+_VERSIONS = (("celery", "celery"), ("kombu", "kombu"), ("redis-py", "redis"), ("paramiko", "paramiko"))
+
+
+def version_line() -> str:
+    """imagesync's version and those of the libraries it stands on, in one line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    parts = []
+    for name, distribution in _VERSIONS:
+        try:
+            parts.append(f"{name} {version(distribution)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    return f"imagesync {__version__} ({', '.join(parts)}; Python {python})"
+
+
+class _Version(argparse.Action):
+    """``--version``: the line is made only when asked for (it reads package metadata)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of imagesync, Celery, kombu, redis-py and paramiko, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_line())
+        parser.exit()
+
+
 class CommandError(ImagesyncError):
     """Ends a command with one line and an exit code."""
 
@@ -50,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-c", "--config",
                         help="configuration file (default: $IMAGESYNC_CONFIG or /etc/imagesync/imagesync.toml)")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="show the effective configuration")
@@ -70,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                       help="how long to wait for a control worker to start the run (default 120)")
 
+    cancel = sub.add_parser("cancel", help="cancel a run: queued pulls are skipped, the lock is released at once")
+    cancel.add_argument("run", nargs="?", help="a run id (default: the run in progress)")
+    cancel.add_argument("--reason", default="", metavar="TEXT", help="why, kept in the run record")
+
     history = sub.add_parser("history", help="recent runs, or one run in detail")
     history.add_argument("run", nargs="?", help="a run id (default: list recent runs)")
     history.add_argument("-n", "--limit", type=int, default=20)
@@ -83,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
 
     beat = sub.add_parser("beat", help="start Celery beat (the schedule from the configuration)")
     beat.add_argument("celery_args", nargs=argparse.REMAINDER)
+
+    exporter = sub.add_parser("exporter", help="serve Prometheus metrics: images per node, runs, lock, queues")
+    exporter.add_argument("--address", help="listen on this address (default: exporter_address)")
+    exporter.add_argument("--port", type=int, help="listen on this port (default: exporter_port)")
     return parser
 
 
@@ -133,7 +174,33 @@ def cmd_config(args: argparse.Namespace) -> int:
         # the file is named in the title; keep the column narrow
         table.add_row(key, value, "file" if source.startswith("file") else source)
     out.print(table)
+    _say_ssh_notes(settings)
     return EXIT_OK
+
+
+def _say_ssh_notes(settings: Settings) -> None:
+    """What the OpenSSH client configuration asks for that imagesync does otherwise (StrictHostKeyChecking)."""
+    for node in settings.nodes:
+        if node.transport == "ssh":
+            for note in settings.ssh_target(node).notes:
+                say(f"imagesync: note: {note}")
+
+
+def ssh_table(settings: Settings) -> Table:
+    """Each SSH node's connection as imagesync's settings and the SSH config make it, and where each value came from."""
+    from rich.markup import escape
+
+    table = Table(title="SSH settings in effect")
+    for column in ("node", "connects to", "key", "known_hosts", "from"):
+        table.add_column(column, overflow="fold")
+    for node in settings.nodes:
+        if node.transport != "ssh":
+            continue
+        target = settings.ssh_target(node)
+        keys = ", ".join(str(path) for path in target.key_files) or "SSH's usual keys and agent"
+        known = ", ".join(str(path) for path in target.known_hosts)
+        table.add_row(*(escape(cell) for cell in (node.name, target.route(), keys, known, target.provenance())))
+    return table
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -142,11 +209,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .inventory import list_images, runtime_missing
     from .transport import transport_for
 
+    print(version_line(), flush=True)  # first, and whole: it is what a bug report quotes
     settings = _settings()
     out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes)")
+    if any(node.transport == "ssh" for node in settings.nodes):
+        out.print(ssh_table(settings))
+        _say_ssh_notes(settings)
 
     def probe(node: Node):
-        row = {"node": node.name, "address": f"{node.host}:{node.port}" if node.transport == "ssh" else "local",
+        address = "local"
+        if node.transport == "ssh":  # the user and the rest are in the table of SSH settings
+            target = settings.ssh_target(node)
+            address = f"{target.host}:{target.port}" + (f" via {target.jump.name}" if target.jump else "")
+        row = {"node": node.name, "address": address,
                "ssh": "-", "runtime": "-", "images": "-", "detail": ""}
         runtime = runtimes.for_node(node)
         try:
@@ -246,9 +321,8 @@ def status_table(plan: Plan) -> Table:
     for image in plan.wanted:
         cells = []
         for node in plan.nodes:
-            held = plan.holdings.get(node, {})
-            if image in held:
-                digest = held[image]
+            held, digest = plan.held(node, image)
+            if held:
                 text = digest.split(":")[-1][:8] if digest else "yes"
                 cells.append(f"[yellow]{text}[/]" if image in drifted else f"[green]{text}[/]")
             else:
@@ -265,31 +339,44 @@ def cmd_sync(args: argparse.Namespace) -> int:
     redis = _redis(settings)
     from celery.exceptions import TimeoutError as CeleryTimeout
 
+    from . import keys
     from .celery import app
-    from .celeryconfig import CONTROL_QUEUE
+    from .celeryconfig import CONTROL_QUEUE, SYNC_TIME_LIMIT
 
     result = app.send_task("imagesync.sync", kwargs={"trigger": "cli", "nodes": args.node}, queue=CONTROL_QUEUE)
     try:
         started = result.get(timeout=args.timeout, propagate=False)
     except CeleryTimeout:
-        result.revoke()
-        raise CommandError(
-            f"no control worker started the run within {args.timeout:g} s: start one with "
-            "'imagesync worker --control' (or check 'celery -A imagesync inspect ping')"
-        ) from None
+        taken = redis.get(keys.sync_taken(result.id))
+        if taken is None:
+            result.revoke()
+            raise CommandError(
+                f"no control worker started the run within {args.timeout:g} s: start one with "
+                "'imagesync worker --control' (or check 'celery -A imagesync inspect ping')"
+            ) from None
+        # A control worker has it and is still listing the nodes: wait for it.
+        say(f"imagesync: {taken.decode(errors='replace')} took the run and is still listing images; waiting")
+        try:
+            started = result.get(timeout=SYNC_TIME_LIMIT, propagate=False)
+        except CeleryTimeout:
+            raise CommandError(f"the control worker did not start the run within {SYNC_TIME_LIMIT} s: "
+                               "see its log ('imagesync history' shows runs that did start)") from None
     if result.failed():
         raise CommandError(f"the sync task failed: {started}")
     if started["status"] == "already-running":
         say(f"imagesync: {started['message']}")
         return EXIT_RUNNING
+    if started["status"] == "cancelled":
+        say(f"imagesync: {started['message']}")
+        return EXIT_FAILED
     missed = started.get("missed") or {}
     if missed:
         say(f"imagesync: {started['message']}: bring those nodes back and sync again")
     else:
         out.print(started["message"])
-    if started["status"] == "nothing-to-do":
-        return EXIT_FAILED if missed else EXIT_OK
     if not args.wait:
+        if started["status"] == "nothing-to-do":
+            return EXIT_FAILED if missed else EXIT_OK
         out.print(f"follow it with: imagesync history {started['run']}")
         return EXIT_FAILED if missed else EXIT_OK
     code = follow(settings, redis, started["run"])
@@ -332,6 +419,37 @@ def print_run(run: Run) -> None:
         out.print("  " + line.split(": ", 1)[1], markup=False)
 
 
+def operator() -> str:
+    """Who runs this command, as user@host, for the record of what they did."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, no passwd entry (a container)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .sync import NotCancelled, cancel_run, run_store
+
+    settings = _settings()
+    redis = _redis(settings)
+    # the summary goes where the workers write theirs: the day's image-sync.log
+    logs.setup(settings.log_dir, stderr=False)
+    try:
+        run_id = cancel_run(settings, redis, args.run, operator(), " ".join(args.reason.split()))
+    except NotCancelled as exc:
+        raise CommandError(str(exc)) from None
+    run = run_store(settings, redis).get(run_id)
+    if run is not None:
+        print_run(run)
+    out.print("the lock is released; pulls still running finish and report into the run "
+              f"('imagesync history {run_id}')", markup=False)
+    return EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from .sync import run_store
 
@@ -351,12 +469,15 @@ def cmd_history(args: argparse.Namespace) -> int:
         out.print_json(json.dumps([run.to_dict() for run in runs]))
         return EXIT_OK
     table = Table(title="recent runs")
-    for column in ("run", "trigger", "status", "pulls", "ok", "failed", "skipped nodes", "took"):
+    for column in ("run", "trigger", "status", "pulls", "ok", "failed", "not run", "skipped nodes", "took"):
         table.add_column(column)
     for run in runs:
         ok = sum(run.counts.get(s, 0) for s in ("pulled", "present"))
-        table.add_row(run.id, run.trigger, run.status, str(run.expected), str(ok), str(run.failures),
-                      ", ".join(run.skipped) or "-", f"{run.duration:.1f} s")
+        # "not run": pulls that found their run already over (cancelled, abandoned) and were skipped
+        not_run = run.counts.get("skipped", 0)
+        status = {"cancelled": "[yellow]cancelled[/]", "abandoned": "[red]abandoned[/]"}.get(run.status, run.status)
+        table.add_row(run.id, run.trigger or "-", status, str(run.expected), str(ok), str(run.failures - not_run),
+                      str(not_run), ", ".join(run.skipped) or "-", f"{run.duration:.1f} s")
     out.print(table)
     return EXIT_OK
 
@@ -384,6 +505,22 @@ def cmd_beat(args: argparse.Namespace) -> int:
     return _exec_celery(["beat", "-l", "INFO", "-s", schedule_file, *extra])
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from .exporter import serve
+
+    settings = _settings()
+    # no ping: the exporter starts and reports imagesync_up 0 while Redis is down
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        serve(settings, client, args.address, args.port)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.address or settings.exporter_address}:"
+                           f"{args.port or settings.exporter_port} ({exc}): choose another exporter_port") from exc
+    return EXIT_OK
+
+
 def _exec_celery(argv: list[str]) -> int:
     os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "imagesync", *argv])
 
@@ -394,9 +531,11 @@ COMMANDS = {
     "plan": cmd_plan,
     "status": cmd_status,
     "sync": cmd_sync,
+    "cancel": cmd_cancel,
     "history": cmd_history,
     "worker": cmd_worker,
     "beat": cmd_beat,
+    "exporter": cmd_exporter,
 }
 
 

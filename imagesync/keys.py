@@ -12,6 +12,11 @@ HISTORY = f"{NAMESPACE}:runs"
 ACTIVE = f"{NAMESPACE}:active"
 
 
+def sync_taken(task_id: str) -> str:
+    """String: set by the control worker the moment it takes a sync task (its name)."""
+    return f"{NAMESPACE}:sync-taken:{task_id}"
+
+
 def run(run_id: str) -> str:
     """Hash: the run record (status, counts, plan summary)."""
     return f"{NAMESPACE}:run:{run_id}"

@@ -9,14 +9,19 @@ Under ``log_dir`` each day has its own folder, holding the seed's three files::
 Several processes (one worker per node, beat, the CLI) append to the same
 files, so every line is written with a single ``write`` on a file opened with
 O_APPEND, and a file is never rotated under a writer: a new day is a new folder.
+Day folders older than ``log_keep_days`` are removed by :func:`prune`, which the
+periodic housekeeping task runs; nothing else under ``log_dir`` is ever touched.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,8 +37,58 @@ FAILED_LOG = "failed_images.log"
 FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(message)s"
 
 
+#: the name of a day folder, as :func:`day_dir` makes it
+DAY_NAME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 def day_dir(log_dir: Path, when: float | None = None) -> Path:
     return Path(log_dir) / time.strftime("%Y-%m-%d", time.localtime(when))
+
+
+def prune(log_dir: Path, keep_days: int, now: float | None = None) -> list[str]:
+    """Remove the day folders of ``log_dir`` older than ``keep_days`` days; 0 keeps them all.
+
+    A day folder is one whose name is a date (``2026-11-22``) and which is a
+    folder, not a link to one; anything else under ``log_dir`` stays (beat's
+    schedule file, an operator's notes). A folder goes once its date is more than
+    ``keep_days`` days before today, in local time as :func:`day_dir` names
+    them: today's folder, the one being written to, and any dated later (a
+    writer whose clock runs ahead) always stay. Returns the names removed; a
+    folder that cannot be removed is said once in the log and left.
+    """
+    if keep_days <= 0:
+        return []
+    today = date.fromtimestamp(time.time() if now is None else now)
+    try:
+        entries = sorted(os.scandir(log_dir), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        _say_once(f"list {log_dir}", "log_dir: cannot list %s to remove old day folders (%s)",
+                  log_dir, exc.strerror or exc)
+        return []
+    removed = []
+    for entry in entries:
+        if not DAY_NAME.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            day = date.fromisoformat(entry.name)
+        except ValueError:  # 2026-13-45: not a date, not ours
+            continue
+        if (today - day).days <= keep_days:
+            continue
+        try:
+            shutil.rmtree(entry.path)
+        except OSError as exc:
+            _say_once(f"prune {log_dir}", "log_dir: cannot remove the old day folder %s (%s): "
+                      "remove it by hand or fix the folder's permissions", entry.path, exc.strerror or exc)
+            continue
+        removed.append(entry.name)
+    if removed:
+        logging.getLogger("imagesync").info(
+            "log_dir: removed %d day folders older than %d days from %s: %s",
+            len(removed), keep_days, log_dir, ", ".join(removed))
+    return removed
 
 
 def append(log_dir: Path, name: str, line: str, when: float | None = None) -> None:
@@ -104,6 +159,14 @@ def setup(log_dir: Path | None, level: int = logging.INFO, stderr: bool = True) 
 
 
 _unwritable: set[str] = set()
+_said: set[str] = set()
+
+
+def _say_once(key: str, message: str, *args: object) -> None:
+    """An error, logged once per process for ``key``: a housekeeping task runs every 30 s."""
+    if key not in _said:
+        _said.add(key)
+        logging.getLogger("imagesync").error(message, *args)
 
 
 def report_unwritable(log_dir: Path, error: OSError) -> None:

@@ -62,6 +62,11 @@ class Plan:
     def total(self) -> int:
         return sum(len(images) for images in self.missing.values())
 
+    def held(self, node: str, image: str) -> tuple[bool, str | None]:
+        """Whether ``node`` holds ``image`` (a wanted reference), and under which digest."""
+        digest = held_as(self.holdings.get(node, {}), image)
+        return (False, None) if digest is _NOT_HELD else (True, digest)
+
     def to_dict(self) -> dict:
         return {
             "nodes": self.nodes,
@@ -179,17 +184,10 @@ def make_plan(
 
     chosen = set(per_node) if targets is None else set(targets) & set(per_node)
     nodes = sorted(chosen)
-    pinned = {ref: _repo_digest(ref) for ref in wanted if "@" in ref}
     missing = {}
     for node in nodes:
         held = per_node[node].references
-        # a digest reference is held when the node holds that digest under any
-        # name of the repository: tagged, untagged, or pinned
-        by_digest = {pin for ref, digest in held.items() if digest for pin in [_repo_digest(ref, digest)]}
-        missing[node] = sorted(
-            ref for ref in wanted
-            if ref not in held and not (ref in pinned and pinned[ref] in by_digest)
-        )
+        missing[node] = sorted(ref for ref in wanted if held_as(held, ref) is _NOT_HELD)
     return Plan(
         nodes=nodes,
         skipped=dict(sorted((unreachable or {}).items())),
@@ -199,6 +197,28 @@ def make_plan(
         drift=find_drift(per_node.values()),
         refused=refused,
     )
+
+
+_NOT_HELD = "not held"
+
+
+def held_as(held: Mapping[str, str | None], ref: str) -> str | None:
+    """The digest under which a node holding ``held`` holds ``ref`` (None when
+    unknown), or ``_NOT_HELD``.
+
+    A digest reference is held when the node holds that digest under any name
+    of the repository: tagged, untagged, or pinned (containerd keeps
+    ``repo:tag@digest`` as ``repo@digest``).
+    """
+    if ref in held:
+        return held[ref]
+    if "@" not in ref:
+        return _NOT_HELD
+    wanted = _repo_digest(ref)
+    for name, digest in held.items():
+        if digest and _repo_digest(name, digest) == wanted:
+            return digest
+    return _NOT_HELD
 
 
 def _repo_digest(ref: str, digest: str | None = None) -> tuple[str, str | None]:

@@ -19,10 +19,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import WatchError
 
 from . import keys
+from .errors import ImagesyncError
 
-RUNNING, COMPLETED, ABANDONED = "running", "completed", "abandoned"
+RUNNING, COMPLETED, ABANDONED, CANCELLED = "running", "completed", "abandoned", "cancelled"
 
 #: pull outcomes; the first two mean the node now holds the image
 PULLED, PRESENT = "pulled", "present"
@@ -57,6 +59,7 @@ if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
 end
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[4], 1)
+redis.call('HINCRBY', KEYS[1], 'p:' .. string.match(ARGV[2], '^[^ ]+') .. ':' .. ARGV[4], 1)  -- per node (exporter)
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 3 end
 local t = now(ARGV[5])
 redis.call('HSET', KEYS[1], 'last_progress', string.format('%.6f', t))
@@ -103,6 +106,39 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
 """
+
+# An operator cancels a run (``imagesync cancel``); returns 1 if this call did
+# it (a re-run of the same call, same token, answers 1 again), 0 if the run is
+# no longer running, -1 if there is no such run. The run stops making progress
+# at once: it leaves the stale-run check, its lock is released, and its pulls
+# still queued find it cancelled and are skipped; those already running finish
+# and report late. A run that holds the lock but has no record yet (it is still
+# listing images) gets one here, cancelled, and stops before it sends a pull.
+_CANCEL = _NOW + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'cancelled' and redis.call('HGET', KEYS[1], 'cancel_token') == ARGV[5] then return 1 end
+local t = now(ARGV[2])
+local finished = string.format('%.6f', t)
+if not status then
+    if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+    redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'cancelled', 'started', finished, 'finished', finished,
+               'last_progress', finished, 'expected', 0, 'cancelled_by', ARGV[3], 'reason', ARGV[4],
+               'cancel_token', ARGV[5])
+    redis.call('LPUSH', KEYS[4], ARGV[1])
+    redis.call('DEL', KEYS[3])
+    return 1
+end
+if status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', finished, 'cancelled_by', ARGV[3],
+           'reason', ARGV[4], 'cancel_token', ARGV[5])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+
+class RunCancelled(ImagesyncError):
+    """The run was cancelled while it was being started."""
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -153,6 +189,8 @@ class Run:
     refused: list[dict[str, str]]
     wanted: int
     reason: str = ""
+    #: who cancelled the run (user@host), for a cancelled run
+    cancelled_by: str = ""
     results: list[Outcome] = field(default_factory=list)
 
     @property
@@ -193,6 +231,7 @@ class RunStore:
         self._record = redis.register_script(_RECORD)
         self._abandon = redis.register_script(_ABANDON)
         self._touch = redis.register_script(_TOUCH)
+        self._cancel = redis.register_script(_CANCEL)
 
     def create(
         self,
@@ -205,8 +244,13 @@ class RunStore:
         refused: list[dict[str, str]],
         wanted: int,
         now: float | None = None,
+        nodes: dict[str, dict[str, int]] | None = None,
     ) -> bool:
-        """Record a new run; returns True if it expects no pulls and is already complete."""
+        """Record a new run; returns True if it expects no pulls and is already complete.
+
+        Raises :class:`RunCancelled` if the run was cancelled while it was
+        listing images (its record, written by the cancel, is left as it is).
+        """
         now = now or self.now()
         per_node = Counter(node for node, _ in pulls)
         complete = not pulls
@@ -223,14 +267,29 @@ class RunStore:
             "refused": json.dumps(refused),
             "wanted": wanted,
         }
+        if nodes is not None:
+            # per reachable node at plan time: held/missing/drifted counts (read by the exporter)
+            record["nodes"] = json.dumps(nodes, separators=(",", ":"))
         if complete:
             record["finished"] = repr(now)
-        pipe = self.redis.pipeline()
-        pipe.hset(keys.run(run_id), mapping=record)
-        if not complete:
-            pipe.zadd(keys.ACTIVE, {run_id: now + self.stale_after})
-        pipe.lpush(keys.HISTORY, run_id)
-        pipe.execute()
+        with self.redis.pipeline() as pipe:
+            # A cancel writes the record of a run still listing images: WATCH
+            # it, so that this never turns a cancelled run back into a running one.
+            pipe.watch(keys.run(run_id))
+            written = bool(pipe.exists(keys.run(run_id)))
+            if not written:
+                pipe.multi()
+                pipe.hset(keys.run(run_id), mapping=record)
+                if not complete:
+                    pipe.zadd(keys.ACTIVE, {run_id: now + self.stale_after})
+                pipe.lpush(keys.HISTORY, run_id)
+                try:
+                    pipe.execute()
+                except WatchError:
+                    written = True
+        if written:
+            self.redis.hsetnx(keys.run(run_id), "trigger", trigger)  # the cancel could not know it
+            raise RunCancelled(f"run {run_id} was cancelled while it listed images; no pull was sent")
         self._trim()
         return complete
 
@@ -292,6 +351,15 @@ class RunStore:
             )
         )
 
+    def cancel(self, run_id: str, by: str, reason: str = "", now: float | None = None) -> int:
+        """Cancel a running run and release its lock; see _CANCEL for the return values."""
+        return int(
+            self._cancel(
+                keys=[keys.run(run_id), keys.ACTIVE, keys.LOCK, keys.HISTORY],
+                args=[run_id, _given(now), by, reason, secrets.token_hex(8)],
+            )
+        )
+
     def get(self, run_id: str, with_results: bool = True) -> Run | None:
         raw = self.redis.hgetall(keys.run(run_id))
         if not raw:
@@ -312,6 +380,7 @@ class RunStore:
             refused=json.loads(data.get("refused", "[]")),
             wanted=int(data.get("wanted", 0)),
             reason=data.get("reason", ""),
+            cancelled_by=data.get("cancelled_by", ""),
         )
         if with_results:
             run.results = sorted(
@@ -337,16 +406,32 @@ def _text(value: Any) -> Any:
 
 def summary_lines(run: Run) -> list[str]:
     """The run's summary as log lines, the way the operator reads it."""
-    counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in run.counts.items()) or "nothing to pull"
+    counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in run.counts.items())
+    if not counts:
+        counts = "no pull reported" if run.status == CANCELLED else "nothing to pull"
+    why = run.reason
+    if run.status == CANCELLED:
+        why = f"cancelled by {run.cancelled_by or 'unknown'}" + (f": {run.reason}" if run.reason else "")
     lines = [
         f"run {run.id} {run.status} in {run.duration:.1f} s: {run.expected} pulls planned; {counts}"
-        + (f" ({run.reason})" if run.reason else "")
+        + (f" ({why})" if why else "")
     ]
     for node, reason in run.skipped.items():
         lines.append(f"run {run.id}: node {node} skipped: {reason}")
     for node, count in run.unreported().items():
-        lines.append(f"run {run.id}: node {node}: {count} pulls never reported (worker or node down?)")
+        if run.status == CANCELLED:
+            lines.append(f"run {run.id}: node {node}: {count} pulls not reported yet (the run was cancelled: "
+                         "queued pulls are skipped, running ones finish)")
+        else:
+            lines.append(f"run {run.id}: node {node}: {count} pulls never reported (worker or node down?)")
+    if run.status == CANCELLED:
+        # one line per node for the pulls the cancel kept off it, not one per image
+        not_run = Counter(outcome.node for outcome in run.results if outcome.status == SKIPPED)
+        for node, count in sorted(not_run.items()):
+            lines.append(f"run {run.id}: node {node}: {count} pulls skipped: the run was cancelled before they started")
     for outcome in run.results:
+        if run.status == CANCELLED and outcome.status == SKIPPED:
+            continue
         if not outcome.succeeded:
             lines.append(
                 f"run {run.id}: {outcome.node}: {outcome.image} {outcome.status.replace('_', ' ')}: {outcome.reason}"

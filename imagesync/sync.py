@@ -5,6 +5,7 @@
 * :func:`finish_pull` records a pull's outcome, writes its log lines, and, for
   the pull that completes the run, the summary.
 * :func:`finalize_stale` ends runs that stopped making progress.
+* :func:`cancel_run` ends a run on an operator's word.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .errors import ImagesyncError
 from .inventory import take_inventory
 from .lock import RunLock
 from .plan import Plan, make_plan
-from .runs import Outcome, RunStore, new_run_id, summary_lines
+from .runs import CANCELLED, Outcome, RunCancelled, RunStore, new_run_id, summary_lines
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -65,7 +66,7 @@ def pull_expiry(settings: Settings, pulls_on_node: int) -> float:
 
 @dataclass
 class Started:
-    status: str  # "started", "already-running", "nothing-to-do"
+    status: str  # "started", "already-running", "nothing-to-do", "cancelled"
     run_id: str | None
     message: str
     pulls: int = 0
@@ -132,6 +133,7 @@ def start_run(
             drift=plan.to_dict()["drift"],
             refused=plan.to_dict()["refused"],
             wanted=len(plan.wanted),
+            nodes=node_counts(plan),
         )
         missed = missed_targets(plan, (node.name for node in settings.nodes), targets)
         if complete:
@@ -142,7 +144,7 @@ def start_run(
                 return Started("nothing-to-do", run_id, message, 0, plan, missed)
             return Started("nothing-to-do", run_id, f"run {run_id}: every node already holds every image", 0, plan)
         # The lock's TTL ran from before the inventory, which may have taken long.
-        _keep_lock(lock, run_id, "after the inventory")
+        _keep_lock(lock, store, run_id, "after the inventory")
         per_node = Counter(node for node, _ in pulls)
         log.info("run %s started by %s: %d pulls on %d nodes (%s)", run_id, trigger, plan.total,
                  len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())))
@@ -150,8 +152,13 @@ def start_run(
         for sent, (node, image) in enumerate(pulls, 1):
             send_pull(node, image, run_id, expiry[node])
             if sent % RENEW_EVERY == 0:
-                _keep_lock(lock, run_id, f"after sending {sent} of {len(pulls)} pulls")
-        _keep_lock(lock, run_id, "after sending every pull")
+                _keep_lock(lock, store, run_id, f"after sending {sent} of {len(pulls)} pulls")
+        _keep_lock(lock, store, run_id, "after sending every pull")
+    except RunCancelled as exc:
+        # `imagesync cancel` wrote the summary and released the lock; what was
+        # sent finds the run cancelled and is skipped.
+        log.warning("%s", exc)
+        return Started("cancelled", run_id, str(exc))
     except BaseException as exc:
         # Whatever was queued will report into a run that is already over;
         # the lock must not outlive this failure, whatever else fails here.
@@ -165,6 +172,23 @@ def start_run(
     return Started("started", run_id, message, plan.total, plan, missed)
 
 
+def node_counts(plan: Plan) -> dict[str, dict[str, int]]:
+    """Per reachable node, of the wanted images: how many it holds and lacks, and
+    how many drifted tags (held by nodes under different digests) it holds.
+
+    Stored in the run record, so that ``imagesync exporter`` never asks a node.
+    """
+    drifted = Counter(node for drift in plan.drift for node in drift.digests)
+    counts = {}
+    for node in plan.holdings:
+        if node in plan.nodes:
+            missing = len(plan.missing.get(node, []))
+        else:  # reached but not a target of this run
+            missing = sum(1 for ref in plan.wanted if not plan.held(node, ref)[0])
+        counts[node] = {"held": len(plan.wanted) - missing, "missing": missing, "drifted": drifted[node]}
+    return counts
+
+
 def _missed_line(missed: Mapping[str, str]) -> str:
     return "skipped " + "; ".join(f"{node} ({reason})" for node, reason in missed.items())
 
@@ -173,9 +197,11 @@ class LockLost(ImagesyncError):
     """The run's lock expired or was taken while the run was being started."""
 
 
-def _keep_lock(lock: RunLock, run_id: str, when: str) -> None:
+def _keep_lock(lock: RunLock, store: RunStore, run_id: str, when: str) -> None:
     """Renew the run's lock; a run that lost it stops here rather than overlap another."""
     if not lock.renew(run_id):
+        if store.status(run_id) == CANCELLED:
+            raise RunCancelled(f"run {run_id} was cancelled (seen {when}): it sends no more pulls")
         holder = lock.holder()
         raise LockLost(f"run {run_id} lost its lock {when} (now held by {holder or 'nobody'}): "
                        "the inventory took longer than the lock's TTL; the run stops here")
@@ -222,6 +248,32 @@ def write_summary(settings: Settings, store: RunStore, run_id: str) -> None:
         return
     for i, line in enumerate(summary_lines(run)):
         log.log(logging.INFO if i == 0 and not run.failures else logging.WARNING, line)
+
+
+class NotCancelled(ImagesyncError):
+    """There was no run to cancel: none in progress, no such run, or it had ended."""
+
+
+def cancel_run(settings: Settings, redis: Redis, run_id: str | None, by: str, reason: str = "") -> str:
+    """Cancel ``run_id``, or the run holding the lock; returns the run id.
+
+    One atomic step marks it cancelled (who, why), takes it off the stale-run
+    check and releases its lock, so that a new run can start at once; then its
+    summary is written. Its pulls still queued find it cancelled and are skipped
+    without reaching the node; pulls already running finish and report late.
+    """
+    store = run_store(settings, redis)
+    if run_id is None:
+        run_id = run_lock(settings, redis).holder()
+        if run_id is None:
+            raise NotCancelled("nothing to cancel: no run is in progress (see 'imagesync history')")
+    answer = store.cancel(run_id, by, reason)
+    if answer == -1:
+        raise NotCancelled(f"nothing to cancel: no run {run_id} in the history (see 'imagesync history')")
+    if answer == 0:
+        raise NotCancelled(f"nothing to cancel: run {run_id} is not running (it is {store.status(run_id)})")
+    write_summary(settings, store, run_id)
+    return run_id
 
 
 def finalize_stale(settings: Settings, redis: Redis, now: float | None = None) -> list[str]:

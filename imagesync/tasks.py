@@ -18,7 +18,7 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import logs
+from . import keys, logs
 from .celery import app, refuse, settings
 from .celeryconfig import NODE_QUEUE_PREFIX, SYNC_TIME_LIMIT, node_queue, pull_time_limits
 from .errors import ConfigError, one_line
@@ -76,9 +76,13 @@ def send_pull(node: str, image: str, run_id: str, expires: float) -> None:
                      queue=node_queue(node))
 
 
-@app.task(name="imagesync.sync", time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
-def sync(trigger: str = "manual", nodes: list[str] | None = None) -> dict:
+@app.task(name="imagesync.sync", bind=True, time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
+def sync(self, trigger: str = "manual", nodes: list[str] | None = None) -> dict:  # type: ignore[no-untyped-def]
     """Start a run (or report that one is already running)."""
+    if self.request.id:
+        # Say at once that a worker has it: whoever waits for the answer can
+        # tell a long inventory from a missing control worker.
+        redis().set(keys.sync_taken(self.request.id), self.request.hostname or "?", ex=SYNC_TIME_LIMIT)
     if nodes:
         for name in nodes:
             settings.node(name)
@@ -133,8 +137,11 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
 
 @app.task(name="imagesync.finalize", ignore_result=True)
 def finalize() -> list[str]:
-    """Finalize runs that stopped making progress and free their lock."""
-    return finalize_stale(settings, redis())
+    """Housekeeping: finalize runs that stopped making progress and free their lock;
+    remove day folders of log_dir older than log_keep_days."""
+    ended = finalize_stale(settings, redis())
+    logs.prune(settings.log_dir, settings.log_keep_days)
+    return ended
 
 
 #: when this worker started, before it took any message off its queues

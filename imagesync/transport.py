@@ -5,7 +5,12 @@ node by configuration:
 
 * :class:`SSHTransport` (Fabric): one connection per node per process, opened
   lazily, reopened when it drops; host keys checked against the configured
-  known_hosts file (unknown keys refused unless ``accept-new``).
+  known_hosts file (unknown keys refused unless ``accept-new``). Host, port,
+  user, keys, known_hosts and the jump host (ProxyJump, one hop) are those of
+  ``Settings.ssh_target``: imagesync's settings, then the operator's OpenSSH
+  client configuration. A handshake sshd drops (past its MaxStartups, as when
+  every pool process connects at once) is retried with jittered backoff
+  within the connect timeout.
 * :class:`LocalTransport`: the worker runs on the node itself.
 
 Library errors (paramiko, socket) are translated here into
@@ -14,7 +19,9 @@ Library errors (paramiko, socket) are translated here into
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -22,6 +29,7 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,7 +48,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .config import Node, Settings
+    from .config import Node, Settings, SSHTarget
 
 
 @dataclass(frozen=True)
@@ -230,8 +238,76 @@ def known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+#: paramiko logs a failed handshake at ERROR, with a traceback, from its own thread. The
+#: failure reaches the caller as one NodeError, and a retried one is no failure at all, so
+#: during the handshake paramiko logs here, where those records are dropped (DEBUG and INFO
+#: still pass, for whoever turns them on).
+_HANDSHAKE_LOG = "paramiko.transport.handshake"
+logging.getLogger(_HANDSHAKE_LOG).addFilter(lambda record: record.levelno < logging.ERROR)
+
+#: handshakes tried again after sshd dropped the connection (past its MaxStartups), all
+#: within connect_timeout; the first pause, doubled each time up to the cap, is jittered ±50 %
+HANDSHAKE_RETRIES = 6
+_RETRY_FIRST, _RETRY_CAP = 0.1, 2.0
+
+
+def _handshake_dropped(exc: BaseException) -> bool:
+    """Whether sshd closed the connection before or during the key exchange.
+
+    That is what sshd does to connections past ``MaxStartups`` (unauthenticated
+    connections at once; ``10:30:100`` by default): paramiko then reads no
+    banner ("Error reading SSH protocol banner") or loses the connection in the
+    key exchange (reset, EOF). Refused connections, timeouts, refused keys and
+    host key problems are not among them.
+    """
+    if isinstance(exc, (paramiko.AuthenticationException, paramiko.BadHostKeyException)):
+        return False
+    if isinstance(exc, paramiko.SSHException):
+        return str(exc).startswith("Error reading SSH protocol banner") and not _timed_out(exc.__context__)
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError))
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    return isinstance(exc, (socket.timeout, TimeoutError))
+
+
+def _pause(attempt: int) -> float:
+    """Seconds to wait before handshake ``attempt + 1``: exponential, capped, jittered."""
+    return min(_RETRY_CAP, _RETRY_FIRST * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def _paths(value: Path | Sequence[Path] | None) -> tuple[Path, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, Path)):
+        return (Path(value),)
+    return tuple(Path(item) for item in value)
+
+
+def _for_node(exc: NodeError, node: str) -> NodeError:
+    """The same error, told about ``node`` (a jump host's errors are its nodes' errors)."""
+    if exc.node == node:
+        return exc
+    try:
+        error = type(exc)(node, exc.message)
+    except TypeError:  # an error with other arguments: it is, in the end, an unreachable node
+        error = NodeUnreachable(node, exc.message)
+    return error
+
+
 class SSHTransport(Transport):
-    """Runs commands over SSH with Fabric; one connection, reopened when it drops."""
+    """Runs commands over SSH with Fabric; one connection, reopened when it drops.
+
+    ``key_file`` and ``known_hosts`` may each be several files: every key is
+    offered, every known_hosts file is read, and accept-new records new keys
+    in the first. ``jump`` is the transport of a jump host (ProxyJump): the
+    connection then goes through a "direct-tcpip" channel of the jump host's
+    connection, as ``ssh -J`` does, and the node's host key is checked all
+    the same. A handshake sshd drops (past its MaxStartups) is tried again,
+    up to ``handshake_retries`` times with jittered backoff, within
+    ``connect_timeout``. ``role`` names what this connects to in messages
+    when it is not the node itself ("jump host bastion").
+    """
 
     def __init__(
         self,
@@ -239,111 +315,216 @@ class SSHTransport(Transport):
         host: str,
         port: int = 22,
         user: str = "root",
-        key_file: Path | None = None,
-        known_hosts: Path | None = None,
+        key_file: Path | Sequence[Path] | None = None,
+        known_hosts: Path | Sequence[Path] | None = None,
         host_key_policy: str = "reject",
         connect_timeout: float = 10.0,
+        jump: SSHTransport | None = None,
+        handshake_retries: int = HANDSHAKE_RETRIES,
+        role: str | None = None,
     ) -> None:
         self.node = node
         self.host = host
         self.port = port
         self.user = user
-        self.key_file = key_file
-        self.known_hosts = known_hosts
+        self.key_files = _paths(key_file)
+        self.known_hosts_files = _paths(known_hosts)
         self.host_key_policy = host_key_policy
         self.connect_timeout = connect_timeout
+        self.jump = jump
+        self.handshake_retries = handshake_retries
+        self.role = role
+        #: handshakes the last connection took (1 unless sshd dropped some)
+        self.attempts = 0
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+
+    @property
+    def key_file(self) -> Path | None:
+        return self.key_files[0] if self.key_files else None
+
+    @property
+    def known_hosts(self) -> Path | None:
+        """The known_hosts file accept-new records keys in."""
+        return self.known_hosts_files[0] if self.known_hosts_files else None
 
     @property
     def address(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
+    @property
+    def _subject(self) -> str:
+        return self.role or self.node
+
     def _connect(self) -> Connection:
         if self._connection is not None and self._connection.is_connected:
             return self._connection
         self.close()
+        began = time.monotonic()
+        deadline = began + self.connect_timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                connection = self._open(deadline)
+                break
+            except NodeError:  # from the jump host, or known_hosts: already in words
+                raise
+            except BaseException as exc:
+                pause = _pause(attempt)
+                if (not _handshake_dropped(exc) or attempt > self.handshake_retries
+                        or time.monotonic() + pause >= deadline):
+                    raise self._translate_connect_error(exc, attempt, time.monotonic() - began) from exc
+                time.sleep(pause)
+        self.attempts = attempt
+        self._connection = connection
+        return connection
+
+    def _open(self, deadline: float) -> Connection:
+        """One handshake: a new socket (or a channel of the jump host), host keys, authentication."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
         connect_kwargs: dict[str, object] = {
-            "banner_timeout": self.connect_timeout,
+            "banner_timeout": left,
             "auth_timeout": self.connect_timeout,
             "channel_timeout": self.connect_timeout,
         }
-        if self.key_file:
-            connect_kwargs.update(key_filename=[str(self.key_file)], look_for_keys=False)
+        if self.key_files:
+            connect_kwargs.update(key_filename=[str(path) for path in self.key_files], look_for_keys=False)
         connection = Connection(
             self.host,
             user=self.user,
             port=self.port,
-            connect_timeout=max(1, round(self.connect_timeout)),
+            connect_timeout=max(1, round(left)),
             connect_kwargs=connect_kwargs,
+            # imagesync applies the OpenSSH client configuration itself (config.sshconfig)
             config=Config(overrides={"load_ssh_configs": False}),
         )
         client = connection.client
+        self._load_host_keys(client)
+        client.set_log_channel(_HANDSHAKE_LOG)
+        try:
+            if self.jump is not None:
+                connect_kwargs["sock"] = self.jump.open_tunnel(self.host, self.port, left, self.node)
+            else:
+                sock = socket.create_connection((self.host, self.port), timeout=left)
+                connect_kwargs["sock"] = _QuickAckSocket(sock)
+            connection.open()
+        except BaseException:
+            connection.close()
+            raise
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_log_channel("paramiko.transport")
+            transport.set_keepalive(30)
+        return connection
+
+    def _load_host_keys(self, client: paramiko.SSHClient) -> None:
         host_keys = client.get_host_keys()
         host_keys.clear()
-        if self.known_hosts and self.known_hosts.exists():
+        name = known_hosts_name(self.host, self.port)
+        for path in self.known_hosts_files:
+            if not path.exists():
+                continue
             try:
-                known = _known_hosts(self.known_hosts)
+                known = _known_hosts(path)
             except (OSError, paramiko.SSHException) as exc:
-                raise HostKeyUnknown(self.node, f"cannot read known_hosts {self.known_hosts}: {exc}") from exc
-            name = known_hosts_name(self.host, self.port)
+                raise HostKeyUnknown(self.node, f"cannot read known_hosts {path}: {exc}") from exc
             for key_type, key in (known.lookup(name) or {}).items():
                 host_keys.add(name, key_type, key)
-        if self.host_key_policy == "accept-new" and self.known_hosts:
+        if self.host_key_policy == "accept-new" and self.known_hosts is not None:
             client.set_missing_host_key_policy(AcceptNewPolicy(self.known_hosts))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-            connect_kwargs["sock"] = _QuickAckSocket(sock)
-            connection.open()
-        except BaseException as exc:
-            connection.close()
-            raise self._translate_connect_error(exc) from exc
-        transport = connection.client.get_transport()
-        if transport is not None:
-            transport.set_keepalive(30)
-        self._connection = connection
-        return connection
 
-    def _translate_connect_error(self, exc: BaseException) -> BaseException:
+    def open_tunnel(self, host: str, port: int, timeout: float, node: str) -> paramiko.Channel:
+        """A channel to ``host:port`` opened by this host (a jump host), for ``node``'s connection.
+
+        This host's connection is opened first if need be; its errors and the
+        channel's are ``node``'s errors.
+        """
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    connection = self._connect()
+                except NodeError as exc:
+                    raise _for_node(exc, node) from exc
+                try:
+                    return connection.client.get_transport().open_channel(
+                        "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
+                except paramiko.ChannelException as exc:  # the jump host answered: it cannot, or may not
+                    raise NodeUnreachable(
+                        node,
+                        f"Cannot connect to {node} via SSH ({host}:{port} through {self._subject} {self.address}: "
+                        f"{exc.text or exc}): check that the node is up and sshd is running, and that "
+                        f"{self._subject} can reach it and allows TCP forwarding (AllowTcpForwarding)",
+                    ) from exc
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    self.close()
+                    if attempt == 2:
+                        raise NodeUnreachable(
+                            node, f"SSH connection to {self._subject} ({self.address}) dropped: "
+                            f"{exc or type(exc).__name__}") from exc
+            raise AssertionError("unreachable")
+
+    def _translate_connect_error(self, exc: BaseException, attempts: int = 1, took: float = 0.0) -> BaseException:
         where = known_hosts_name(self.host, self.port)
-        known = self.known_hosts or "~/.ssh/known_hosts"
+        named = f"{where} ({self.role})" if self.role else where
+        known = ", ".join(str(path) for path in self.known_hosts_files) or "~/.ssh/known_hosts"
+        first = self.known_hosts or "~/.ssh/known_hosts"
         if isinstance(exc, paramiko.BadHostKeyException):
             return HostKeyChanged(
                 self.node,
-                f"host key of {where} does not match {known} (reinstalled node, or someone "
-                f"in between): if the change is expected, run ssh-keygen -R '{where}' -f {known} "
+                f"host key of {named} does not match {known} (reinstalled node, or someone "
+                f"in between): if the change is expected, run ssh-keygen -R '{where}' -f {first} "
                 "and add the new key",
             )
         if isinstance(exc, paramiko.AuthenticationException):
-            key = f" with key {self.key_file}" if self.key_file else ""
+            keys = ", ".join(str(path) for path in self.key_files)
+            key = f" with key {keys}" if keys else ""
             return AuthenticationFailed(
                 self.node,
-                f"SSH authentication as {self.user} refused by {where}{key}: "
+                f"SSH authentication as {self.user} refused by {named}{key}: "
                 f"install the key with ssh-copy-id -p {self.port} {self.user}@{self.host}",
             )
         if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+            if all(str(path) == os.devnull for path in self.known_hosts_files):
+                fix = ("that file keeps no keys (UserKnownHostsFile /dev/null in the SSH config?): name a real "
+                       "file with ssh.known_hosts or UserKnownHostsFile, and add the key there")
+            elif self.jump is not None:
+                fix = (f"add it with ssh -p {self.jump.port} {self.jump.user}@{self.jump.host} ssh-keyscan "
+                       f"-p {self.port} {self.host} >> {first} (after checking it)")
+            else:
+                fix = (f"add it with ssh-keyscan -p {self.port} {self.host} >> {first} "
+                       "(after checking it)")
             return HostKeyUnknown(
-                self.node,
-                f"host key of {where} is not in {known}: add it with "
-                f"ssh-keyscan -p {self.port} {self.host} >> {known} (after checking it), "
-                'or set ssh.host_key_policy = "accept-new"',
+                self.node, f'host key of {named} is not in {known}: {fix}, or set ssh.host_key_policy = "accept-new"'
             )
-        if isinstance(exc, (socket.timeout, TimeoutError)):
+        advice = "check that the node is up and sshd is running" if self.role is None else \
+            "check that it is up and sshd is running"
+        if _timed_out(exc) or (isinstance(exc, paramiko.SSHException) and _timed_out(exc.__context__)):
             reason = f"no answer within {self.connect_timeout:g} s"
         elif isinstance(exc, (NoValidConnectionsError, ConnectionRefusedError)):
             reason = "connection refused"
         elif isinstance(exc, socket.gaierror):
             reason = f"unknown host name {self.host!r}"
+        elif _handshake_dropped(exc):
+            cause = exc.__context__ if isinstance(exc, paramiko.SSHException) else exc
+            detail = "reset" if isinstance(cause, (ConnectionResetError, BrokenPipeError)) else "closed"
+            tries = f", {attempts} attempts in {took:.1f} s" if attempts > 1 else ""
+            reason = f"sshd {detail} the connection during the SSH handshake{tries}"
+            advice += (", and that its MaxStartups allows as many connections at once as imagesync opens "
+                       "(README, Troubleshooting)")
         elif isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
             reason = str(exc) or type(exc).__name__
         else:
             return exc
         return NodeUnreachable(
             self.node,
-            f"Cannot connect to {self.node} via SSH ({self.address}: {reason}): "
-            "check that the node is up and sshd is running",
+            f"Cannot connect to {self._subject} via SSH ({self.address}"
+            + (f" through {self.jump._subject} {self.jump.address}" if self.jump else "")
+            + f": {reason}): {advice}",
         )
 
     def run(self, command: str, timeout: float) -> CommandResult:
@@ -380,6 +561,10 @@ class SSHTransport(Transport):
 
 _cache: dict[tuple[int, str], Transport] = {}
 _cache_lock = threading.Lock()
+# jump hosts' transports, shared by the nodes behind them in one process: one
+# connection to the jump host carries a channel per node
+_jumps: dict[tuple[object, ...], SSHTransport] = {}
+_jumps_lock = threading.Lock()
 
 
 def transport_for(settings: Settings, node: Node) -> Transport:
@@ -406,16 +591,35 @@ def make_transport(settings: Settings, node: Node) -> Transport:
                 "CONTAINERD_ADDRESS": node.endpoint.removeprefix("unix://"),
             }
         return LocalTransport(node.name, env)
+    # host, port, user, keys, known_hosts, timeout and jump host as imagesync's
+    # settings and the OpenSSH client configuration give them (config.sshconfig)
+    target = settings.ssh_target(node)
     return SSHTransport(
         node.name,
-        host=node.host,
-        port=node.port,
-        user=settings.node_user(node),
-        key_file=settings.node_key_file(node),
-        known_hosts=settings.ssh.known_hosts,
+        host=target.host,
+        port=target.port,
+        user=target.user,
+        key_file=target.key_files,
+        known_hosts=target.known_hosts,
         host_key_policy=settings.ssh.host_key_policy,
-        connect_timeout=settings.ssh.connect_timeout,
+        connect_timeout=target.connect_timeout,
+        jump=_jump_transport(target.jump, settings.ssh.host_key_policy, node.name) if target.jump else None,
     )
+
+
+def _jump_transport(jump: SSHTarget, host_key_policy: str, node: str) -> SSHTransport:
+    """The transport of a jump host, shared by the nodes behind it in this process."""
+    key = (os.getpid(), jump.host, jump.port, jump.user, jump.key_files, jump.known_hosts, host_key_policy,
+           jump.connect_timeout)
+    with _jumps_lock:
+        transport = _jumps.get(key)
+        if transport is None:
+            transport = _jumps[key] = SSHTransport(
+                node, host=jump.host, port=jump.port, user=jump.user, key_file=jump.key_files,
+                known_hosts=jump.known_hosts, host_key_policy=host_key_policy,
+                connect_timeout=jump.connect_timeout, role=f"jump host {jump.name}",
+            )
+        return transport
 
 
 def close_all() -> None:
@@ -423,6 +627,10 @@ def close_all() -> None:
         for transport in _cache.values():
             transport.close()
         _cache.clear()
+    with _jumps_lock:
+        for jump in _jumps.values():
+            jump.close()
+        _jumps.clear()
 
 
 __all__ = [

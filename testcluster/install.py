@@ -19,6 +19,9 @@ REQUIRED_COMMANDS = {
     "skopeo": "skopeo",
     # the seed's Bash pipeline that bench/ compares imagesync with
     "jq": "jq",
+    # Prometheus and promtool: tests/test_exporter.py checks deploy/prometheus/ with them
+    "prometheus": "prometheus",
+    "promtool": "prometheus",
 }
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 

@@ -126,6 +126,7 @@ def test_a_minimal_toml_file_gets_every_default(tmp_path):
     assert settings.images == []
     assert (settings.time_out, settings.max_parallel, settings.history, settings.retries) == (1800, 4, 200, 3)
     assert settings.log_dir == Path("/var/log/imagesync")
+    assert settings.log_keep_days == 30
     assert settings.schedule == "*/30 * * * *"
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
     assert settings.ssh == SSHSettings()
@@ -137,6 +138,7 @@ def test_a_minimal_toml_file_gets_every_default(tmp_path):
 
 def test_every_key_can_be_set_in_toml(tmp_path):
     key = write(tmp_path, "key", "id_ed25519")
+    ssh_config = write(tmp_path, "# no hosts\n", "ssh_config")
     settings = load(
         tmp_path,
         f"""
@@ -145,10 +147,14 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         time_out = 60
         max_parallel = 8
         log_dir = "/tmp/imagesync-logs"
+        log_keep_days = 7
         schedule = 300
+        timezone = "Asia/Kolkata"
         redis_url = "rediss://:s3cret@redis.example:6380/1"
         history = 5
         retries = 0
+        exporter_address = "::1"
+        exporter_port = 9100
         [registries."nvcr.io"]
         username = "$oauthtoken"
         password = "ngc api key"
@@ -161,6 +167,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         known_hosts = "/etc/imagesync/known_hosts"
         host_key_policy = "accept-new"
         connect_timeout = 2.5
+        config_file = "{ssh_config}"
         [[nodes]]
         name = "gpu-1"
         host = "10.0.0.7"
@@ -190,7 +197,9 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         known_hosts=Path("/etc/imagesync/known_hosts"),
         host_key_policy="accept-new",
         connect_timeout=2.5,
+        config_file=ssh_config,
     )
+    assert (settings.exporter_address, settings.exporter_port) == ("::1", 9100)
     node = settings.node("gpu-1")
     assert (node.host, node.port, node.user, node.key_file, node.runtime) == ("10.0.0.7", 2222, "ops", key, "ctr")
     assert (node.endpoint, node.hosts_dir, node.transport) == (
@@ -389,12 +398,14 @@ def test_the_shape_of_the_document(tmp_path):
         "prefixes: 'bcm11' is not a list: write ['bcm11']",
         "ssh: 5 is not a table of keys: write it as an [ssh] table",
         "unknown key what: remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, "
-        "log_dir, schedule, redis_url, history, retries, registries, ssh)",
+        "log_dir, log_keep_days, schedule, timezone, redis_url, history, retries, exporter_address, exporter_port, "
+        "registries, ssh)",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\nnodes = "a"\n"odd key" = 1\n') == [
         "nodes: 'a' is not a list of nodes: write each node as a [[nodes]] table",
         'unknown key "odd key": remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, '
-        "log_dir, schedule, redis_url, history, retries, registries, ssh)",
+        "log_dir, log_keep_days, schedule, timezone, redis_url, history, retries, exporter_address, exporter_port, "
+        "registries, ssh)",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\n') == [
         "nodes: no nodes are configured: list at least one worker node in a [[nodes]] table"
@@ -514,15 +525,20 @@ def test_every_override(tmp_path):
         "IMAGESYNC_TIME_OUT": "60",
         "IMAGESYNC_MAX_PARALLEL": "2",
         "IMAGESYNC_LOG_DIR": "/tmp/logs",
+        "IMAGESYNC_LOG_KEEP_DAYS": "0",
         "IMAGESYNC_SCHEDULE": "120",
+        "IMAGESYNC_TIMEZONE": "Europe/Berlin",
         "IMAGESYNC_REDIS_URL": "redis://:pw@h:6379/2",
         "IMAGESYNC_HISTORY": "10",
         "IMAGESYNC_RETRIES": "1",
+        "IMAGESYNC_EXPORTER_ADDRESS": "0.0.0.0",
+        "IMAGESYNC_EXPORTER_PORT": "9900",
         "IMAGESYNC_SSH_USER": "admin",
         "IMAGESYNC_SSH_KEY_FILE": str(key),
         "IMAGESYNC_SSH_KNOWN_HOSTS": "/tmp/known_hosts",
         "IMAGESYNC_SSH_HOST_KEY_POLICY": "accept-new",
         "IMAGESYNC_SSH_CONNECT_TIMEOUT": "1.5",
+        "IMAGESYNC_SSH_CONFIG_FILE": "none",  # ssh -F none: no SSH config (an empty variable is unset)
         "PATH": "/usr/bin",  # not ours: ignored
     }
     settings = load(tmp_path, MINIMAL + "[ssh]\nuser = 'root'\n", **environ)
@@ -536,12 +552,16 @@ def test_every_override(tmp_path):
         1,
     )
     assert (settings.log_dir, settings.redis_url) == (Path("/tmp/logs"), "redis://:pw@h:6379/2")
+    assert settings.log_keep_days == 0
+    assert settings.timezone == "Europe/Berlin"
+    assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
     assert settings.ssh == SSHSettings(
         user="admin",
         key_file=key,
         known_hosts=Path("/tmp/known_hosts"),
         host_key_policy="accept-new",
         connect_timeout=1.5,
+        config_file=None,
     )
     for variable, key_path in ENVIRONMENT.items():
         assert settings.sources[".".join(key_path)] == f"env {variable}"
@@ -608,7 +628,9 @@ def test_describe_shows_every_key_with_its_source(tmp_path):
     file = f"file {tmp_path / 'imagesync.toml'}"
     top = [key for key in Settings.model_fields if key != "ssh"]
     ssh = [f"ssh.{key}" for key in SSHSettings.model_fields]
-    nodes = [f"nodes.{name}.{key}" for name in ("k8s-worker1", "k8s-worker2") for key in Node.model_fields]
+    # an SSH node's fields, then what the SSH config may add
+    extra = ["known_hosts", "connect_timeout", "proxy_jump"]
+    nodes = [f"nodes.{name}.{key}" for name in ("k8s-worker1", "k8s-worker2") for key in [*Node.model_fields, *extra]]
     assert list(rows) == top + ssh + nodes
     assert rows["redis_url"] == ("redis://user:****@redis:6379/0", "env IMAGESYNC_REDIS_URL")
     assert "s3cret" not in repr(settings) + repr(settings.describe())
@@ -912,7 +934,7 @@ def test_any_valid_document_is_loaded_as_written(document):
     assert settings.prefixes == list(dict.fromkeys(prefix.rstrip("/") for prefix in document["prefixes"]))
     assert settings.max_parallel == int(document.get("max_parallel", 4))
     logins = sum(2 for _ in settings.registries)
-    assert len(settings.describe()) == 11 + 5 + 10 * len(settings.nodes) + logins
+    assert len(settings.describe()) == 15 + 6 + 13 * len(settings.nodes) + logins  # 15 top keys, 6 ssh keys
 
 
 def test_prefixes_are_normalized_and_one_that_can_never_match_is_a_config_error(tmp_path):
@@ -925,3 +947,39 @@ def test_prefixes_are_normalized_and_one_that_can_never_match_is_a_config_error(
     assert refused.value.problems == [
         "prefixes[0]: 'nvcr.io/nvidia/pytorch:24.01' is not a usable image prefix: a prefix names a registry "
         "or repository, not a tag or digest: did you mean nvcr.io/nvidia/pytorch?"]
+
+
+def test_a_crontab_schedule_is_read_in_the_configured_time_zone(tmp_path):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from celery import Celery
+
+    from imagesync.celeryconfig import celery_settings
+
+    path = tmp_path / "imagesync.toml"
+    path.write_text('prefixes = ["bcm11"]\nschedule = "30 2 * * *"\ntimezone = "Asia/Kolkata"\n'
+                    '[[nodes]]\nname = "w1"\n')
+    app = Celery("t", set_as_current=False)
+    app.conf.update(celery_settings(load_settings(path, environ={})))
+    schedule = app.conf.beat_schedule["sync"]["schedule"]
+    schedule.app = app
+    # 02:30 in Kolkata is 21:00 UTC the day before
+    last = datetime(2026, 11, 28, 21, 30, tzinfo=ZoneInfo("UTC"))
+    due = schedule.remaining_estimate(last) + schedule.maybe_make_aware(schedule.now())
+    assert due.astimezone(ZoneInfo("Asia/Kolkata")).strftime("%H:%M") == "02:30"
+
+
+def test_the_time_zone_defaults_to_the_hosts(tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "America/Sao_Paulo")
+    path = tmp_path / "imagesync.toml"
+    path.write_text('prefixes = ["bcm11"]\n[[nodes]]\nname = "w1"\n')
+    assert load_settings(path, environ={}).timezone == "America/Sao_Paulo"
+
+
+def test_a_comment_of_the_shell_tools_file_may_hold_quotes(tmp_path):
+    settings = load(tmp_path, "# the seed's file, as shipped\n"
+                    'NODE1="k8s-worker1"  # the first worker\'s name\n'
+                    "PREFIX1='bcm11' # Harbor's prefix\n", "image-sync.conf")
+    assert [node.name for node in settings.nodes] == ["k8s-worker1"]
+    assert settings.prefixes == ["bcm11"]

@@ -223,7 +223,8 @@ def fake_path(tmp_path):
     bin_dir.mkdir()
     for command in ("imagesync", "celery"):
         fake = bin_dir / command
-        fake.write_text(f'#!/bin/sh\necho "{command} $*|role=${{IMAGESYNC_ROLE-unset}} node=${{IMAGESYNC_NODE-unset}}"\n')
+        roles = "role=${IMAGESYNC_ROLE-unset} node=${IMAGESYNC_NODE-unset}"
+        fake.write_text(f'#!/bin/sh\necho "{command} $*|{roles}"\n')
         fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     return bin_dir
 

@@ -1049,3 +1049,51 @@ def test_a_node_whose_disk_is_full_fails_the_pull_with_the_runtimes_reason(deplo
     finally:
         full.stop_containerd()
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+# == a busy control worker is not a missing one ==================================================
+
+
+def test_the_cli_waits_for_a_control_worker_that_took_the_run_and_gives_up_on_none(deploy, tmp_path):
+    d = deploy(nodes=2)
+    d.cluster.seed({"node-1": ["bcm11/a:1"], "node-2": []})
+    d.configure()
+    d.start()
+    # node-1's listing hangs while the flag exists: a long inventory
+    flag = tmp_path / "hang"
+    flag.write_text("")
+    tamper_crictl(d.cluster.node("node-1"), hang_flag=flag)
+    stderr = tmp_path / "cli.err"
+    with stderr.open("w") as errors:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "imagesync.cli", "sync", "--wait", "--timeout", "2"],
+            env={**os.environ, "IMAGESYNC_CONFIG": str(d.config_path)}, stdout=subprocess.PIPE,
+            stderr=errors, text=True)
+        wait_for(lambda: "still listing images; waiting" in stderr.read_text(), 30,
+                 "the CLI to see that the control worker took the run")
+        assert cli.poll() is None  # past its 2 s, and still waiting: nothing revoked
+        flag.unlink()
+        out, _ = cli.communicate(timeout=120)
+    assert cli.returncode == 0, stderr.read_text() + out
+    assert d.cluster.ref("bcm11/a:1") in d.held("node-2")
+
+    # no control worker at all: the CLI gives up after its wait, and the task is revoked
+    d.services.stop("control")
+    nobody = d.cli("sync", "--timeout", "2")
+    assert nobody.returncode == 1
+    assert "no control worker started the run within 2 s" in nobody.stderr
+
+
+def test_a_sync_that_reached_none_of_its_target_nodes_fails_and_names_them(deploy):
+    d = deploy(nodes=2)
+    d.cluster.seed({"node-1": ["bcm11/a:1"], "node-2": []})
+    d.configure()
+    d.start()
+    # (before any run: no SSH connection of the control worker outlives its sshd)
+    d.cluster.node("node-2").stop_sshd()
+    only = d.cli("sync", "--wait", "--node", "node-2")
+    assert only.returncode == 1, only.stdout + only.stderr
+    assert "skipped node-2 (Cannot connect to node-2 via SSH" in one_line(only.stderr)
+    assert d.cluster.ref("bcm11/a:1") not in d.held("node-2")
+    # node-2 down, node-1 up: an ordinary run (node-2 skipped), nothing missed
+    assert d.cli("sync", "--wait").returncode == 0

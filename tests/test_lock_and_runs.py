@@ -190,3 +190,26 @@ def test_an_outcome_is_recorded_even_when_the_log_files_cannot_be_written(redis_
     assert store.get("r1").status == COMPLETED
     errors = [r for r in caplog.records if r.getMessage().startswith("log_dir: cannot write")]
     assert len(errors) == 1  # said once, loudly
+
+
+def test_a_start_that_fails_releases_the_lock_even_when_recording_the_failure_fails(
+        redis_client, redis_server, tmp_path, monkeypatch):
+    from imagesync import sync
+    from imagesync.config import load_settings
+
+    config = tmp_path / "imagesync.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\nlog_dir = "{tmp_path}"\n'
+                      'prefixes = ["bcm11"]\n[[nodes]]\nname = "w1"\n')
+    settings = load_settings(config)
+
+    def inventory_fails(*_args, **_kwargs):
+        raise RuntimeError("inventory blew up")
+
+    def abandon_fails(*_args, **_kwargs):
+        raise redis_py.exceptions.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(sync, "plan_now", inventory_fails)
+    monkeypatch.setattr(RunStore, "abandon", abandon_fails)
+    with pytest.raises(redis_py.exceptions.ConnectionError):
+        sync.start_run(settings, redis_client, lambda *args: None)
+    assert RunLock(redis_client, ttl=60).holder() is None

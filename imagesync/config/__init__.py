@@ -17,6 +17,8 @@ The package has one module per job:
 * :mod:`.sources`: reading the TOML file and the environment, precedence and
   provenance (what ``config show`` prints), and :func:`load_settings`;
 * :mod:`.shellconf`: the reader of the seed tool's ``image-sync.conf``;
+* :mod:`.sshconfig`: the operator's OpenSSH client configuration, and how
+  each node is reached over SSH (:meth:`Settings.ssh_target`);
 * :mod:`.problems`: pydantic's validation errors as one-line problems.
 
 Import from here, not from the modules: they are an internal layout.
@@ -26,6 +28,7 @@ from .checks import Location, mask_url
 from .model import HostKeyPolicy, Node, RegistryLogin, Runtime, Settings, SSHSettings, Transport
 from .shellconf import LEGACY_KEYS
 from .sources import CONFIG_VARIABLE, DEFAULT_CONFIG_PATH, ENVIRONMENT, load_settings
+from .sshconfig import SSHTarget
 
 __all__ = [
     "CONFIG_VARIABLE",
@@ -38,6 +41,7 @@ __all__ = [
     "RegistryLogin",
     "Runtime",
     "SSHSettings",
+    "SSHTarget",
     "Settings",
     "Transport",
     "load_settings",

@@ -205,6 +205,51 @@ def _existing_file(value: Any) -> Path:
     return path
 
 
+def _ssh_config_file(value: Any) -> Path | None:
+    """An OpenSSH client configuration file that exists; ``""`` or ``"none"`` (``ssh -F none``) reads none (None)."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    return _existing_file(value)
+
+
+def host_timezone() -> str:
+    """This host's time zone as an IANA name (``Europe/Berlin``), UTC if it cannot be told."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    try:
+        candidates.append(Path("/etc/timezone").read_text().strip())
+    except OSError:
+        pass
+    try:
+        link = os.readlink("/etc/localtime")
+        candidates.append(link.split("zoneinfo/", 1)[1] if "zoneinfo/" in link else "")
+    except OSError:
+        pass
+    for name in candidates:
+        if name and _zone(name) is not None:
+            return name
+    return "UTC"
+
+
+def _zone(name: str) -> Any:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _timezone(value: Any) -> str:
+    """An IANA time zone name, as in /usr/share/zoneinfo: ``UTC``, ``Asia/Kolkata``."""
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(f"{_show(value)} is not a time zone: use a name such as UTC or Asia/Kolkata")
+    name = value.strip()
+    if _zone(name) is None:
+        raise _invalid(f"{_show(value)} is not a time zone known to this host: use a name from "
+                       "/usr/share/zoneinfo, such as UTC or Asia/Kolkata")
+    return name
+
+
 def _schedule(value: Any) -> int | str:
     """Seconds between runs (at least 10), or a five-field crontab expression.
 

@@ -41,11 +41,15 @@ from .checks import (
     _redis_url,
     _schedule,
     _secret,
+    _ssh_config_file,
     _text,
+    _timezone,
     _whole_number,
     _without_repeats,
+    host_timezone,
     mask_url,
 )
+from .sshconfig import SSHTarget, describe_config_files, resolve
 
 Runtime = Literal["crictl", "ctr"]
 Transport = Literal["ssh", "local"]
@@ -117,6 +121,10 @@ class SSHSettings(BaseModel):
     # "reject" by default: a node whose key we do not know may not be the node we think
     host_key_policy: Annotated[HostKeyPolicy, _check(_choice(HostKeyPolicy))] = "reject"
     connect_timeout: Annotated[float, _check(_positive_seconds)] = 10.0
+    # the OpenSSH client configuration read: unset, ~/.ssh/config then /etc/ssh/ssh_config;
+    # a file, that file only (ssh -F); "" or "none" (None), none (see sshconfig.config_files)
+    config_file: Annotated[Path | None, _check(_ssh_config_file, optional=True)] = Field(
+        default_factory=lambda: Path(os.path.expanduser("~/.ssh/config")))
 
 
 class Node(BaseModel):
@@ -165,11 +173,18 @@ class Settings(BaseModel):
     time_out: Annotated[int, _check(_whole_number("a whole number of seconds", 1))] = 1800
     max_parallel: Annotated[int, _check(_whole_number("a whole number of pulls", 1, 256))] = 4
     log_dir: _LocalPath = Path("/var/log/imagesync")
+    # day folders of log_dir older than this many days are removed; 0 keeps them all
+    log_keep_days: Annotated[int, _check(_whole_number("a whole number of days", 0))] = 30
     schedule: Annotated[int | str, _check(_schedule)] = "*/30 * * * *"
+    # the zone a crontab schedule is read in; the logs use the host's local time
+    timezone: Annotated[str, _check(_timezone)] = Field(default_factory=host_timezone)
     # repr=False: the URL may carry a password, and reprs end up in logs
     redis_url: Annotated[str, _check(_redis_url)] = Field(default="redis://127.0.0.1:6379/0", repr=False)
     history: Annotated[int, _check(_whole_number("a whole number of runs", 1))] = 200
     retries: Annotated[int, _check(_whole_number("a whole number of retries", 0, 20))] = 3
+    # where `imagesync exporter` serves Prometheus metrics; loopback unless widened on purpose
+    exporter_address: Annotated[str, _check(_text("a listening address"))] = "127.0.0.1"
+    exporter_port: _Port = 9808
     # logins for private registries, by registry host: [registries."nvcr.io"]
     registries: dict[_RegistryHost, RegistryLogin] = Field(default_factory=dict)
     # a factory, for the same reason as known_hosts' default
@@ -177,6 +192,8 @@ class Settings(BaseModel):
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
     _path: Path | None = PrivateAttr(default=None)
+    # each SSH node's target (see ssh_target), resolved once
+    _ssh_targets: dict[str, SSHTarget] | None = PrivateAttr(default=None)
 
     @field_validator("nodes", mode="after")
     @classmethod
@@ -233,6 +250,29 @@ class Settings(BaseModel):
         """The SSH key for ``node``: its own, else ``ssh.key_file``; None leaves it to SSH."""
         return node.key_file or self.ssh.key_file
 
+    def resolve_ssh(self) -> list[str]:
+        """Read the OpenSSH client configuration for every SSH node; the problems found, one line each."""
+        targets, problems = resolve(self)
+        if not problems:
+            self._ssh_targets = targets
+        return problems
+
+    def ssh_target(self, node: Node) -> SSHTarget:
+        """How ``node`` is reached over SSH: each value in effect, with its source.
+
+        imagesync's own settings given explicitly win, then the OpenSSH client
+        configuration, then the defaults (see :mod:`.sshconfig`).  Raises
+        ConfigError if that configuration is broken, ValueError for a local node.
+        """
+        if self._ssh_targets is None:
+            problems = self.resolve_ssh()
+            if problems:
+                raise ConfigError(problems, source=str(self._path) if self._path else None)
+        assert self._ssh_targets is not None
+        if node.name not in self._ssh_targets:
+            raise ValueError(f"node {node.name} is not reached over SSH (transport = {node.transport!r})")
+        return self._ssh_targets[node.name]
+
     @property
     def path(self) -> Path | None:
         """The file these settings were loaded from; None if they were built in code."""
@@ -258,7 +298,10 @@ class Settings(BaseModel):
         """(key, value, source) for every key and every node's fields, for ``config show``.
 
         A node's user and key_file show the value in effect, which may come
-        from the ssh table; the Redis password is masked.
+        from the ssh table; the Redis password is masked.  An SSH node's host,
+        port, user and key_file, and the rows known_hosts, connect_timeout and
+        proxy_jump after its fields, are those in effect once the OpenSSH client
+        configuration is applied (:meth:`ssh_target`).
         """
         sources = self.sources
         rows = []
@@ -272,7 +315,8 @@ class Settings(BaseModel):
                 value = mask_url(value)
             rows.append((key, _display(value), sources[key]))
         for key in SSHSettings.model_fields:
-            rows.append((f"ssh.{key}", _display(getattr(self.ssh, key)), sources[f"ssh.{key}"]))
+            shown = describe_config_files(self.ssh) if key == "config_file" else _display(getattr(self.ssh, key))
+            rows.append((f"ssh.{key}", shown, sources[f"ssh.{key}"]))
         for host, login in self.registries.items():
             rows.append((f"registries.{host}.username", login.username, sources["registries"]))
             if login.password_file is not None:
@@ -280,17 +324,35 @@ class Settings(BaseModel):
             else:
                 rows.append((f"registries.{host}.password", "****", sources["registries"]))
         for node in self.nodes:
+            target = self.ssh_target(node) if node.transport == "ssh" else None
             for key in Node.model_fields:
                 value = getattr(node, key)
                 source = sources["nodes"] if key in node.model_fields_set else "default"
                 if key in ("user", "key_file") and value is None:
                     value, source = getattr(self.ssh, key), sources[f"ssh.{key}"]
+                if target is not None and key in ("host", "port", "user", "key_file"):
+                    value = list(target.key_files) or None if key == "key_file" else getattr(target, key)
+                    source = target.sources[key]
                 rows.append((f"nodes.{node.name}.{key}", _display(value), source))
+            if target is not None:
+                rows += [(f"nodes.{node.name}.{key}", value, target.sources[key]) for key, value in _ssh_rows(target)]
         return rows
 
 
 #: the top-level keys besides the ssh table, in the order they are documented
 _TOP_KEYS = [key for key in Settings.model_fields if key != "ssh"]
+
+
+def _ssh_rows(target: SSHTarget) -> list[tuple[str, str]]:
+    """The rows ``config show`` adds for an SSH node: what its fields do not say."""
+    jump = target.jump
+    route = "(none)"
+    if jump is not None:
+        keys = ", ".join(str(path) for path in jump.key_files) or "SSH's usual keys"
+        route = f"{jump.name}: {jump.address}, key {keys}, known_hosts {_display(list(jump.known_hosts))}"
+    return [("known_hosts", _display(list(target.known_hosts))),
+            ("connect_timeout", _display(target.connect_timeout)),
+            ("proxy_jump", route)]
 
 
 def _display(value: object) -> str:

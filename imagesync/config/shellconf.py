@@ -34,6 +34,27 @@ def _is_legacy(path: Path, text: str) -> bool:
     return bool(meaningful) and all(_LEGACY_LINE.match(line) for line in meaningful)
 
 
+def _without_comment(line: str) -> str:
+    """``line`` up to its comment, as bash sees it: a ``#`` that starts a word,
+    outside quotes. (shlex would start one at any ``#``, and would choke on the
+    apostrophe of a comment such as ``# the seed's file``.)"""
+    quote = ""
+    escaped = False
+    for index, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index]
+    return line
+
+
 def _read_legacy(
     text: str, source: str, problems: list[str]
 ) -> tuple[dict[str, Any], dict[str, str], dict[Location, str]]:
@@ -47,17 +68,14 @@ def _read_legacy(
     """
     assigned: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
-        lexer = shlex.shlex(line, posix=True)
+        lexer = shlex.shlex(_without_comment(line), posix=True)
         lexer.whitespace_split = True
-        # shlex would start a comment at any "#", bash only at the start of a word
         lexer.commenters = ""
         try:
             words = list(lexer)
         except ValueError as exc:
             problems.append(f"line {number}: {str(exc).lower()}: check the quotes")
             continue
-        comment = next((index for index, word in enumerate(words) if word.startswith("#")), len(words))
-        words = words[:comment]
         if words[:1] == ["export"]:
             words = words[1:]
         if not words:

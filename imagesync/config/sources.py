@@ -42,15 +42,20 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_TIME_OUT": ("time_out",),
     "IMAGESYNC_MAX_PARALLEL": ("max_parallel",),
     "IMAGESYNC_LOG_DIR": ("log_dir",),
+    "IMAGESYNC_LOG_KEEP_DAYS": ("log_keep_days",),
     "IMAGESYNC_SCHEDULE": ("schedule",),
+    "IMAGESYNC_TIMEZONE": ("timezone",),
     "IMAGESYNC_REDIS_URL": ("redis_url",),
     "IMAGESYNC_HISTORY": ("history",),
     "IMAGESYNC_RETRIES": ("retries",),
+    "IMAGESYNC_EXPORTER_ADDRESS": ("exporter_address",),
+    "IMAGESYNC_EXPORTER_PORT": ("exporter_port",),
     "IMAGESYNC_SSH_USER": ("ssh", "user"),
     "IMAGESYNC_SSH_KEY_FILE": ("ssh", "key_file"),
     "IMAGESYNC_SSH_KNOWN_HOSTS": ("ssh", "known_hosts"),
     "IMAGESYNC_SSH_HOST_KEY_POLICY": ("ssh", "host_key_policy"),
     "IMAGESYNC_SSH_CONNECT_TIMEOUT": ("ssh", "connect_timeout"),
+    "IMAGESYNC_SSH_CONFIG_FILE": ("ssh", "config_file"),
 }
 
 #: keys whose environment variable holds a comma-separated list
@@ -116,6 +121,10 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         raise ConfigError([" ".join(problem.splitlines()) for problem in problems], source=str(chosen))
     settings._sources = document.all_sources()
     settings._path = chosen
+    # the OpenSSH client configuration, once the rest is valid: a broken line there is a problem too
+    ssh_problems = settings.resolve_ssh()
+    if ssh_problems:
+        raise ConfigError([" ".join(problem.splitlines()) for problem in ssh_problems], source=str(chosen))
     return settings
 
 

@@ -1,0 +1,382 @@
+"""Cancelling a run: the record and its Lua script, the run lifecycle, the CLI, and the real cluster.
+
+All of it needs a real redis-server (the Lua scripts run there), so all of it
+is ``cluster``; the last test deploys the whole test cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import time
+from unittest import mock
+
+import pytest
+from rich.console import Console
+
+from imagesync import keys
+from imagesync.cli import main, operator
+from imagesync.config import Settings
+from imagesync.lock import RunLock
+from imagesync.plan import make_plan
+from imagesync.runs import CANCELLED, RUNNING, Outcome, RunCancelled, RunStore, summary_lines
+from imagesync.sync import cancel_run, start_run
+from testcluster.cluster import toml_dumps
+
+pytestmark = pytest.mark.cluster
+
+
+def _store(redis_client):
+    return RunStore(redis_client, stale_after=60, lock_ttl=60, history=50)
+
+
+def _running(redis_client, run_id="r1", pulls=(("w1", "a"), ("w1", "b"), ("w2", "c"), ("w2", "d"))):
+    store = _store(redis_client)
+    assert RunLock(redis_client, ttl=60).acquire(run_id)
+    store.create(run_id, trigger="test", pulls=list(pulls), skipped={}, drift=[], refused=[], wanted=2)
+    return store
+
+
+# -- the record -------------------------------------------------------------------------------
+
+
+def test_cancel_marks_the_run_releases_its_lock_and_leaves_the_stale_check(redis_client):
+    store = _running(redis_client)
+    store.record("r1", Outcome("w1", "a", "pulled"))
+    assert store.cancel("r1", "ops@head", "wrong images") == 1
+    run = store.get("r1")
+    assert run.status == CANCELLED
+    assert (run.cancelled_by, run.reason) == ("ops@head", "wrong images")
+    assert run.finished is not None
+    assert RunLock(redis_client, ttl=60).holder() is None
+    # never abandoned later: it is no longer watched for progress
+    assert store.stale(now=time.time() + 10_000) == []
+    assert not store.abandon("r1", "stale", force=True)
+    assert store.status("r1") == CANCELLED
+
+
+def test_a_rerun_of_the_same_cancel_answers_the_same_and_a_second_cancel_does_nothing(redis_client):
+    store = _running(redis_client)
+    args = ["r1", "", "ops@head", "first", "token-1"]
+    run_keys = [keys.run("r1"), keys.ACTIVE, keys.LOCK, keys.HISTORY]
+    assert store._cancel(keys=run_keys, args=args) == 1
+    finished = store.get("r1").finished
+    # redis-py re-runs a script whose reply was lost with the same arguments
+    assert store._cancel(keys=run_keys, args=args) == 1
+    assert store.get("r1").finished == finished
+    assert store.cancel("r1", "someone@else", "second") == 0
+    run = store.get("r1")
+    assert (run.cancelled_by, run.reason, run.finished) == ("ops@head", "first", finished)
+
+
+def test_late_reports_are_counted_and_the_run_stays_cancelled(redis_client):
+    store = _running(redis_client)
+    store.record("r1", Outcome("w1", "a", "pulled"))
+    store.cancel("r1", "ops@head")
+    # a pull that was running finishes; the queued ones find the run cancelled
+    assert store.record("r1", Outcome("w1", "b", "pulled")) == 3
+    assert store.record("r1", Outcome("w2", "c", "skipped", reason="run was already cancelled")) == 3
+    assert store.record("r1", Outcome("w2", "c", "skipped", reason="run was already cancelled")) == 0
+    assert store.record("r1", Outcome("w2", "d", "skipped", reason="run was already cancelled")) == 3
+    run = store.get("r1")
+    assert run.status == CANCELLED
+    assert run.counts == {"pulled": 2, "skipped": 2}
+    assert run.unreported() == {}
+    # a run whose every pull has reported is still not "completed"
+    assert RunLock(redis_client, ttl=60).acquire("r2")
+    assert store.record("r1", Outcome("w1", "a", "pulled")) == 0
+    assert RunLock(redis_client, ttl=60).holder() == "r2"
+
+
+def test_only_a_running_run_is_cancelled_and_another_runs_lock_is_kept(redis_client):
+    store = _store(redis_client)
+    store.create("done", trigger="test", pulls=[], skipped={}, drift=[], refused=[], wanted=0)
+    assert store.cancel("done", "ops@head") == 0
+    assert store.status("done") == "completed"
+    assert store.cancel("nope", "ops@head") == -1
+    assert not redis_client.exists(keys.run("nope"))
+    # a running run whose lock someone else holds now (it had expired)
+    store.create("old", trigger="test", pulls=[("w1", "a")], skipped={}, drift=[], refused=[], wanted=1)
+    RunLock(redis_client, ttl=60).acquire("new")
+    assert store.cancel("old", "ops@head") == 1
+    assert RunLock(redis_client, ttl=60).holder() == "new"
+
+
+def test_a_run_still_listing_images_is_cancelled_before_it_has_a_record(redis_client):
+    store = _store(redis_client)
+    RunLock(redis_client, ttl=60).acquire("r1")
+    assert store.cancel("r1", "ops@head", "not now") == 1
+    assert RunLock(redis_client, ttl=60).holder() is None
+    assert [run.id for run in store.recent()] == ["r1"]
+    # the run, done listing, must not turn it back into a running one
+    with pytest.raises(RunCancelled):
+        store.create("r1", trigger="beat", pulls=[("w1", "a")], skipped={}, drift=[], refused=[], wanted=1)
+    run = store.get("r1")
+    assert (run.status, run.trigger, run.expected, run.cancelled_by) == (CANCELLED, "beat", 0, "ops@head")
+    assert not redis_client.exists(keys.run_done("r1"))
+    assert redis_client.zscore(keys.ACTIVE, "r1") is None
+    assert "r1 cancelled" in summary_lines(run)[0]
+
+
+def test_the_summary_says_cancelled_by_whom_and_why_and_what_never_ran(redis_client):
+    store = _running(redis_client)
+    store.record("r1", Outcome("w1", "a", "pulled"))
+    store.cancel("r1", "ops@head", "maintenance")
+    lines = summary_lines(store.get("r1"))
+    assert re.fullmatch(r"run r1 cancelled in [0-9.]+ s: 4 pulls planned; 1 pulled \(cancelled by ops@head: "
+                        r"maintenance\)", lines[0])
+    assert "run r1: node w2: 2 pulls not reported yet (the run was cancelled: queued pulls are skipped, " \
+           "running ones finish)" in lines
+    for image in "bcd":
+        store.record("r1", Outcome("w1" if image == "b" else "w2", image, "skipped", reason="run was cancelled"))
+    lines = summary_lines(store.get("r1"))
+    assert "run r1: node w1: 1 pulls skipped: the run was cancelled before they started" in lines
+    assert "run r1: node w2: 2 pulls skipped: the run was cancelled before they started" in lines
+    assert not any("never reported" in line or "not reported" in line for line in lines)
+    assert not any(": c skipped" in line for line in lines)  # no line per skipped image
+
+
+# -- the run lifecycle ------------------------------------------------------------------------
+
+
+def _settings(redis_url, tmp_path, nodes=("w1", "w2")):
+    return Settings(nodes=[{"name": n, "transport": "local"} for n in nodes], images=[], prefixes=["registry.test"],
+                    redis_url=redis_url, log_dir=tmp_path / "logs")
+
+
+def _plan(count):
+    images = [f"registry.test/app{i}:1" for i in range(count)]
+    return make_plan({"w1": [], "w2": []}, [], declared=images)
+
+
+def test_a_run_cancelled_while_it_lists_images_sends_nothing(redis_server, redis_client, tmp_path):
+    settings = _settings(redis_server.url, tmp_path)
+    sent = []
+
+    def plan_while_cancelled(settings_, targets=None):
+        holder = RunLock(redis_client, ttl=60).holder()
+        cancel_run(settings_, redis_client, None, "ops@head", "too early")
+        assert RunLock(redis_client, ttl=60).holder() is None
+        plan_while_cancelled.run = holder
+        return _plan(3)
+
+    with mock.patch("imagesync.sync.plan_now", plan_while_cancelled):
+        started = start_run(settings, redis_client, lambda *pull: sent.append(pull), trigger="cli")
+    assert (started.status, started.run_id) == ("cancelled", plan_while_cancelled.run)
+    assert "cancelled while it listed images" in started.message
+    assert sent == []
+    run = _store(redis_client).get(started.run_id)
+    assert (run.status, run.trigger, run.reason) == (CANCELLED, "cli", "too early")
+
+
+def test_a_run_cancelled_during_its_fan_out_stops_sending(redis_server, redis_client, tmp_path):
+    settings = _settings(redis_server.url, tmp_path)
+    sent = []
+
+    def send(node, image, run_id, expires):
+        sent.append(image)
+        if len(sent) == 3:
+            cancel_run(settings, redis_client, run_id, "ops@head")
+
+    with mock.patch("imagesync.sync.plan_now", lambda *_: _plan(10)), mock.patch("imagesync.sync.RENEW_EVERY", 2):
+        started = start_run(settings, redis_client, send, trigger="cli")
+    assert started.status == "cancelled"
+    assert "sends no more pulls" in started.message
+    assert len(sent) == 4  # the lock is renewed every 2 pulls: the cancel is seen at the next renewal
+    assert _store(redis_client).status(started.run_id) == CANCELLED
+    # a new run starts at once
+    with mock.patch("imagesync.sync.plan_now", lambda *_: _plan(1)):
+        again = start_run(settings, redis_client, lambda *pull: None, trigger="cli")
+    assert again.status == "started"
+    assert _store(redis_client).status(again.run_id) == RUNNING
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def _cli(config, *argv):
+    """``imagesync ARGV`` in this process: exit code, stdout, stderr (tables 200 columns wide)."""
+    out, err = io.StringIO(), io.StringIO()
+    wide = Console(file=out, width=200, highlight=False)
+    root = logging.getLogger()  # the command sets up logging as a process of its own would
+    with mock.patch.dict(os.environ, {"IMAGESYNC_CONFIG": str(config)}), mock.patch("imagesync.cli.out", wide), \
+            mock.patch.object(root, "handlers", list(root.handlers)), mock.patch.object(root, "level", root.level), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def config(redis_server, redis_client, tmp_path):
+    path = tmp_path / "imagesync.toml"
+    path.write_text(toml_dumps({"prefixes": ["registry.test"], "redis_url": redis_server.url,
+                                "log_dir": str(tmp_path / "logs"),
+                                "nodes": [{"name": "w1", "transport": "local"}, {"name": "w2", "transport": "local"}]}))
+    return path
+
+
+def test_cancel_without_a_run_in_progress_says_so_in_one_line(config):
+    code, out, err = _cli(config, "cancel")
+    assert code == 1
+    assert err == "imagesync: nothing to cancel: no run is in progress (see 'imagesync history')\n"
+    assert out == ""
+    code, _, err = _cli(config, "cancel", "20990101-000000-abcdef")
+    assert code == 1
+    assert err.splitlines() == ["imagesync: nothing to cancel: no run 20990101-000000-abcdef in the history "
+                                "(see 'imagesync history')"]
+
+
+def test_cancel_stops_the_run_in_progress_and_says_who_and_why(config, redis_client, tmp_path):
+    store = _running(redis_client, "20261122-024001-7227f5")
+    store.record("20261122-024001-7227f5", Outcome("w1", "a", "pulled"))
+    code, out, err = _cli(config, "cancel", "--reason", "  registry  maintenance ")
+    assert code == 0, err
+    assert err == ""
+    who = operator()
+    assert re.match(r"run 20261122-024001-7227f5 cancelled in [0-9.]+ s: 4 pulls planned; 1 pulled "
+                    rf"\(cancelled by {re.escape(who)}: registry maintenance\)", out)
+    assert "the lock is released" in out
+    assert RunLock(redis_client, ttl=60).holder() is None
+    # the summary is in the day's log, as a worker writes it
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("*/image-sync.log"))
+    assert "run 20261122-024001-7227f5 cancelled in" in log and who in log
+    # a second time: nothing running, and the run named: not running
+    assert _cli(config, "cancel")[0] == 1
+    code, _, err = _cli(config, "cancel", "20261122-024001-7227f5")
+    assert code == 1
+    assert err == "imagesync: nothing to cancel: run 20261122-024001-7227f5 is not running (it is cancelled)\n"
+    # history shows it, with its counts
+    code, out, _ = _cli(config, "history")
+    assert code == 0
+    row = next(line for line in out.splitlines() if "20261122-024001-7227f5" in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[2:7] == ["cancelled", "4", "1", "0", "0"]
+    code, out, _ = _cli(config, "history", "--json", "20261122-024001-7227f5")
+    assert '"status": "cancelled"' in out and f'"cancelled_by": "{who}"' in out
+
+
+def test_version_names_imagesync_and_the_libraries_a_bug_report_needs(config, capsys):
+    import celery
+    import kombu
+    import paramiko
+    import redis
+
+    from imagesync import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out
+    assert line == (f"imagesync {__version__} (celery {celery.__version__}, kombu {kombu.__version__}, "
+                    f"redis-py {redis.__version__}, paramiko {paramiko.__version__}; "
+                    f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))})\n")
+    # check prints the same line first, even before it reads the configuration
+    config.write_text(config.read_text().replace('prefixes = ["registry.test"]', 'prefixes = "x y"'))
+    code, out, err = _cli(config, "check")
+    assert code == 2
+    assert out.splitlines()[0] == line.strip()
+    assert err.startswith("imagesync: prefixes")
+
+
+# -- on the real cluster ----------------------------------------------------------------------
+
+
+def _wait_for(check, timeout, what, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+
+
+def _started(result):
+    for line in result.stdout.splitlines():
+        if line.startswith("run ") and " started" in line:
+            return line.split()[1]
+    raise AssertionError(f"no run started:\n{result.stdout}\n{result.stderr}")
+
+
+def test_a_cancelled_run_starts_no_more_pulls_and_frees_the_lock_at_once(deploy):
+    d = deploy(nodes=2)
+    d.cluster.seed({"node-1": [f"bcm11/one{i}:1" for i in range(10)],
+                    "node-2": [f"nvidia/two{i}:1" for i in range(10)]})
+    d.configure(max_parallel=2)
+    d.start()
+    delay = 4.0
+    d.cluster.proxy.delay(delay)
+    result = d.cli("sync")
+    assert result.returncode == 0, result.stderr + result.stdout
+    run_id = _started(result)
+    with d.cluster.redis.client() as client:
+        store = RunStore(client, stale_after=600, lock_ttl=600)
+        # cancelled after the first few pulls, with the next ones running
+        _wait_for(lambda: (store.get(run_id, with_results=False).done >= 2), 60, "the first pulls")
+        before = time.time()
+        cancel = d.cli("cancel", "--reason", "test")
+        cancelled_at = time.time()
+        assert cancel.returncode == 0, cancel.stderr + cancel.stdout
+        assert cancel.stdout.startswith(f"run {run_id} cancelled in ")
+        assert client.get(keys.LOCK) is None
+        at_cancel = store.get(run_id, with_results=False)
+        # what the nodes themselves had run, read after the cancel returned
+        seen = {n: d.cluster.node(n).pulls() for n in ("node-1", "node-2")}
+        running = [p for pulls in seen.values() for p in pulls if p.end is None]
+        print(f"measured: cancel took {cancelled_at - before:.2f} s; at the cancel: {at_cancel.counts}, "
+              f"{len(running)} pulls running on the nodes")
+        assert at_cancel.status == CANCELLED and at_cancel.cancelled_by.endswith("@" + os.uname().nodename)
+
+        # a new run starts at once, on node-1 only: node-2 stays a clean witness
+        d.cluster.proxy.passthrough()
+        again = d.cli("sync", "--node", "node-1")
+        assert again.returncode == 0, again.stderr + again.stdout
+        second = _started(again)
+
+        # every pull of the cancelled run reports: the running ones late, the queued ones skipped
+        _wait_for(lambda: store.get(run_id, with_results=False).done == 20, 60, "every pull of the cancelled run")
+        _wait_for(lambda: store.status(second) != RUNNING, 120, "the end of the second run")
+        run = d.history(run_id)
+        assert run["status"] == "cancelled" and run["reason"] == "test"
+        assert set(run["counts"]) <= {"pulled", "skipped"}
+        assert run["counts"]["skipped"] >= 1
+        assert sum(run["counts"].values()) == 20
+        # the pulls running at the cancel finished and were counted into the cancelled run
+        assert run["counts"]["pulled"] >= at_cancel.counts.get("pulled", 0) + len(running) > 0
+        for outcome in run["results"]:
+            if outcome["status"] == "skipped":
+                assert outcome["reason"] == "run was already cancelled when this pull started"
+
+        # the nodes' own record: a pull ran on a node only for a pull that was not skipped...
+        pulled = {node: sum(1 for r in run["results"] if r["node"] == node and r["status"] == "pulled")
+                  for node in ("node-1", "node-2")}
+        node2 = d.cluster.node("node-2").pulls()
+        print(f"measured: cancelled run: {run['counts']}; node-2's pulls started at "
+              f"{', '.join(f'{p.start - cancelled_at:+.1f}' for p in node2)} s from the cancel's return")
+        assert len(node2) == pulled["node-2"]
+        # ... and no further pull started after the cancel. A pull task that found
+        # the run running just before the cancel may still be on its way to the
+        # node (SSH); it holds one of the node's max_parallel slots, so at most the
+        # slots not running a pull at the cancel can start one afterwards.
+        late_starts = len(node2) - len(seen["node-2"])
+        print(f"measured: node-2 at the cancel: {len(seen['node-2'])} pulls started, "
+              f"{sum(p.end is None for p in seen['node-2'])} running; {late_starts} started afterwards")
+        assert late_starts <= 2 - sum(p.end is None for p in seen["node-2"])
+        assert all(p.end is not None and p.outcome == "ok" for p in node2)
+        second_run = d.history(second)
+        node1 = d.cluster.node("node-1").pulls()
+        assert len(node1) == pulled["node-1"] + second_run["counts"].get("pulled", 0)
+        assert second_run["status"] == "completed" and set(second_run["counts"]) <= {"pulled", "present"}
+
+    # history lists both: the cancelled one with its counts
+    listing = d.cli("history", env={"COLUMNS": "200"})
+    row = next(line for line in listing.stdout.splitlines() if run_id in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[2:7] == ["cancelled", "20", str(run["counts"]["pulled"]), "0", str(run["counts"]["skipped"])]
+    shown = d.cli("history", run_id, env={"COLUMNS": "200"}).stdout
+    assert f"run {run_id} cancelled in" in shown and "(cancelled by " in shown and ": test)" in shown
+    assert "pulls skipped: the run was cancelled before they started" in shown
