@@ -34,6 +34,15 @@ def _cli(config: Path, *args: str) -> int:
     return subprocess.call([sys.executable, "-m", "imagesync.cli", *args], env=env)
 
 
+def _command() -> str:
+    """How to type ``imagesync`` here: the venv's script when this Python is a venv's."""
+    script = Path(sys.executable).with_name("imagesync")
+    if sys.prefix != sys.base_prefix and script.exists():
+        here = Path.cwd()
+        return str(script.relative_to(here) if script.is_relative_to(here) else script)
+    return "imagesync"
+
+
 def run_demo(directory: Path, state: dict) -> int:
     """The demo, on a cluster already up in ``directory`` (see ``up --seed demo``)."""
     config = Path(state["config"])
@@ -60,7 +69,7 @@ Everything is still running:
   Flower       http://127.0.0.1:{services.flower_port}/   user {user}, password {password}
   config       {config}
   logs         {state['workdir']}/logs/  (workers: {directory / 'services'}/)
-  try          IMAGESYNC_CONFIG={config} imagesync plan | status | history | sync --wait
+  try          IMAGESYNC_CONFIG={config} {_command()} plan | status | history | sync --wait
   stop it all  make demo-down   (or: python -m testcluster down --dir {shown})""", flush=True)
     return code
 
