@@ -21,6 +21,8 @@ REQUIRED_COMMANDS = {
     "jq": "jq",
     # Prometheus and promtool: tests/test_exporter.py checks deploy/prometheus/ with them
     "prometheus": "prometheus",
+    # tests/test_systemd.py verifies deploy/systemd/ with it
+    "systemd-analyze": "systemd",
     "promtool": "prometheus",
 }
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
