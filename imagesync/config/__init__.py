@@ -28,7 +28,7 @@ from .checks import Location, mask_url
 from .model import HostKeyPolicy, Node, RegistryLogin, Runtime, Settings, SSHSettings, Transport
 from .shellconf import LEGACY_KEYS
 from .sources import CONFIG_VARIABLE, DEFAULT_CONFIG_PATH, ENVIRONMENT, load_settings
-from .sshconfig import SSHTarget
+from .sshtargets import SSHTarget
 
 __all__ = [
     "CONFIG_VARIABLE",

@@ -49,7 +49,8 @@ from .checks import (
     host_timezone,
     mask_url,
 )
-from .sshconfig import SSHTarget, describe_config_files, resolve
+from .sshconfig import describe_config_files
+from .sshtargets import SSHTarget, resolve
 
 Runtime = Literal["crictl", "ctr"]
 Transport = Literal["ssh", "local"]
@@ -185,6 +186,12 @@ class Settings(BaseModel):
     # where `imagesync exporter` serves Prometheus metrics; loopback unless widened on purpose
     exporter_address: Annotated[str, _check(_text("a listening address"))] = "127.0.0.1"
     exporter_port: _Port = 9808
+    # where `imagesync webhook` receives registry push notifications; loopback unless widened on purpose
+    webhook_address: Annotated[str, _check(_text("a listening address"))] = "127.0.0.1"
+    webhook_port: _Port = 9809
+    # the shared secret a registry sends in its Authorization header; never shown
+    webhook_secret: Annotated[str | None, _check(_secret, optional=True)] = Field(default=None, repr=False)
+    webhook_secret_file: _KeyFile = None
     # logins for private registries, by registry host: [registries."nvcr.io"]
     registries: dict[_RegistryHost, RegistryLogin] = Field(default_factory=dict)
     # a factory, for the same reason as known_hosts' default
@@ -222,6 +229,20 @@ class Settings(BaseModel):
                 at=("prefixes",),
             )
         return images
+
+    @model_validator(mode="after")
+    def _one_webhook_secret(self) -> Settings:
+        if self.webhook_secret is not None and self.webhook_secret_file is not None:
+            raise _invalid("give either webhook_secret or webhook_secret_file, not both", at=("webhook_secret",))
+        return self
+
+    def webhook_token(self) -> str | None:
+        """The webhook's shared secret, read from webhook_secret_file when that is how it is given."""
+        if self.webhook_secret is not None:
+            return self.webhook_secret
+        if self.webhook_secret_file is not None:
+            return self.webhook_secret_file.read_text().strip() or None
+        return None
 
     def node(self, name: str) -> Node:
         """The node called ``name``; ConfigError if there is none."""
@@ -313,6 +334,8 @@ class Settings(BaseModel):
                 value = list(self.registries)
             elif key == "redis_url":
                 value = mask_url(value)
+            elif key == "webhook_secret" and value is not None:
+                value = "****"
             rows.append((key, _display(value), sources[key]))
         for key in SSHSettings.model_fields:
             shown = describe_config_files(self.ssh) if key == "config_file" else _display(getattr(self.ssh, key))
