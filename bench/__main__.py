@@ -1,6 +1,6 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks on the real test cluster, print figures.
 
-Names: plan, fanout, inventory, orchestration, overhead, throughput (all by
+Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, webhook (all by
 default, in that order; a full run takes about 15 minutes on 2 cores).
 ``--quick`` repeats less and skips the slowest parts. Figures are also
 written as JSON to bench/results/ (git-ignored); bench/README.md holds the
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import fanout, inventory, orchestration, overhead, plan, throughput
+from . import fanout, inventory, memory, orchestration, overhead, plan, throughput, webhook
 from .common import Report, machine
 
 BENCHMARKS: dict[str, Callable[..., None]] = {
@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "orchestration": orchestration.run,
     "overhead": overhead.run,
     "throughput": throughput.run,
+    "memory": memory.run,
+    "webhook": webhook.run,
 }
 RESULTS = Path(__file__).with_name("results")
 

@@ -124,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     exporter = sub.add_parser("exporter", help="serve Prometheus metrics: images per node, runs, lock, queues")
     exporter.add_argument("--address", help="listen on this address (default: exporter_address)")
     exporter.add_argument("--port", type=int, help="listen on this port (default: exporter_port)")
+
+    webhook = sub.add_parser("webhook", help="receive registry push notifications: sync each pushed image at once")
+    webhook.add_argument("--address", help="listen on this address (default: webhook_address)")
+    webhook.add_argument("--port", type=int, help="listen on this port (default: webhook_port)")
     return parser
 
 
@@ -521,7 +525,34 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from redis import Redis
+
+    from .webhook import serve
+
+    settings = _settings()
+    try:
+        secret = settings.webhook_token()
+    except OSError as exc:
+        raise CommandError(f"cannot read webhook_secret_file {settings.webhook_secret_file} ({exc.strerror}): "
+                           "fix the file or its permissions", EXIT_CONFIG) from exc
+    if not secret:
+        raise CommandError("no webhook secret: set webhook_secret_file (or webhook_secret, "
+                           "IMAGESYNC_WEBHOOK_SECRET) to the token the registry sends in its Authorization header",
+                           EXIT_CONFIG)
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        serve(settings, client, secret, args.address, args.port)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.address or settings.webhook_address}:"
+                           f"{args.port or settings.webhook_port} ({exc}): choose another webhook_port") from exc
+    return EXIT_OK
+
+
 def _exec_celery(argv: list[str]) -> int:
+    if argv[0] == "worker":
+        # Celery's worker command without the rest of Celery's CLI: less memory per node (imagesync.worker)
+        os.execvp(sys.executable, [sys.executable, "-m", "imagesync.worker", *argv[1:]])
     os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "imagesync", *argv])
 
 
@@ -536,6 +567,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "beat": cmd_beat,
     "exporter": cmd_exporter,
+    "webhook": cmd_webhook,
 }
 
 

@@ -10,6 +10,9 @@ LOCK = f"{NAMESPACE}:lock"
 HISTORY = f"{NAMESPACE}:runs"
 #: runs still in progress, scored by the time after which they count as stuck
 ACTIVE = f"{NAMESPACE}:active"
+#: set: pushed images `imagesync webhook` received that no run has started for yet;
+#: a sync task removes the ones it runs, atomically, once it holds the lock
+WEBHOOK_PENDING = f"{NAMESPACE}:webhook:pending"
 
 
 def sync_taken(task_id: str) -> str:

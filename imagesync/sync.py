@@ -97,14 +97,47 @@ def plan_now(settings: Settings, targets: Iterable[str] | None = None) -> Plan:
     )
 
 
+def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None) -> Plan:
+    """Inventory every node and plan a run whose wanted set is exactly ``images``."""
+    inventory = take_inventory(settings)
+    return make_plan(inventory.images, (), list(images), inventory.unreachable, targets)
+
+
+def claim(redis: Redis, key: str, images: Iterable[str]) -> list[str]:
+    """Remove ``images`` from the set ``key`` in one transaction; the ones that were in it.
+
+    Two sync tasks sent for the same pushed image can then never both run it.
+    """
+    images = list(dict.fromkeys(images))
+    with redis.pipeline(transaction=True) as pipe:
+        for image in images:
+            pipe.srem(key, image)
+        removed = pipe.execute()
+    return [image for image, gone in zip(images, removed, strict=True) if gone]
+
+
+def images_trigger(trigger: str, images: list[str], shown: int = 3) -> str:
+    """``webhook: registry/repo:tag, ...``: the trigger of a run limited to ``images``."""
+    names = ", ".join(images[:shown]) + (f" and {len(images) - shown} more" if len(images) > shown else "")
+    return f"{trigger}: {names}"
+
+
 def start_run(
     settings: Settings,
     redis: Redis,
     send_pull: SendPull,
     trigger: str = "manual",
     targets: Iterable[str] | None = None,
+    images: Iterable[str] | None = None,
+    claim_from: str | None = None,
 ) -> Started:
-    """Start a run unless one is in progress; ``send_pull(node, image, run_id, expires)`` queues a pull."""
+    """Start a run unless one is in progress; ``send_pull(node, image, run_id, expires)`` queues a pull.
+
+    With ``images``, the run wants exactly those images (every reachable node
+    lacking one pulls it) and its trigger names them. With ``claim_from`` too
+    (a Redis set), the run takes only those of ``images`` it removes from that
+    set once it holds the lock; if none is left, it does nothing.
+    """
     run_id = new_run_id()
     lock = run_lock(settings, redis)
     if not lock.acquire(run_id):
@@ -117,8 +150,22 @@ def start_run(
             log.info(message)
             return Started("already-running", holder, message)
     store = run_store(settings, redis)
+    if images is not None:
+        images = list(dict.fromkeys(images))
+        if claim_from is not None:
+            try:
+                images = claim(redis, claim_from, images)
+            except BaseException:
+                lock.release(run_id)
+                raise
+            if not images:
+                lock.release(run_id)
+                message = f"nothing to do: another run already took the images of this {trigger} trigger"
+                log.info(message)
+                return Started("nothing-to-do", None, message)
+        trigger = images_trigger(trigger, images)
     try:
-        plan = plan_now(settings, targets)
+        plan = plan_now(settings, targets) if images is None else plan_images(settings, images, targets)
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
         for refusal in plan.refused:
@@ -133,7 +180,9 @@ def start_run(
             drift=plan.to_dict()["drift"],
             refused=plan.to_dict()["refused"],
             wanted=len(plan.wanted),
-            nodes=node_counts(plan),
+            # a run limited to some images says nothing of the others: the exporter
+            # keeps reading the per-node counts of the last full run
+            nodes=node_counts(plan) if images is None else None,
         )
         missed = missed_targets(plan, (node.name for node in settings.nodes), targets)
         if complete:

@@ -7,13 +7,14 @@ worker, whose concurrency is ``max_parallel``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
 import time
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import after_setup_logger, worker_init, worker_ready
+from celery.signals import after_setup_logger, worker_before_create_process, worker_init, worker_ready
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -77,8 +78,10 @@ def send_pull(node: str, image: str, run_id: str, expires: float) -> None:
 
 
 @app.task(name="imagesync.sync", bind=True, time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
-def sync(self, trigger: str = "manual", nodes: list[str] | None = None) -> dict:  # type: ignore[no-untyped-def]
-    """Start a run (or report that one is already running)."""
+def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type: ignore[no-untyped-def]
+         images: list[str] | None = None) -> dict:
+    """Start a run (or report that one is already running); with ``images`` (sent by
+    ``imagesync webhook``), a run of those of them still pending in Redis."""
     if self.request.id:
         # Say at once that a worker has it: whoever waits for the answer can
         # tell a long inventory from a missing control worker.
@@ -86,7 +89,9 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None) -> dict:
     if nodes:
         for name in nodes:
             settings.node(name)
-    return start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes).to_dict()
+    claim_from = keys.WEBHOOK_PENDING if images else None
+    return start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes,
+                     images=images or None, claim_from=claim_from).to_dict()
 
 
 @app.task(
@@ -146,6 +151,17 @@ def finalize() -> list[str]:
 
 #: when this worker started, before it took any message off its queues
 _worker_started = 0.0
+
+
+@worker_before_create_process.connect
+def _freeze_before_fork(**_: object) -> None:
+    # A pool process shares the main process's memory until something writes
+    # to a page; the cyclic garbage collector writes to every object it scans,
+    # so without this each pool process soon holds its own copy of everything
+    # imported before the fork. Frozen objects are never scanned (gc.freeze),
+    # and stay shared; called before every fork, so a replaced process too.
+    gc.collect()
+    gc.freeze()
 
 
 @worker_init.connect

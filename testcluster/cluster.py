@@ -35,7 +35,8 @@ class Cluster:
     """Redis, registry, proxy and ``nodes`` nodes (``node-1``...) under ``workdir``."""
 
     def __init__(self, workdir: str | Path, nodes: int = 3, runtime: str = "crictl",
-                 redis_password: str | None = None, registry_login: tuple[str, str] | None = None) -> None:
+                 redis_password: str | None = None, registry_login: tuple[str, str] | None = None,
+                 registry_notify: tuple[str, str] | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
         self.workdir = Path(workdir).absolute()
@@ -44,7 +45,8 @@ class Cluster:
         self.known_hosts = self.workdir / "known_hosts"
         self.log_dir = self.workdir / "logs"
         self.redis = RedisServer(self.workdir / "redis", password=redis_password)
-        self.registry = Registry(self.workdir / "registry", login=registry_login)
+        # registry_notify: (url, secret) of a notification endpoint for every push
+        self.registry = Registry(self.workdir / "registry", login=registry_login, notify=registry_notify)
         self.proxy = RegistryProxy(self.registry.address)
         self.nodes = [
             Node(f"node-{i}", self.workdir / "nodes" / f"node-{i}",

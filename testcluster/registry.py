@@ -27,10 +27,13 @@ class Registry:
     """``docker-registry serve`` on a free 127.0.0.1 port, storing under ``workdir``."""
 
     def __init__(self, workdir: str | Path, port: int | None = None,
-                 login: tuple[str, str] | None = None) -> None:
+                 login: tuple[str, str] | None = None, notify: tuple[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         #: (username, password) the registry demands (htpasswd), for pulls and pushes alike
         self.login = login
+        #: (url, secret): a notification endpoint the registry calls on every push,
+        #: with ``Authorization: secret`` (``notifications: endpoints``)
+        self.notify = notify
         self.port = port or free_port()
         self._port_fixed = port is not None  # and once started
         self._process: ServerProcess | None = None
@@ -63,8 +66,26 @@ class Registry:
             f"  addr: {self.address}\n"
             "  secret: imagesync-test-cluster\n"
             + self._auth_config()
+            + self._notifications_config()
         )
         return config
+
+    def _notifications_config(self) -> str:
+        if self.notify is None:
+            return ""
+        url, secret = self.notify
+        return ("notifications:\n"
+                "  endpoints:\n"
+                "    - name: imagesync\n"
+                f"      url: {json.dumps(url)}\n"
+                "      headers:\n"
+                f"        Authorization: [{json.dumps(secret)}]\n"
+                "      timeout: 2s\n"
+                "      threshold: 3\n"
+                "      backoff: 1s\n"
+                "      ignore:\n"
+                "        actions: [pull]\n"
+                "        mediatypes: [application/octet-stream]\n")
 
     def _auth_config(self) -> str:
         if self.login is None:

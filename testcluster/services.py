@@ -67,6 +67,13 @@ class Services:
         process.wait_ready(lambda: port_open(self.flower_port or 0), 60)
         return process
 
+    def start_webhook(self, port: int) -> ServerProcess:
+        """``imagesync webhook`` on 127.0.0.1:PORT; its secret comes from the configuration."""
+        argv = self._imagesync("webhook", "--address", "127.0.0.1", "--port", str(port))
+        process = self._start("webhook", argv, None)
+        process.wait_ready(lambda: port_open(port), 30)
+        return process
+
     def start_all(self, nodes: list[str]) -> None:
         """The control worker and one worker per node, started together."""
         self.start_control(wait=False)

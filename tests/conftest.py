@@ -81,9 +81,10 @@ def deploy(tmp_path):
 
     stack = ExitStack()
 
-    def make(nodes=2, runtime="crictl", redis_password=None, registry_login=None):
+    def make(nodes=2, runtime="crictl", redis_password=None, registry_login=None, registry_notify=None):
         cluster = stack.enter_context(Cluster(tmp_path / "cluster", nodes=nodes, runtime=runtime,
-                                              redis_password=redis_password, registry_login=registry_login))
+                                              redis_password=redis_password, registry_login=registry_login,
+                                              registry_notify=registry_notify))
         deployment = Deployment(cluster, tmp_path)
         stack.enter_context(deployment.services)
         return deployment

@@ -155,6 +155,9 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         retries = 0
         exporter_address = "::1"
         exporter_port = 9100
+        webhook_address = "::1"
+        webhook_port = 9101
+        webhook_secret_file = "{key}"
         [registries."nvcr.io"]
         username = "$oauthtoken"
         password = "ngc api key"
@@ -200,6 +203,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         config_file=ssh_config,
     )
     assert (settings.exporter_address, settings.exporter_port) == ("::1", 9100)
+    assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("::1", 9101, key)
     node = settings.node("gpu-1")
     assert (node.host, node.port, node.user, node.key_file, node.runtime) == ("10.0.0.7", 2222, "ops", key, "ctr")
     assert (node.endpoint, node.hosts_dir, node.transport) == (
@@ -207,7 +211,9 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         "/etc/containerd/certs.d",
         "local",
     )
-    assert set(settings.sources.values()) == {f"file {tmp_path / 'imagesync.toml'}"}
+    # webhook_secret and webhook_secret_file are one or the other
+    sources = {key: source for key, source in settings.sources.items() if key != "webhook_secret"}
+    assert set(sources.values()) == {f"file {tmp_path / 'imagesync.toml'}"}
 
 
 def test_a_file_of_key_value_lines_is_legacy_whatever_its_name(tmp_path):
@@ -399,13 +405,13 @@ def test_the_shape_of_the_document(tmp_path):
         "ssh: 5 is not a table of keys: write it as an [ssh] table",
         "unknown key what: remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, "
         "log_dir, log_keep_days, schedule, timezone, redis_url, history, retries, exporter_address, exporter_port, "
-        "registries, ssh)",
+        "webhook_address, webhook_port, webhook_secret, webhook_secret_file, registries, ssh)",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\nnodes = "a"\n"odd key" = 1\n') == [
         "nodes: 'a' is not a list of nodes: write each node as a [[nodes]] table",
         'unknown key "odd key": remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, '
         "log_dir, log_keep_days, schedule, timezone, redis_url, history, retries, exporter_address, exporter_port, "
-        "registries, ssh)",
+        "webhook_address, webhook_port, webhook_secret, webhook_secret_file, registries, ssh)",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\n') == [
         "nodes: no nodes are configured: list at least one worker node in a [[nodes]] table"
@@ -533,6 +539,9 @@ def test_every_override(tmp_path):
         "IMAGESYNC_RETRIES": "1",
         "IMAGESYNC_EXPORTER_ADDRESS": "0.0.0.0",
         "IMAGESYNC_EXPORTER_PORT": "9900",
+        "IMAGESYNC_WEBHOOK_ADDRESS": "0.0.0.0",
+        "IMAGESYNC_WEBHOOK_PORT": "9901",
+        "IMAGESYNC_WEBHOOK_SECRET_FILE": str(key),
         "IMAGESYNC_SSH_USER": "admin",
         "IMAGESYNC_SSH_KEY_FILE": str(key),
         "IMAGESYNC_SSH_KNOWN_HOSTS": "/tmp/known_hosts",
@@ -555,6 +564,7 @@ def test_every_override(tmp_path):
     assert settings.log_keep_days == 0
     assert settings.timezone == "Europe/Berlin"
     assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
+    assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("0.0.0.0", 9901, key)
     assert settings.ssh == SSHSettings(
         user="admin",
         key_file=key,
@@ -564,8 +574,20 @@ def test_every_override(tmp_path):
         config_file=None,
     )
     for variable, key_path in ENVIRONMENT.items():
-        assert settings.sources[".".join(key_path)] == f"env {variable}"
+        if variable != "IMAGESYNC_WEBHOOK_SECRET":  # one or the other: set below
+            assert settings.sources[".".join(key_path)] == f"env {variable}"
     assert settings.sources["nodes"] == f"file {tmp_path / 'imagesync.toml'}"
+
+
+def test_the_webhook_secret_is_never_shown_and_comes_one_way(tmp_path):
+    settings = load(tmp_path, MINIMAL, IMAGESYNC_WEBHOOK_SECRET="push token")
+    assert settings.sources["webhook_secret"] == "env IMAGESYNC_WEBHOOK_SECRET"
+    assert settings.webhook_token() == "push token"
+    assert "push token" not in repr(settings)
+    assert ("webhook_secret", "****", "env IMAGESYNC_WEBHOOK_SECRET") in settings.describe()
+    key = write(tmp_path, "token\n", "token")
+    both = problems(tmp_path, f'webhook_secret = "x"\nwebhook_secret_file = "{key}"\n' + MINIMAL)
+    assert any("give either webhook_secret or webhook_secret_file, not both" in line for line in both), both
 
 
 def test_every_key_but_nodes_and_registries_has_a_variable():
@@ -934,7 +956,7 @@ def test_any_valid_document_is_loaded_as_written(document):
     assert settings.prefixes == list(dict.fromkeys(prefix.rstrip("/") for prefix in document["prefixes"]))
     assert settings.max_parallel == int(document.get("max_parallel", 4))
     logins = sum(2 for _ in settings.registries)
-    assert len(settings.describe()) == 15 + 6 + 13 * len(settings.nodes) + logins  # 15 top keys, 6 ssh keys
+    assert len(settings.describe()) == 19 + 6 + 13 * len(settings.nodes) + logins  # 19 top keys, 6 ssh keys
 
 
 def test_prefixes_are_normalized_and_one_that_can_never_match_is_a_config_error(tmp_path):

@@ -127,9 +127,9 @@ def systemd_analyze():
 # -- the unit files ---------------------------------------------------------------------
 
 
-def test_the_four_units():
+def test_the_five_units():
     assert UNITS == ["imagesync-beat.service", "imagesync-control.service",
-                     "imagesync-flower.service", "imagesync-worker@.service"]
+                     "imagesync-flower.service", "imagesync-webhook.service", "imagesync-worker@.service"]
 
 
 @pytest.mark.parametrize("name", UNITS)

@@ -14,3 +14,11 @@ if os.environ.get("BENCH_WHATIF") == "always-check":
 
     # before imagesync.tasks imports it by name
     imagesync.pulls.needs_check = lambda *args, **kwargs: True
+
+# The memory benchmark's what-ifs (comma-separated, so several undo together):
+# ``no-freeze`` keeps a worker from freezing its objects before it forks its
+# pool (imagesync.tasks._freeze_before_fork), to measure what that saves.
+if "no-freeze" in os.environ.get("BENCH_WHATIF", "").split(","):
+    import gc
+
+    gc.freeze = lambda: None
