@@ -287,3 +287,10 @@ def test_healthcheck_pings_the_name_the_cli_gives_the_worker(tmp_path, monkeypat
     cli.main(["worker", "--control"])
     names = [argv[argv.index("-n") + 1] for argv in started]
     assert names == ["k8s-worker1@%h", "control@%h"]
+
+
+def test_the_webhook_receiver_runs_with_its_secret_and_listens_where_the_registry_reaches_it():
+    webhook = SERVICES["webhook"]
+    assert argv(webhook)[:2] == ["imagesync", "webhook"]
+    assert re.fullmatch(r"\$\{IMAGESYNC_WEBHOOK_SECRET:\?.+\}", env(webhook)["IMAGESYNC_WEBHOOK_SECRET"])
+    assert "127.0.0.1:9809:9809" in webhook["ports"]
