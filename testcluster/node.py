@@ -18,9 +18,9 @@ sshd's ``SetEnv`` gives every SSH session this node's runtime with default flags
 first), so ``ssh -p PORT root@127.0.0.1 crictl images -o json`` or ``ctr images
 ls`` see this node and no other. Sessions log in as root, as on real nodes;
 ``HOME`` points at home/ because bash sources ~/.bashrc for SSH commands, and
-this machine's root .bashrc (pyenv init) made each command cost ~100 ms instead
-of ~45 ms (the same as a test user with /bin/sh, which could not run crictl:
-its Python lives under /root, mode 0700).
+a root .bashrc that initialises a Python version manager can make each command
+cost ~100 ms instead of ~45 ms (the same as a test user with /bin/sh, which
+could not run crictl when its Python lives under /root, mode 0700).
 """
 
 from __future__ import annotations
