@@ -16,6 +16,7 @@ from unittest import mock
 
 import pytest
 from rich.console import Console
+from waiting import wait_for
 
 from imagesync import keys
 from imagesync.cli import main, operator
@@ -284,17 +285,6 @@ def test_version_names_imagesync_and_the_libraries_a_bug_report_needs(config, ca
 # -- on the real cluster ----------------------------------------------------------------------
 
 
-def _wait_for(check, timeout, what, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-
-
 def _started(result):
     for line in result.stdout.splitlines():
         if line.startswith("run ") and " started" in line:
@@ -316,7 +306,7 @@ def test_a_cancelled_run_starts_no_more_pulls_and_frees_the_lock_at_once(deploy)
     with d.cluster.redis.client() as client:
         store = RunStore(client, stale_after=600, lock_ttl=600)
         # cancelled after the first few pulls, with the next ones running
-        _wait_for(lambda: (store.get(run_id, with_results=False).done >= 2), 60, "the first pulls")
+        wait_for(lambda: (store.get(run_id, with_results=False).done >= 2), 60, "the first pulls")
         before = time.time()
         cancel = d.cli("cancel", "--reason", "test")
         cancelled_at = time.time()
@@ -338,8 +328,8 @@ def test_a_cancelled_run_starts_no_more_pulls_and_frees_the_lock_at_once(deploy)
         second = _started(again)
 
         # every pull of the cancelled run reports: the running ones late, the queued ones skipped
-        _wait_for(lambda: store.get(run_id, with_results=False).done == 20, 60, "every pull of the cancelled run")
-        _wait_for(lambda: store.status(second) != RUNNING, 120, "the end of the second run")
+        wait_for(lambda: store.get(run_id, with_results=False).done == 20, 60, "every pull of the cancelled run")
+        wait_for(lambda: store.status(second) != RUNNING, 120, "the end of the second run")
         run = d.history(run_id)
         assert run["status"] == "cancelled" and run["reason"] == "test"
         assert set(run["counts"]) <= {"pulled", "skipped"}

@@ -32,6 +32,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from waiting import measured, wait_for
 
 from imagesync import keys
 from imagesync.celeryconfig import celery_settings, pull_time_limits
@@ -45,22 +46,6 @@ pytestmark = pytest.mark.cluster
 
 
 # -- waiting and reading ------------------------------------------------------------------
-
-
-def wait_for(check, timeout, what, interval=0.2):
-    """Poll ``check`` until it returns something true, and return that; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-
-
-def measured(what, value):
-    print(f"measured: {what}: {value}")
 
 
 def start_cli(d, *args):

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from waiting import measured, wait_for
 
 from imagesync import keys
 from imagesync.config import load_settings
@@ -32,22 +33,6 @@ pytestmark = pytest.mark.cluster
 
 
 # -- helpers (as in test_faults.py) ----------------------------------------------------------------
-
-
-def wait_for(check, timeout, what, interval=0.2):
-    """Poll ``check`` until it returns something true, and return that; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:g} s")
-        time.sleep(interval)
-
-
-def measured(what, value):
-    print(f"measured: {what}: {value}")
 
 
 def cli_env(d):
