@@ -15,8 +15,8 @@ import time
 from unittest import mock
 
 import pytest
+from helpers import wait_for
 from rich.console import Console
-from waiting import wait_for
 
 from imagesync import keys
 from imagesync.cli import main, operator

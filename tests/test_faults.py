@@ -30,9 +30,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from helpers import finish, measured, run_status, start_cli, started_run, wait_for, wait_for_run_end
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from waiting import measured, wait_for
 
 from imagesync import keys
 from imagesync.celeryconfig import celery_settings, pull_time_limits
@@ -48,36 +48,6 @@ pytestmark = pytest.mark.cluster
 # -- waiting and reading ------------------------------------------------------------------
 
 
-def start_cli(d, *args):
-    """``imagesync ARGS`` in the background, its lines unwrapped; ``finish()`` it for its result."""
-    return subprocess.Popen([sys.executable, "-m", "imagesync.cli", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "IMAGESYNC_CONFIG": str(d.config_path), "COLUMNS": "1000"})
-
-
-def finish(process, timeout=120):
-    out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def started_run(result):
-    """The id of the run that ``imagesync sync`` started (or found nothing to do for)."""
-    for line in result.stdout.splitlines():
-        if line.startswith("run ") and (" started" in line or "every node already holds" in line):
-            return line.split()[1].rstrip(":")
-    raise AssertionError(f"no run started:\n{result.stdout}\n{result.stderr}")
-
-
-def run_status(d, run_id):
-    with d.cluster.redis.client() as client:
-        status = client.hget(keys.run(run_id), "status")
-    return status.decode() if status else None
-
-
-def wait_for_run_end(d, run_id, timeout):
-    """The run record once the run is no longer running (polled in Redis, read with the CLI)."""
-    wait_for(lambda: run_status(d, run_id) not in (None, "running"), timeout, f"end of run {run_id}")
-    return d.history(run_id)
 
 
 def lock_holder(d):

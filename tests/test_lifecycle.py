@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from waiting import measured, wait_for
+from helpers import finish, measured, started_run, wait_for
 
 from imagesync import keys
 from imagesync.config import load_settings
@@ -42,19 +42,6 @@ def cli_env(d):
 def start_cli(d, *args):
     return subprocess.Popen([sys.executable, "-m", "imagesync.cli", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(d))
-
-
-def finish(process, timeout=120):
-    out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def started_run(result):
-    """The id of the run that ``imagesync sync`` started (or found nothing to do for)."""
-    for line in result.stdout.splitlines():
-        if line.startswith("run ") and (" started" in line or "every node already holds" in line):
-            return line.split()[1].rstrip(":")
-    raise AssertionError(f"no run started:\n{result.stdout}\n{result.stderr}")
 
 
 def redis_get(d, key, field=None):
