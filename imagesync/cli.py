@@ -155,11 +155,18 @@ def _settings() -> Settings:
     return load_settings()
 
 
-def _redis(settings: Settings):
+def _redis(settings: Settings, ping: bool = True, socket_timeout: float = 30):
+    """A Redis client with timeouts; with ``ping``, one that answers, or one line and exit 1.
+
+    The long-running servers (exporter, webhook) do not ping: they start while
+    Redis is down and report it, rather than not start.
+    """
     from redis import Redis
     from redis.exceptions import RedisError
 
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout)
+    if not ping:
+        return client
     try:
         client.ping()
     except RedisError as exc:
@@ -510,13 +517,11 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_exporter(args: argparse.Namespace) -> int:
-    from redis import Redis
-
     from .exporter import serve
 
     settings = _settings()
     # no ping: the exporter starts and reports imagesync_up 0 while Redis is down
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    client = _redis(settings, ping=False, socket_timeout=10)
     try:
         serve(settings, client, args.address, args.port)
     except OSError as exc:
@@ -526,8 +531,6 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from redis import Redis
-
     from .webhook import serve
 
     settings = _settings()
@@ -540,7 +543,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         raise CommandError("no webhook secret: set webhook_secret_file (or webhook_secret, "
                            "IMAGESYNC_WEBHOOK_SECRET) to the token the registry sends in its Authorization header",
                            EXIT_CONFIG)
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    client = _redis(settings, ping=False, socket_timeout=10)
     try:
         serve(settings, client, secret, args.address, args.port)
     except OSError as exc:

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .celeryconfig import node_queue
-from .runs import ABANDONED, CANCELLED, COMPLETED, OUTCOMES, RUNNING, SUCCESSES
+from .runs import ABANDONED, CANCELLED, COMPLETED, OUTCOMES, RUNNING, SUCCESSES, as_text
 from .sync import stale_after
 
 if TYPE_CHECKING:
@@ -63,13 +63,11 @@ def schedule_period(settings: Settings) -> float:
     return max(gaps) * 60.0
 
 
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _number(value: Any, default: float = 0.0) -> float:
     try:
-        return float(_text(value))  # type: ignore[arg-type]
+        return float(as_text(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return default
 
@@ -118,8 +116,8 @@ class ImagesyncCollector(Collector):
             pipe.llen(node_queue(node))
         history_raw, holder_raw, (seconds, micros), *depths = pipe.execute()
         now = seconds + micros / 1e6
-        history = [_text(r) or "" for r in history_raw]
-        holder = _text(holder_raw)
+        history = [as_text(r) or "" for r in history_raw]
+        holder = as_text(holder_raw)
 
         # 2: the newest run in full, a summary of every run, the lock holder's times
         pipe = self.redis.pipeline(transaction=False)
@@ -131,7 +129,7 @@ class ImagesyncCollector(Collector):
             pipe.hmget(keys.run(holder), ["started", "last_progress"])
         answers = pipe.execute()
         newest = _decode(answers.pop(0)) if history else {}
-        summaries = [[_text(v) for v in answers.pop(0)] for _ in history]
+        summaries = [[as_text(v) for v in answers.pop(0)] for _ in history]
         holder_times = answers.pop(0) if holder else [None, None]
 
         # 3 (rarely): the newest run that planned per-node counts, if not the newest
@@ -236,7 +234,7 @@ class ImagesyncCollector(Collector):
 
 
 def _decode(raw: dict[Any, Any]) -> dict[str, str]:
-    return {_text(k) or "": _text(v) or "" for k, v in raw.items()}
+    return {as_text(k) or "": as_text(v) or "" for k, v in raw.items()}
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -21,6 +21,8 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
+from .runs import as_text
+
 log = logging.getLogger("imagesync")
 
 
@@ -46,5 +48,5 @@ def take_back(channel: Any, queues: Collection[str], before: float) -> list[str]
         # one transaction (WATCH on the hash): a message restored by someone
         # else in between is not restored twice
         qos.restore_by_tag(tag, leftmost=True)
-        restored.append(tag.decode() if isinstance(tag, bytes) else tag)
+        restored.append(as_text(tag))
     return restored

@@ -299,7 +299,7 @@ class RunStore:
             return
         pipe = self.redis.pipeline()
         for run_id in old:
-            pipe.delete(*keys.run_keys(_text(run_id)))
+            pipe.delete(*keys.run_keys(as_text(run_id)))
         pipe.ltrim(keys.HISTORY, 0, self.history - 1)
         pipe.execute()
 
@@ -315,12 +315,12 @@ class RunStore:
         )
 
     def status(self, run_id: str) -> str | None:
-        return _text(self.redis.hget(keys.run(run_id), "status"))
+        return as_text(self.redis.hget(keys.run(run_id), "status"))
 
     def state(self, run_id: str) -> tuple[str | None, float | None]:
         """The run's status and when it started (None, None for an unknown run)."""
         status, started = self.redis.hmget(keys.run(run_id), ["status", "started"])
-        return _text(status), float(started) if started else None
+        return as_text(status), float(started) if started else None
 
     def touch(self, run_id: str, now: float | None = None) -> bool:
         """Count a sign of life of a pull (a retry) as progress: the run is not
@@ -336,7 +336,7 @@ class RunStore:
     def stale(self, now: float | None = None) -> list[str]:
         """Runs in progress that have made no progress for ``stale_after`` seconds."""
         now = now or self.now()
-        return [_text(r) for r in self.redis.zrangebyscore(keys.ACTIVE, "-inf", now)]
+        return [as_text(r) for r in self.redis.zrangebyscore(keys.ACTIVE, "-inf", now)]
 
     def abandon(self, run_id: str, reason: str, now: float | None = None, force: bool = False) -> bool:
         """Mark a run abandoned and release its lock; True if this call did it.
@@ -364,7 +364,7 @@ class RunStore:
         raw = self.redis.hgetall(keys.run(run_id))
         if not raw:
             return None
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {as_text(k): as_text(v) for k, v in raw.items()}
         counts = {status: int(data.get(f"n:{status}", 0)) for status in OUTCOMES}
         run = Run(
             id=data["id"],
@@ -390,7 +390,7 @@ class RunStore:
         return run
 
     def recent(self, limit: int = 20) -> list[Run]:
-        ids = [_text(r) for r in self.redis.lrange(keys.HISTORY, 0, limit - 1)]
+        ids = [as_text(r) for r in self.redis.lrange(keys.HISTORY, 0, limit - 1)]
         runs = (self.get(run_id, with_results=False) for run_id in ids)
         return [run for run in runs if run is not None]
 
@@ -400,7 +400,8 @@ def _given(now: float | None) -> str:
     return "" if now is None else repr(now)
 
 
-def _text(value: Any) -> Any:
+def as_text(value: Any) -> Any:
+    """A value read from Redis as text (redis-py gives bytes)."""
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from . import keys, references
 from .errors import RefusedReference
+from .runs import as_text
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -226,7 +227,7 @@ class Receiver:
             return None
         if self.redis.exists(keys.LOCK):
             return None  # a run is in progress: its end frees the lock, and the next tick runs these
-        pending = sorted(m.decode() if isinstance(m, bytes) else m for m in self.redis.smembers(keys.WEBHOOK_PENDING))
+        pending = sorted(as_text(m) for m in self.redis.smembers(keys.WEBHOOK_PENDING))
         if not pending:
             return None
         task_id = self.send(pending)
