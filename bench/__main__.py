@@ -1,6 +1,6 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks on the real test cluster, print figures.
 
-Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, webhook (all by
+Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, manynodes, webhook, transfer (all by
 default, in that order; a full run takes about 15 minutes on 2 cores).
 ``--quick`` repeats less and skips the slowest parts. Figures are also
 written as JSON to bench/results/ (git-ignored); bench/README.md holds the
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import fanout, inventory, memory, orchestration, overhead, plan, throughput, webhook
+from . import fanout, inventory, manynodes, memory, orchestration, overhead, plan, throughput, transfer, webhook
 from .common import Report, machine
 
 BENCHMARKS: dict[str, Callable[..., None]] = {
@@ -27,7 +27,9 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "overhead": overhead.run,
     "throughput": throughput.run,
     "memory": memory.run,
+    "manynodes": manynodes.run,
     "webhook": webhook.run,
+    "transfer": transfer.run,
 }
 RESULTS = Path(__file__).with_name("results")
 

@@ -9,6 +9,7 @@ from celery.schedules import crontab
 
 from . import runtimes
 from .pulls import SSH_GRACE
+from .redisclient import celery_url
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -49,10 +50,14 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     # it must exceed the longest pull (plus a retry's countdown) or a long pull
     # is handed to a second worker while the first still runs it.
     visibility = hard + 300
-    transport_options = {"visibility_timeout": visibility}
+    transport_options: dict[str, Any] = {"visibility_timeout": visibility}
+    if settings.redis_master_name is not None:
+        # Redis Sentinel (a sentinel:// redis_url): the master the sentinels know by this name
+        transport_options["master_name"] = settings.redis_master_name
     conf: dict[str, Any] = {
-        "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
+        # a sentinel:// URL written so that kombu and the result backend read one database and login
+        "broker_url": celery_url(settings.redis_url),
+        "result_backend": celery_url(settings.redis_url),
         "broker_transport_options": transport_options,
         "result_backend_transport_options": transport_options,
         "visibility_timeout": visibility,

@@ -13,15 +13,20 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import logs, runtimes
+from . import logs, room, runtimes
 from .config import Node, Settings, load_settings, mask_url
 from .errors import ConfigError, ImagesyncError, NodeError
 from .plan import Plan
+
+if TYPE_CHECKING:
+    from .facts import NodeFacts
 from .runs import Run
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
@@ -96,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="node x image matrix of the matching images")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--backup", action="store_true",
+                        help="per wanted image, whether the backup registry holds the digest the nodes hold")
 
     sync = sub.add_parser("sync", help="start a sync run through Celery")
     sync.add_argument("--wait", action="store_true", help="follow the run to its end and print the summary")
@@ -116,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     which = worker.add_mutually_exclusive_group(required=True)
     which.add_argument("--node", metavar="NAME", help="serve this node's pulls (concurrency max_parallel)")
     which.add_argument("--control", action="store_true", help="serve sync and housekeeping tasks")
+    which.add_argument("--nodes", metavar="NAME,NAME", help="serve these nodes' pulls with one shared pool; "
+                       "each node still runs at most max_parallel (less memory, see README)")
+    which.add_argument("--all-nodes", action="store_true",
+                       help="serve the pulls of every node reached over SSH with one shared pool (as --nodes)")
+    worker.add_argument("--concurrency", type=int, metavar="N",
+                        help="with --nodes/--all-nodes: pulls at once over all its nodes "
+                        "(default: the larger of the node count and max_parallel)")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
 
     beat = sub.add_parser("beat", help="start Celery beat (the schedule from the configuration)")
@@ -161,17 +175,19 @@ def _redis(settings: Settings, ping: bool = True, socket_timeout: float = 30):
     The long-running servers (exporter, webhook) do not ping: they start while
     Redis is down and report it, rather than not start.
     """
-    from redis import Redis
     from redis.exceptions import RedisError
 
-    client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout)
+    from .redisclient import connect, error_line
+
+    client = connect(settings, socket_connect_timeout=5, socket_timeout=socket_timeout)
     if not ping:
         return client
     try:
         client.ping()
     except RedisError as exc:
+        fix = "fix redis_url and redis_master_name" if settings.redis_master_name else "fix redis_url"
         raise CommandError(
-            f"cannot reach Redis at {mask_url(settings.redis_url)} ({exc}): start redis-server or fix redis_url"
+            f"cannot reach Redis at {mask_url(settings.redis_url)} ({error_line(exc)}): start redis-server or {fix}"
         ) from exc
     return client
 
@@ -199,8 +215,6 @@ def _say_ssh_notes(settings: Settings) -> None:
 
 def ssh_table(settings: Settings) -> Table:
     """Each SSH node's connection as imagesync's settings and the SSH config make it, and where each value came from."""
-    from rich.markup import escape
-
     table = Table(title="SSH settings in effect")
     for column in ("node", "connects to", "key", "known_hosts", "from"):
         table.add_column(column, overflow="fold")
@@ -214,10 +228,51 @@ def ssh_table(settings: Settings) -> Table:
     return table
 
 
+def describe_platform(facts: NodeFacts) -> str:
+    if facts.platform is None:
+        return "unknown"
+    return facts.platform + (" (config)" if facts.platform_from == "config" else "")
+
+
+def describe_disk(facts: NodeFacts, path: str) -> str:
+    if facts.disk_total is None or facts.disk_free is None:
+        return f"unknown ({path})"
+    return f"{_gib(facts.disk_free)} free of {_gib(facts.disk_total)}"
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.1f} GiB"
+
+
+def facts_notes(node: Node, facts: NodeFacts, pinned: int = 0) -> list[str]:
+    """What the check says about a node's facts: what imagesync cannot do there, and why;
+    ``pinned``: how many declared images ask for pin = true."""
+    notes = []
+    if facts.platform is None:
+        notes.append(f"platform unknown (uname -m said {facts.raw.get('machine') or 'nothing'}): "
+                     "set platform for this node")
+    if not facts.ctr:
+        notes.append("no ctr on the node: images cannot be copied to or from it")
+    if facts.disk_total is None:
+        notes.append(f"cannot read the image filesystem at {node.image_fs}: set image_fs for this node "
+                     "(until then, pulls to it are not checked for room)")
+    if facts.can_pin is False:
+        notes.append(f"containerd {facts.containerd} cannot pin images (1.7 or later can): "
+                     "its image GC may remove any synced image"
+                     + (f"; the {pinned} declared with pin = true are pulled unpinned" if pinned else ""))
+    elif facts.can_pin is None:
+        notes.append("containerd's version unknown (neither ctr version nor containerd --version answered): "
+                     "whether images can be pinned is unknown")
+    elif pinned and node.runtime != "ctr":
+        notes.append(f'pin = true needs runtime = "ctr" on this node (the CRI cannot label images): '
+                     f"the {pinned} declared with it are pulled unpinned")
+    return notes
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
-    from .inventory import list_images, runtime_missing
+    from .inventory import examine, runtime_missing
     from .transport import transport_for
 
     print(version_line(), flush=True)  # first, and whole: it is what a bug report quotes
@@ -233,7 +288,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             target = settings.ssh_target(node)
             address = f"{target.host}:{target.port}" + (f" via {target.jump.name}" if target.jump else "")
         row = {"node": node.name, "address": address,
-               "ssh": "-", "runtime": "-", "images": "-", "detail": ""}
+               "ssh": "-", "runtime": "-", "images": "-", "platform": "-", "image fs": "-", "detail": ""}
         runtime = runtimes.for_node(node)
         try:
             transport = transport_for(settings, node)
@@ -243,7 +298,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             if version.exit_code == runtimes.COMMAND_NOT_FOUND:
                 raise runtime_missing(node.name, runtime.name)
             row["runtime"] = f"{runtime.name} ok"
-            row["images"] = str(len(list_images(settings, node)))
+            images, facts = examine(settings, node)
+            row["images"] = str(len(images))
+            row["platform"] = describe_platform(facts)
+            row["image fs"] = describe_disk(facts, node.image_fs)
+            notes = facts_notes(node, facts, len(settings.pinned_images()))
+            row["detail"] = "; ".join(notes)
             return row, True
         except NodeError as exc:
             if row["ssh"] == "-":
@@ -258,11 +318,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(max_workers=min(32, len(settings.nodes))) as pool:
         results = list(pool.map(probe, settings.nodes))
     table = Table()
-    for column in ("node", "address", "ssh", "runtime", "images", "detail"):
+    columns = ("node", "address", "ssh", "runtime", "images", "platform", "image fs", "detail")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for row, ok in results:
         style = None if ok else "red"
-        table.add_row(*(row[c] for c in ("node", "address", "ssh", "runtime", "images", "detail")), style=style)
+        table.add_row(*(escape(row[c]) for c in columns), style=style)
     out.print(table)
     failed = [row["node"] for row, ok in results if not ok]
     if failed:
@@ -277,7 +338,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = _settings()
     for name in args.node or ():
         settings.node(name)
-    plan = plan_now(settings, args.node)
+    plan = plan_now(settings, args.node, _memory(settings))
     if args.json:
         out.print_json(json.dumps(plan.to_dict()))
         return EXIT_OK
@@ -289,9 +350,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     table.add_column("node")
     table.add_column("pulls", justify="right")
     table.add_column("images", overflow="fold")
+    table.add_column("from", overflow="fold")
     for node in plan.nodes:
         images = plan.missing.get(node, [])
-        table.add_row(node, str(len(images)), "\n".join(images) or "-")
+        sources = [plan.route(node, image).describe() for image in images]
+        table.add_row(node, str(len(images)), escape("\n".join(images) or "-"), escape("\n".join(sources)))
     out.print(table)
     return EXIT_OK
 
@@ -304,38 +367,92 @@ def _print_notes(plan: Plan) -> None:
         say(f"tag drift: {drift.reference}: {digests}")
     for refusal in plan.refused:
         say(f"refused image name from {refusal.node}: {refusal.reference!r} ({refusal.reason})")
+    for node, images in sorted(plan.excluded.items()):
+        for image, why in sorted(images.items()):
+            say(f"{why.kind} on {node}: {image}: {why.reason}")
+    for line in room.evicted_lines(plan.evicted):
+        say(line)
+
+
+def _memory(settings: Settings):
+    """Redis, for what earlier runs learned (evictions, platforms); None, said once, when it does not answer."""
+    try:
+        return _redis(settings, socket_timeout=10)
+    except CommandError as exc:
+        say(f"imagesync: {exc}; evictions and platform verdicts seen by earlier runs are not shown")
+        return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .sync import plan_now
 
     settings = _settings()
-    plan = plan_now(settings)
+    if args.backup and settings.backup is None:
+        raise CommandError("no backup registry is configured: add a [backup] table with its registry "
+                           "(see docs/configuration.md)")
+    plan = plan_now(settings, redis=_memory(settings))
+    if args.backup:
+        return backup_status(settings, plan, args.json)
     if args.json:
-        out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped,
-                                   "holdings": plan.holdings, "drift": plan.to_dict()["drift"]}))
+        whole = plan.to_dict()
+        out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped, "holdings": plan.holdings,
+                                   "excluded": whole["excluded"], "evicted": whole["evicted"], "facts": whole["facts"],
+                                   "drift": whole["drift"]}))
         return EXIT_OK
     _print_notes(plan)
     out.print(status_table(plan))
     return EXIT_OK
 
 
+def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
+    """``status --backup``: one row per wanted image the backup keeps; non-zero unless it holds them all."""
+    from . import backup
+
+    with backup.skopeo(settings) as tool:
+        checks = backup.check(settings, backup.candidates(settings, plan), tool)
+    if as_json:
+        out.print_json(json.dumps({"backup": settings.backup.registry if settings.backup else None,
+                                   "images": [found.to_dict() for found in checks]}))
+    else:
+        _print_notes(plan)
+        colour = {backup.HELD: "green", backup.MISSING: "red", backup.STALE: "yellow", backup.UNKNOWN: "red"}
+        table = Table(title=f"backup {settings.backup.registry if settings.backup else ''}: "
+                            f"{sum(found.state == backup.HELD for found in checks)} of {len(checks)} images held")
+        for column in ("image", "nodes hold", "backup holds", "state"):
+            table.add_column(column, overflow="fold")
+        for found in checks:
+            short = (found.backup_digest or "-").split(":")[-1][:12]
+            state = found.state + (f": {found.reason}" if found.reason and found.state == backup.UNKNOWN else "")
+            table.add_row(found.image, (found.digest or "?").split(":")[-1][:12], short,
+                          f"[{colour[found.state]}]{state}[/]")
+        out.print(table)
+    return EXIT_OK if all(found.state == backup.HELD for found in checks) else EXIT_FAILED
+
+
 def status_table(plan: Plan) -> Table:
-    """Images down, nodes across; a cell shows the digest a node holds, or that it lacks the image."""
+    """Images down, nodes across; a cell shows the digest a node holds, that it lacks the
+    image, or why it does not pull it (``n/a``: nothing for its platform; ``skipped``)."""
     drifted = {d.reference for d in plan.drift}
     table = Table(title=f"{len(plan.wanted)} images x {len(plan.nodes)} nodes")
     table.add_column("image", overflow="fold")
     for node in plan.nodes:
-        table.add_column(node, justify="center")
+        facts = plan.facts.get(node)
+        platform = facts.platform if facts is not None and facts.platform else "platform ?"
+        table.add_column(f"{node}\n[dim]{escape(platform)}[/]", justify="center")
     for node in plan.skipped:
         table.add_column(f"{node} (skipped)", justify="center", style="dim")
     for image in plan.wanted:
         cells = []
         for node in plan.nodes:
             held, digest = plan.held(node, image)
+            excluded = plan.excluded.get(node, {}).get(image)
             if held:
                 text = digest.split(":")[-1][:8] if digest else "yes"
                 cells.append(f"[yellow]{text}[/]" if image in drifted else f"[green]{text}[/]")
+            elif excluded is not None:
+                cells.append(f"[dim]{excluded.kind}[/]")
+            elif image in plan.evicted.get(node, ()):
+                cells.append("[red]evicted[/]")
             else:
                 cells.append("[red]missing[/]")
         cells += ["?" for _ in plan.skipped]
@@ -470,20 +587,28 @@ def cmd_history(args: argparse.Namespace) -> int:
         run = store.get(args.run)
         if run is None:
             raise CommandError(f"no run {args.run} in the history (see 'imagesync history')")
+        from .backup import BackupStore
+        from .backup import summary_lines as backup_lines
+
+        record = BackupStore(store.redis).get(args.run)
         if args.json:
-            out.print_json(json.dumps(run.to_dict()))
+            out.print_json(json.dumps(run.to_dict() | ({"backup": record} if record else {})))
         else:
             print_run(run)
+            for line in backup_lines(run.id, record) if record else ():
+                out.print("  " + line.split(": ", 1)[1], markup=False)
         return EXIT_OK
     runs = store.recent(args.limit)
     if args.json:
         out.print_json(json.dumps([run.to_dict() for run in runs]))
         return EXIT_OK
+    from .runs import SUCCESSES
+
     table = Table(title="recent runs")
     for column in ("run", "trigger", "status", "pulls", "ok", "failed", "not run", "skipped nodes", "took"):
         table.add_column(column)
     for run in runs:
-        ok = sum(run.counts.get(s, 0) for s in ("pulled", "present"))
+        ok = sum(run.counts.get(s, 0) for s in SUCCESSES)
         # "not run": pulls that found their run already over (cancelled, abandoned) and were skipped
         not_run = run.counts.get("skipped", 0)
         status = {"cancelled": "[yellow]cancelled[/]", "abandoned": "[red]abandoned[/]"}.get(run.status, run.status)
@@ -499,13 +624,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     logs.check_log_dir(settings.log_dir)
     extra = [a for a in args.celery_args if a != "--"]
+    if args.concurrency is not None and not (args.nodes or args.all_nodes):
+        raise CommandError("--concurrency goes with --nodes or --all-nodes: a worker of one node runs "
+                           "max_parallel pulls", EXIT_CONFIG)
     if args.control:
         argv = ["-Q", CONTROL_QUEUE, "-c", "2", "-n", "control@%h"]
+    elif args.nodes or args.all_nodes:
+        argv = shared_worker_argv(settings, args.nodes, args.concurrency)
     else:
         node = settings.node(args.node)
         # prefork is the only pool that enforces time limits
         argv = ["-Q", node_queue(node.name), "-c", str(settings.max_parallel), "-n", f"{node.name}@%h"]
     return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
+
+
+def shared_worker_argv(settings: Settings, nodes: str | None, concurrency: int | None) -> list[str]:
+    """Celery worker arguments of one worker for several nodes' queues (every SSH node
+    without ``nodes``); ``max_parallel`` per node is then held by node slots in Redis."""
+    from .celeryconfig import node_queue
+    from .nodeslots import default_concurrency
+
+    if nodes is None:
+        chosen = [node for node in settings.nodes if node.transport == "ssh"]
+    else:
+        names = [name.strip() for name in nodes.split(",") if name.strip()]
+        chosen = [settings.node(name) for name in dict.fromkeys(names)]
+    if not chosen:
+        raise CommandError("no node to serve: name some with --nodes NAME,NAME", EXIT_CONFIG)
+    local = [node.name for node in chosen if node.transport != "ssh"]
+    if local:
+        raise CommandError(f"{', '.join(local)}: transport is not ssh; such a node's worker runs on the node "
+                           "itself (imagesync worker --node NAME there)", EXIT_CONFIG)
+    if concurrency is not None and concurrency < 1:
+        raise CommandError(f"--concurrency must be at least 1, not {concurrency}", EXIT_CONFIG)
+    processes = concurrency or default_concurrency(len(chosen), settings.max_parallel)
+    queues = ",".join(node_queue(node.name) for node in chosen)
+    name = chosen[0].name + (f"+{len(chosen) - 1}" if len(chosen) > 1 else "")
+    return ["-Q", queues, "-c", str(processes), "-n", f"{name}@%h"]
 
 
 def cmd_beat(args: argparse.Namespace) -> int:

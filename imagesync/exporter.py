@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .celeryconfig import node_queue
-from .runs import ABANDONED, CANCELLED, COMPLETED, OUTCOMES, RUNNING, SUCCESSES, as_text
+from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES, as_text
 from .sync import stale_after
 
 if TYPE_CHECKING:
@@ -160,8 +160,12 @@ class ImagesyncCollector(Collector):
         drifted = GaugeMetricFamily("imagesync_node_images_drifted",
                                     "Tags the node holds that other nodes hold under another digest", labels=["node"])
         not_applicable = GaugeMetricFamily("imagesync_node_images_not_applicable",
-                                           "Wanted images that do not apply to the node (always 0 for now)",
-                                           labels=["node"])
+                                           "Wanted images the node does not pull: nothing for its platform, "
+                                           "no room, held back", labels=["node"])
+        evicted = GaugeMetricFamily("imagesync_node_images_evicted",
+                                    "Images the node held at the end of the run before and lacked at the start "
+                                    "of this one: removed by the node (likely the kubelet's image GC)",
+                                    labels=["node"])
         reachable = GaugeMetricFamily("imagesync_node_reachable",
                                       "1 if the run these counts come from reached the node, 0 if it skipped it",
                                       labels=["node"])
@@ -176,12 +180,15 @@ class ImagesyncCollector(Collector):
             reachable.add_metric([node], 1)
             # what the run's pulls brought since it planned
             brought = sum(int(planned.get(f"p:{node}:{status}", 0)) for status in SUCCESSES)
-            lacks = max(0, counts[node]["missing"] - brought)
-            held.add_metric([node], counts[node]["held"] + counts[node]["missing"] - lacks)
+            # pulls that found the image has nothing for the node's platform: not missing after all
+            found = int(planned.get(f"p:{node}:{NOT_APPLICABLE}", 0))
+            lacks = max(0, counts[node]["missing"] - brought - found)
+            held.add_metric([node], counts[node]["held"] + counts[node]["missing"] - lacks - found)
             missing.add_metric([node], lacks)
             drifted.add_metric([node], counts[node].get("drifted", 0))
-            not_applicable.add_metric([node], 0)
-        yield from (held, missing, drifted, not_applicable, reachable, depth)
+            not_applicable.add_metric([node], counts[node].get("excluded", 0) + found)
+            evicted.add_metric([node], counts[node].get("evicted", 0))
+        yield from (held, missing, drifted, not_applicable, evicted, reachable, depth)
 
     def _run_metrics(self, run: dict[str, str], now: float) -> Iterator[Metric]:
         status = GaugeMetricFamily("imagesync_last_run_status", "1 for the newest run's status, 0 for the others",

@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import runtimes
+from . import facts, runtimes
 from .errors import NodeError, RuntimeMissing, one_line
+from .facts import NodeFacts
 from .runtimes import COMMAND_NOT_FOUND, Image
 from .transport import transport_for
 
@@ -28,10 +29,11 @@ MAX_THREADS = 64
 
 @dataclass
 class Inventory:
-    """Images per reachable node, and the reason for each node that was not."""
+    """Images (and facts) per reachable node, and the reason for each node that was not."""
 
     images: dict[str, list[Image]] = field(default_factory=dict)
     errors: dict[str, NodeError] = field(default_factory=dict)
+    facts: dict[str, NodeFacts] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> dict[str, list[Image]]:
@@ -57,15 +59,21 @@ def runtime_missing(node: str, runtime: str) -> RuntimeMissing:
 
 def list_images(settings: Settings, node: Node) -> list[Image]:
     """The images ``node`` holds, as its runtime reports them."""
+    return examine(settings, node)[0]
+
+
+def examine(settings: Settings, node: Node) -> tuple[list[Image], NodeFacts]:
+    """The images ``node`` holds and its facts (platform, image filesystem, ctr), in one command."""
     runtime = runtimes.for_node(node)
-    result = transport_for(settings, node).run(runtime.list_command(), timeout=LIST_TIMEOUT)
+    result = transport_for(settings, node).run(facts.wrap(node, runtime.list_command()), timeout=LIST_TIMEOUT)
+    raw, listing = facts.split(result.stdout)
     if result.exit_code == COMMAND_NOT_FOUND:
         raise runtime_missing(node.name, runtime.name)
     if not result.ok:
-        reason = runtimes.failure_reason(result.stderr, result.stdout)
+        reason = runtimes.failure_reason(result.stderr, listing)
         raise NodeError(node.name, f"{runtime.name} cannot list images on {node.name}: {reason}")
     try:
-        return runtime.parse_list(result.stdout)
+        return runtime.parse_list(listing), NodeFacts.parse(node, raw)
     except ValueError as exc:
         raise NodeError(node.name, str(exc)) from exc
 
@@ -79,7 +87,7 @@ def take_inventory(settings: Settings, nodes: Iterable | None = None) -> Invento
 
     def one(node: Node):
         try:
-            return node.name, list_images(settings, node), None
+            return node.name, examine(settings, node), None
         except NodeError as exc:
             return node.name, None, exc
         except Exception as exc:
@@ -88,9 +96,9 @@ def take_inventory(settings: Settings, nodes: Iterable | None = None) -> Invento
             return node.name, None, NodeError(node.name, reason)
 
     with ThreadPoolExecutor(max_workers=min(len(nodes), MAX_THREADS)) as pool:
-        for name, images, error in pool.map(one, nodes):
+        for name, answer, error in pool.map(one, nodes):
             if error is None:
-                inventory.images[name] = images
+                inventory.images[name], inventory.facts[name] = answer
             else:
                 inventory.errors[name] = error
     return inventory

@@ -35,5 +35,50 @@ def run_results(run_id: str) -> str:
     return f"{NAMESPACE}:run:{run_id}:results"
 
 
+def run_backup(run_id: str) -> str:
+    """Hash: the run's backup record (imagesync.backup): what to back up, status, counts."""
+    return f"{NAMESPACE}:run:{run_id}:backup"
+
+
+def run_backup_results(run_id: str) -> str:
+    """Hash: image -> the outcome of backing it up, as JSON."""
+    return f"{NAMESPACE}:run:{run_id}:backup:results"
+
+
 def run_keys(run_id: str) -> list[str]:
-    return [run(run_id), run_done(run_id), run_results(run_id)]
+    return [run(run_id), run_done(run_id), run_results(run_id), run_backup(run_id), run_backup_results(run_id)]
+
+
+def node_pulls(node: str) -> str:
+    """Sorted set: the pulls running on a node served by a shared worker (imagesync.semaphore),
+    pull -> when its lease runs out."""
+    return f"{NAMESPACE}:node:{node}:pulls"
+
+
+def run_holders(run_id: str, image: str) -> str:
+    """Set: under ``source = "peers-first"``, the nodes that hold ``image`` in run
+    ``run_id`` (the plan's holders, then each node whose pull of it succeeded)."""
+    return f"{NAMESPACE}:run:{run_id}:holders:{image}"
+
+
+def node_serves(node: str) -> str:
+    """Sorted set: the copies a node is serving to other nodes (imagesync.semaphore),
+    copy -> when its lease runs out."""
+    return f"{NAMESPACE}:node:{node}:serves"
+
+
+def node_held(node: str) -> str:
+    """Set: the wanted images the node held at the end of the last run (imagesync.room)."""
+    return f"{NAMESPACE}:node:{node}:held"
+
+
+def node_evictions(node: str) -> str:
+    """Hash: image -> {"count", "free"}: how many runs in a row found it evicted from the
+    node, and the node's free bytes when the last one was seen (imagesync.room)."""
+    return f"{NAMESPACE}:node:{node}:evictions"
+
+
+def platforms(digest: str) -> str:
+    """Hash: what is known of the platforms of the image manifest ``digest`` (imagesync.platforms):
+    ``has`` -> the JSON list the registry gave; ``not:<platform>`` -> a pull found nothing for it."""
+    return f"{NAMESPACE}:platforms:{digest}"

@@ -188,9 +188,10 @@ def record_pull(log_dir: Path, run_id: str, outcome: Outcome) -> None:
     line = (
         f"{stamp} run={run_id} node={outcome.node} image={outcome.image} "
         f"status={outcome.status} duration={outcome.duration:.1f}s attempts={outcome.attempts}"
+        + (f" source={outcome.source}" if outcome.source else "")
     )
-    if outcome.succeeded:
-        append(log_dir, SUCCESS_LOG, line, outcome.finished)
-    else:
+    if outcome.reason:
         reason = outcome.reason.replace("\n", " ").replace('"', "'")
-        append(log_dir, FAILED_LOG, f'{line} reason="{reason}"', outcome.finished)
+        line += f' reason="{reason}"'
+    # "not applicable" is not a failure: it goes with the successes, its reason said
+    append(log_dir, FAILED_LOG if outcome.failed else SUCCESS_LOG, line, outcome.finished)

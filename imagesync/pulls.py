@@ -1,4 +1,12 @@
-"""One pull of one image onto one node: one command on the node, one SSH round trip.
+"""Getting one image onto one node, from the sources its route names, in order.
+
+:func:`get_image` follows the plan's :class:`~imagesync.plan.Route`: the
+registry (one command on the node, one SSH round trip), then, when the
+registry cannot serve the image, the backup registry and the nodes that hold
+it. All of them share one budget, ``time_out``: it bounds getting the image,
+whatever was tried. A source that fails for good hands over to the next; one
+that may succeed if tried again makes the task retry first (the whole route),
+and only on the last attempt hands over.
 
 A pull on its first delivery was planned from an inventory taken seconds
 earlier, so it just pulls: pulling an image that is already there is harmless
@@ -14,16 +22,22 @@ first to stop, and the task's time limits cover the whole command.
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import references, runtimes
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
-from .runs import FAILED, PRESENT, PULLED, TIMED_OUT, Outcome
+from .plan import BACKUP, DEFAULT_ROUTE, PEERS, REGISTRY, Route
+from .runs import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
 from .transport import transport_for
 
 if TYPE_CHECKING:
+    from redis import Redis
+
     from .config import Node, Settings
 
 #: seconds the SSH command may run past the node-side timeout before we give up on it
@@ -46,13 +60,100 @@ def needs_check(retries: int, redelivered: bool, run_started: float | None, now:
     return (now or time.time()) - run_started > FRESH_PLAN
 
 
+#: seconds of the budget below which no further source is tried
+MIN_SECONDS = 5
+#: what a runtime says when an image has nothing for the node's platform
+NO_PLATFORM = re.compile(r"no match for platform", re.IGNORECASE)
+
+
+@dataclass
+class Attempt:
+    """One attempt at getting ``image`` onto ``node``: what every source is given."""
+
+    settings: Settings
+    node: Node
+    image: str
+    route: Route = DEFAULT_ROUTE
+    run_id: str = ""
+    #: ask the node first whether it holds the image (see needs_check)
+    check: bool = True
+    #: whether the task may still retry: a source that may succeed later then retries rather than hand over
+    last: bool = True
+    #: this process's Redis client, for sources that coordinate (None in a test of one source)
+    redis: Redis | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def remaining(self) -> int:
+        """Whole seconds left of ``time_out`` for the sources still to try."""
+        return int(self.settings.time_out - (time.monotonic() - self.started))
+
+    def outcome(self, status: str, reason: str = "", source: str = "") -> Outcome:
+        return Outcome(self.node.name, self.image, status, round(time.monotonic() - self.started, 3),
+                       reason, source=source)
+
+
+#: a source: (outcome, whether a retry may help)
+Fetch = Callable[[Attempt], tuple[Outcome, bool]]
+
+
+def fetcher(source: str) -> Fetch:
+    """The function that gets an image from ``source``."""
+    if source == REGISTRY:
+        return from_registry
+    if source == PEERS:
+        from .transfer import from_peers
+
+        return from_peers
+    if source == BACKUP:
+        from .backup import from_backup
+
+        return from_backup
+    raise ValueError(f"unknown source {source!r}")
+
+
+def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
+    """Bring the image onto the node from the sources of its route; the outcome and
+    whether retrying the task may help.
+
+    A source that fails hands over to the next one if the failure is for good,
+    or if it might pass later but this is the task's last attempt. Timed out
+    and "not applicable" end the route: the budget is spent, or no source can
+    give the node an image that has nothing for its platform.
+    """
+    tried: list[str] = []  # what each source that handed over answered
+    outcome, transient = attempt.outcome(FAILED, "no source to try"), False
+    for source in attempt.route.sources:
+        if tried and attempt.remaining() < MIN_SECONDS:
+            budget = f"time_out ({attempt.settings.time_out} s) spent before {source} could be tried"
+            outcome, transient = attempt.outcome(TIMED_OUT, budget), False
+            break
+        outcome, transient = fetcher(source)(attempt)
+        if outcome.status != FAILED or (transient and not attempt.last):
+            break
+        tried.append(f"{source}: {outcome.reason}")
+    else:
+        if len(tried) > 1:
+            outcome.reason = "; ".join(tried)
+        tried = []
+    if tried:
+        outcome.reason = "; ".join([*tried, outcome.reason] if outcome.reason else tried)
+    outcome.duration = round(time.monotonic() - attempt.started, 3)
+    return outcome, transient
+
+
 def pull_image(settings: Settings, node: Node, image: str, check: bool = True) -> tuple[Outcome, bool]:
-    """Bring ``image`` onto ``node``; returns the outcome and whether a retry may help.
+    """Pull ``image`` onto ``node`` from its registry; see :func:`from_registry`."""
+    return from_registry(Attempt(settings, node, image, check=check))
+
+
+def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
+    """Pull the image from its registry; returns the outcome and whether a retry may help.
 
     With ``check``, a node that already holds the image is reported "present"
     and nothing is pulled; without it, such a pull reports "pulled" (neither
     crictl nor ctr tells a fresh pull from one of a present image).
     """
+    settings, node, image, check = attempt.settings, attempt.node, attempt.image, attempt.check
     started = time.monotonic()
 
     def outcome(status: str, reason: str = "") -> Outcome:
@@ -66,9 +167,15 @@ def pull_image(settings: Settings, node: Node, image: str, check: bool = True) -
         image = repr(exc.reference)
         return outcome(FAILED, f"refused: {exc.reason}"), False
     runtime = runtimes.for_node(node)
+    target = attempt.route.pull_as or image
+    seconds = max(1, min(settings.time_out, attempt.remaining()))
     try:
-        login = settings.login_for(references.parse(image).domain)
-        command = runtime.pull_command(image, settings.time_out, login, check=check)
+        login = settings.login_for(references.parse(target).domain)
+        # a configured platform is the one to pull (ctr --platform); a per-architecture
+        # reference is also named as the entry's ref where the runtime can tag
+        command = runtime.pull_command(target, seconds, login, check=check, platform=node.platform,
+                                       also_as=image if attempt.route.pull_as else None,
+                                       pin=attempt.route.pin)
         result = transport_for(settings, node).run(
             command.command, timeout=command.seconds + runtimes.KILL_AFTER + SSH_GRACE
         )
@@ -92,4 +199,23 @@ def pull_image(settings: Settings, node: Node, image: str, check: bool = True) -
         reason = f"the pull on {node.name} ended without an exit status: the connection dropped or the node killed it"
         return outcome(FAILED, reason), True
     reason = runtimes.failure_reason(result.stderr, result.stdout)
+    if NO_PLATFORM.search(reason):
+        _keep_platform_verdict(attempt, reason)
+        return outcome(NOT_APPLICABLE, reason), False
     return outcome(FAILED, reason), runtimes.is_transient(reason)
+
+
+def _keep_platform_verdict(attempt: Attempt, reason: str) -> None:
+    """Remember that the digest this pull judged has nothing for the node's platform, so
+    that the next plan leaves it off such nodes (imagesync.platforms). The platform is
+    the route's or the node's setting, else one ``uname -m`` on the node: this is rare."""
+    from .platforms import node_platform, record_failed_pull
+
+    platform = attempt.route.platform or attempt.node.platform
+    if platform is None and attempt.redis is not None:
+        try:
+            answer = transport_for(attempt.settings, attempt.node).run("uname -m", timeout=15)
+            platform = node_platform(None, answer.stdout.strip() if answer.ok else None)
+        except NodeError:
+            return
+    record_failed_pull(attempt.redis, reason, platform)

@@ -17,6 +17,7 @@ Normalization follows the runtimes (containerd, CRI-O): ``nginx`` is
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 from dataclasses import dataclass
@@ -212,3 +213,56 @@ def _familiar_repository(ref: Reference) -> str:
 
 def matches_any(ref: Reference, prefixes: list[str] | tuple[str, ...]) -> bool:
     return any(matches_prefix(ref, prefix) for prefix in prefixes)
+
+
+#: the characters that make a pattern a shell-style wildcard pattern
+_WILDCARDS = frozenset("*?[")
+
+
+def validate_pattern(pattern: str) -> str:
+    """Check an image pattern (``exclude``, ``backup.images``) and return it normalized.
+
+    A pattern with a wildcard (``*``, ``?``, ``[...]``) is matched, as written,
+    against the whole normalized name (``registry/path:tag``); one without is a
+    prefix, as ``prefixes`` are, or else one exact image reference.
+    """
+    text = pattern.strip()
+    if _WILDCARDS & set(text):
+        if not text.isascii() or not text.isprintable() or " " in text:
+            raise _refuse(text, "a pattern is one word of printable ASCII")
+        return text
+    try:
+        return validate_prefix(text)
+    except RefusedReference as exc:
+        try:
+            return normalize(text)
+        except RefusedReference:
+            raise exc from None
+
+
+def matches_pattern(ref: Reference, pattern: str) -> bool:
+    """Whether ``ref`` matches a pattern of :func:`validate_pattern`."""
+    if _WILDCARDS & set(pattern):
+        return fnmatch.fnmatchcase(str(ref), pattern) or fnmatch.fnmatchcase(ref.familiar, pattern)
+    return str(ref) == pattern or matches_prefix(ref, pattern)
+
+
+def matches_any_pattern(ref: Reference, patterns: list[str] | tuple[str, ...]) -> bool:
+    return any(matches_pattern(ref, pattern) for pattern in patterns)
+
+
+def backup_name(backup: str, image: str) -> str | None:
+    """The name of ``image`` in the backup registry ``backup`` (``host[:port][/path]``):
+    ``<backup>/<original registry>/<path>:<tag>``, the registry's ``:port`` written ``_port``.
+
+    ``nvcr.io/nvidia/cuda:12`` in ``harbor.example.com/backup`` is
+    ``harbor.example.com/backup/nvcr.io/nvidia/cuda:12``; ``127.0.0.1:5000/app:1``
+    is ``.../127.0.0.1_5000/app:1`` (a ``:`` cannot stand in a path). None for an
+    image without a tag (a registry takes a push by tag), or whose registry cannot
+    be written as a path component (an IPv6 address).
+    """
+    ref = parse(image)
+    if not ref.tag or ref.domain.startswith("["):
+        return None
+    registry = ref.domain.lower().replace(":", "_")
+    return normalize(f"{backup.rstrip('/')}/{registry}/{ref.path}:{ref.tag}")

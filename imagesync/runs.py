@@ -26,11 +26,16 @@ from .errors import ImagesyncError
 
 RUNNING, COMPLETED, ABANDONED, CANCELLED = "running", "completed", "abandoned", "cancelled"
 
-#: pull outcomes; the first two mean the node now holds the image
-PULLED, PRESENT = "pulled", "present"
+#: pull outcomes; the successes mean the node now holds the image: pulled from the
+#: registry, found present, copied from another node, restored from the backup
+PULLED, PRESENT, COPIED, RESTORED = "pulled", "present", "copied", "restored"
 FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped"
-OUTCOMES = (PULLED, PRESENT, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
-SUCCESSES = (PULLED, PRESENT)
+#: the image has nothing for the node's platform: not pulled, and not a failure
+NOT_APPLICABLE = "not_applicable"
+SUCCESSES = (PULLED, PRESENT, COPIED, RESTORED)
+OUTCOMES = (*SUCCESSES, NOT_APPLICABLE, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
+#: outcomes that do not make a run fail
+NOT_FAILURES = (*SUCCESSES, NOT_APPLICABLE)
 
 # The time inside a script is Redis's own (TIME), unless a caller passes one
 # (tests), so that the clocks of the hosts never decide staleness. Scripts that
@@ -163,13 +168,29 @@ class Outcome:
     reason: str = ""
     attempts: int = 1
     finished: float = field(default_factory=time.time)
+    #: where the image came from when not from its registry: a node, or the backup registry
+    source: str = ""
 
     @property
     def succeeded(self) -> bool:
         return self.status in SUCCESSES
 
+    @property
+    def failed(self) -> bool:
+        return self.status not in NOT_FAILURES
+
+    def describe(self) -> str:
+        """``copied from node-1``, ``timed out``: the status as the logs and summaries say it."""
+        text = self.status.replace("_", " ")
+        if self.source:
+            text += f" {'from' if self.status in (COPIED, RESTORED) else 'via'} {self.source}"
+        return text
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        data = asdict(self)
+        if not self.source:
+            del data["source"]
+        return json.dumps(data, separators=(",", ":"))
 
 
 @dataclass
@@ -191,6 +212,10 @@ class Run:
     reason: str = ""
     #: who cancelled the run (user@host), for a cancelled run
     cancelled_by: str = ""
+    #: images the plan kept off a node: node -> image -> {"kind", "reason"} (not applicable, no room, ...)
+    excluded: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    #: images a node held at the end of the previous run and lacked at this one's start: node -> images
+    evicted: dict[str, list[str]] = field(default_factory=dict)
     results: list[Outcome] = field(default_factory=list)
 
     @property
@@ -199,7 +224,7 @@ class Run:
 
     @property
     def failures(self) -> int:
-        return sum(n for status, n in self.counts.items() if status not in SUCCESSES)
+        return sum(n for status, n in self.counts.items() if status not in NOT_FAILURES)
 
     @property
     def duration(self) -> float:
@@ -245,6 +270,8 @@ class RunStore:
         wanted: int,
         now: float | None = None,
         nodes: dict[str, dict[str, int]] | None = None,
+        excluded: dict[str, dict[str, dict[str, str]]] | None = None,
+        evicted: dict[str, list[str]] | None = None,
     ) -> bool:
         """Record a new run; returns True if it expects no pulls and is already complete.
 
@@ -267,6 +294,10 @@ class RunStore:
             "refused": json.dumps(refused),
             "wanted": wanted,
         }
+        if excluded:
+            record["excluded"] = json.dumps(excluded, separators=(",", ":"))
+        if evicted:
+            record["evicted"] = json.dumps(evicted, separators=(",", ":"))
         if nodes is not None:
             # per reachable node at plan time: held/missing/drifted counts (read by the exporter)
             record["nodes"] = json.dumps(nodes, separators=(",", ":"))
@@ -381,6 +412,8 @@ class RunStore:
             wanted=int(data.get("wanted", 0)),
             reason=data.get("reason", ""),
             cancelled_by=data.get("cancelled_by", ""),
+            excluded=json.loads(data.get("excluded", "{}")),
+            evicted=json.loads(data.get("evicted", "{}")),
         )
         if with_results:
             run.results = sorted(
@@ -434,9 +467,18 @@ def summary_lines(run: Run) -> list[str]:
         if run.status == CANCELLED and outcome.status == SKIPPED:
             continue
         if not outcome.succeeded:
-            lines.append(
-                f"run {run.id}: {outcome.node}: {outcome.image} {outcome.status.replace('_', ' ')}: {outcome.reason}"
-            )
+            lines.append(f"run {run.id}: {outcome.node}: {outcome.image} {outcome.describe()}: {outcome.reason}")
+    # where copies came from: one line per source node, not one per pull
+    copied = Counter(outcome.source for outcome in run.results if outcome.status == COPIED and outcome.source)
+    for source, count in sorted(copied.items()):
+        lines.append(f"run {run.id}: {count} copied from {source}")
+    for node, images in sorted(run.excluded.items()):
+        for image, exclusion in sorted(images.items()):
+            lines.append(f"run {run.id}: {node}: {image} {exclusion['kind']}: {exclusion['reason']}")
+    for node, evicted in sorted(run.evicted.items()):
+        for image in evicted:
+            lines.append(f"run {run.id}: {node}: {image} evicted by the node since the last run "
+                         "(imagesync never removes images: likely the kubelet's image GC)")
     for drift in run.drift:
         digests = ", ".join(f"{n}={d[:19]}" for n, d in drift["digests"].items())
         lines.append(f"run {run.id}: tag drift on {drift['reference']}: {digests}")

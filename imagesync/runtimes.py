@@ -67,14 +67,21 @@ class Runtime(Protocol):
     def parse_list(self, output: str) -> list[Image]: ...
 
     def pull_command(
-        self, reference: str, time_out: int, login: Login | None = None, check: bool = False
+        self, reference: str, time_out: int, login: Login | None = None, check: bool = False,
+        platform: str | None = None, also_as: str | None = None, pin: bool = False,
     ) -> PullCommand: ...
 
     def version_command(self) -> str: ...
 
 
+#: the label containerd's CRI (1.7 and later) keeps an image under, out of the kubelet's image GC
+PINNED_LABEL = "io.cri-containerd.pinned=pinned"
 #: what a checked pull prints instead of pulling when the node already holds the image
 PRESENT_MARKER = "imagesync: already present"
+#: the first line of an export (the digest exported) and the last of an import (what it did)
+EXPORT_MARKER, IMPORT_MARKER = "imagesync-export", "imagesync-import"
+#: exit status of an import whose image arrived under another digest than the source's
+WRONG_DIGEST = 65
 
 
 def _pull_under_timeout(pull: str, time_out: int, presence_test: str | None = None) -> PullCommand:
@@ -121,10 +128,15 @@ class Crictl:
         return f"{self._base()} --version"
 
     def pull_command(
-        self, reference: str, time_out: int, login: Login | None = None, check: bool = False
+        self, reference: str, time_out: int, login: Login | None = None, check: bool = False,
+        platform: str | None = None, also_as: str | None = None, pin: bool = False,
     ) -> PullCommand:
         """``crictl pull``; with ``check``, first the CRI's ImageStatus (``inspecti``),
-        which exits 0 only if the node holds the image."""
+        which exits 0 only if the node holds the image.
+
+        The CRI has neither a platform to choose (the runtime pulls its own)
+        nor a way to tag or label: ``platform``, ``also_as`` and ``pin`` are not used.
+        """
         creds = f" --creds {shlex.quote(':'.join(login))}" if login else ""
         ref = _checked(reference)
         presence = f"{self._base()} inspecti -q {ref} >/dev/null 2>&1" if check else None
@@ -173,18 +185,75 @@ class Ctr:
         return "ctr --version"
 
     def pull_command(
-        self, reference: str, time_out: int, login: Login | None = None, check: bool = False
+        self, reference: str, time_out: int, login: Login | None = None, check: bool = False,
+        platform: str | None = None, also_as: str | None = None, pin: bool = False,
     ) -> PullCommand:
         """``ctr images pull``; with ``check``, first ``ctr images ls -q name==REF``,
-        which prints the reference only if the node holds it."""
+        which prints the reference only if the node holds it.
+
+        ``platform`` (``os/arch[/variant]``) pulls that platform's manifest
+        rather than the node's own; ``also_as`` names the pulled image a
+        second time (``ctr images tag``), as a per-architecture entry's ``ref``;
+        ``pin`` labels it ``io.cri-containerd.pinned=pinned``, which the
+        kubelet's image GC skips (containerd 1.7 and later honour it).
+        """
         hosts = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""
         user = f" --user {shlex.quote(':'.join(login))}" if login else ""
+        chosen = f" --platform {shlex.quote(platform)}" if platform else ""
         ref = _checked(reference)
         presence = None
         if check:
             listing = f"{self._base()} images ls -q {shlex.quote('name==' + reference)} 2>/dev/null"
             presence = f'[ -n "$({listing})" ]'
-        return _pull_under_timeout(f"{self._base()} images pull{hosts}{user} {ref}", time_out, presence)
+        pull = f"{self._base()} images pull{hosts}{user}{chosen} {ref}"
+        steps = []
+        if also_as:
+            steps.append(f"{self._base()} images tag --force {ref} {_checked(also_as)} >/dev/null")
+        if pin:
+            for name in (ref, _checked(also_as)) if also_as else (ref,):
+                steps.append(f"{self._base()} images label {name} {PINNED_LABEL} >/dev/null")
+        if steps:
+            # one process for timeout to signal; the tag and label only after a pull that succeeded
+            script = " && ".join([pull, *steps])
+            pull = f"sh -c {shlex.quote(script)}"
+        return _pull_under_timeout(pull, time_out, presence)
+
+    def digest_of(self, reference: str) -> str:
+        """A shell expression: the manifest digest the node holds ``reference`` under ("" if none)."""
+        listing = f"{self._base()} images ls {shlex.quote('name==' + reference)} 2>/dev/null"
+        return f"$({listing} | awk 'NR==2 {{print $3}}')"
+
+    def export_command(self, reference: str, time_out: int, platform: str | None = None) -> str:
+        """First a line ``EXPORT_MARKER DIGEST`` (the digest the node holds ``reference``
+        under, empty if none), then ``ctr images export`` of it as a tar, on stdout;
+        the export runs under the node's ``timeout``."""
+        ref = _checked(reference)
+        only = f" --platform {shlex.quote(platform)}" if platform else ""
+        export = _pull_under_timeout(f"{self._base()} images export{only} - {ref}", time_out).command
+        script = f'echo "{EXPORT_MARKER} {self.digest_of(reference)}"; exec {export}'
+        return f"sh -c {shlex.quote(script)}"
+
+    def import_command(self, reference: str, digest: str, time_out: int, platform: str | None = None) -> str:
+        """``ctr images import`` of a tar on stdin, under the node's ``timeout``, then a
+        check that ``reference`` arrived under ``digest``: a name the import left under
+        any other digest, or left behind by a failed import, is removed. Prints
+        ``IMPORT_MARKER STATUS BEFORE AFTER REMOVED`` last; exits with the import's
+        status, or 65 when the digest was wrong."""
+        ref = _checked(reference)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ValueError(f"not a manifest digest: {digest!r}")
+        only = f" --platform {shlex.quote(platform)}" if platform else ""
+        imported = _pull_under_timeout(f"{self._base()} images import{only} -", time_out).command
+        script = (
+            f"before={self.digest_of(reference)}; {imported}; status=$?; "
+            f"after={self.digest_of(reference)}; removed=0; "
+            f'if [ -n "$after" ] && [ "$after" != "$before" ] && '
+            f'{{ [ $status -ne 0 ] || [ "$after" != {digest} ]; }}; then '
+            f"{self._base()} images rm {ref} >/dev/null 2>&1; removed=1; fi; "
+            f'echo "{IMPORT_MARKER} $status ${{before:--}} ${{after:--}} $removed"; '
+            f'if [ $status -eq 0 ] && [ "$after" != {digest} ]; then exit {WRONG_DIGEST}; fi; exit $status'
+        )
+        return f"sh -c {shlex.quote(script)}"
 
     def parse_list(self, output: str) -> list[Image]:
         """Parse ``ctr images ls``: one row per reference, grouped here by manifest digest.

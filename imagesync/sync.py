@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import logs, runtimes
+from . import backup, logs, room, runtimes, transfer
 from .errors import ImagesyncError
 from .inventory import take_inventory
 from .lock import RunLock
-from .plan import Plan, make_plan
+from .plan import Plan, Route, make_plan
+from .policy import policy_for
 from .runs import CANCELLED, Outcome, RunCancelled, RunStore, new_run_id, summary_lines
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ STALE_MARGIN = 60
 #: how often (in pulls sent) a long fan-out renews the lock
 RENEW_EVERY = 500
 
-SendPull = Callable[[str, str, str, float], None]
+#: send_pull(node, image, run_id, expires, route)
+SendPull = Callable[[str, str, str, float, Route], None]
 
 
 def stale_after(settings: Settings) -> int:
@@ -89,18 +91,22 @@ def missed_targets(plan: Plan, configured: Iterable[str], targets: Iterable[str]
     return {}
 
 
-def plan_now(settings: Settings, targets: Iterable[str] | None = None) -> Plan:
+def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None) -> Plan:
     """Inventory every node and plan, without changing anything."""
     inventory = take_inventory(settings)
     return make_plan(
-        inventory.images, settings.prefixes, settings.images, inventory.unreachable, targets
+        inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
+        facts=inventory.facts, policy=policy_for(settings, redis), exclude=settings.exclude,
     )
 
 
-def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None) -> Plan:
+def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None,
+                redis: Redis | None = None) -> Plan:
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
     inventory = take_inventory(settings)
-    return make_plan(inventory.images, (), list(images), inventory.unreachable, targets)
+    return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
+                     facts=inventory.facts, policy=policy_for(settings, redis, limited=True),
+                     exclude=settings.exclude)
 
 
 def claim(redis: Redis, key: str, images: Iterable[str]) -> list[str]:
@@ -165,13 +171,20 @@ def start_run(
                 return Started("nothing-to-do", None, message)
         trigger = images_trigger(trigger, images)
     try:
-        plan = plan_now(settings, targets) if images is None else plan_images(settings, images, targets)
+        plan = (plan_now(settings, targets, redis) if images is None
+                else plan_images(settings, images, targets, redis))
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
         for refusal in plan.refused:
             log.warning("run %s: refused image name from %s: %r (%s)",
                         run_id, refusal.node, refusal.reference, refusal.reason)
+        for line in room.evicted_lines(plan.evicted):
+            log.warning("run %s: %s", run_id, line)
+        room.remember(redis, plan, room.scope_for(settings, limited=images is not None))
         pulls = interleaved(plan.missing)
+        if settings.backup is not None:
+            # what the backup must hold once the run completes (imagesync.backup)
+            backup.BackupStore(redis).remember(run_id, backup.candidates(settings, plan))
         complete = store.create(
             run_id,
             trigger=trigger,
@@ -180,6 +193,8 @@ def start_run(
             drift=plan.to_dict()["drift"],
             refused=plan.to_dict()["refused"],
             wanted=len(plan.wanted),
+            excluded=plan.excluded_as_dict(),
+            evicted=plan.evicted,
             # a run limited to some images says nothing of the others: the exporter
             # keeps reading the per-node counts of the last full run
             nodes=node_counts(plan) if images is None else None,
@@ -199,7 +214,7 @@ def start_run(
                  len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())))
         expiry = {node: pull_expiry(settings, count) for node, count in per_node.items()}
         for sent, (node, image) in enumerate(pulls, 1):
-            send_pull(node, image, run_id, expiry[node])
+            send_pull(node, image, run_id, expiry[node], plan.route(node, image))
             if sent % RENEW_EVERY == 0:
                 _keep_lock(lock, store, run_id, f"after sending {sent} of {len(pulls)} pulls")
         _keep_lock(lock, store, run_id, "after sending every pull")
@@ -234,7 +249,10 @@ def node_counts(plan: Plan) -> dict[str, dict[str, int]]:
             missing = len(plan.missing.get(node, []))
         else:  # reached but not a target of this run
             missing = sum(1 for ref in plan.wanted if not plan.held(node, ref)[0])
-        counts[node] = {"held": len(plan.wanted) - missing, "missing": missing, "drifted": drifted[node]}
+        excluded = len(plan.excluded.get(node, {}))
+        counts[node] = {"held": len(plan.wanted) - missing - excluded, "missing": missing,
+                        "excluded": excluded, "drifted": drifted[node],
+                        "evicted": len(plan.evicted.get(node, []))}
     return counts
 
 
@@ -276,13 +294,15 @@ def finish_pull(settings: Settings, redis: Redis, run_id: str, outcome: Outcome)
     """
     store = run_store(settings, redis)
     state = store.record(run_id, outcome)
+    transfer.note_outcome(settings, redis, run_id, outcome)
+    room.pulled(redis, outcome)
     try:
         logs.record_pull(settings.log_dir, run_id, outcome)
     except OSError as exc:
         logs.report_unwritable(settings.log_dir, exc)
-    level = logging.INFO if outcome.succeeded else logging.WARNING
+    level = logging.WARNING if outcome.failed else logging.INFO
     log.log(level, "run %s: %s: %s %s in %.1f s%s", run_id, outcome.node, outcome.image,
-            outcome.status.replace("_", " "), outcome.duration,
+            outcome.describe(), outcome.duration,
             f": {outcome.reason}" if outcome.reason else "")
     if state == -1:
         log.warning("run %s: no record of this run in Redis (lost or expired); outcome logged only", run_id)

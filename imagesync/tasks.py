@@ -2,7 +2,8 @@
 
 ``imagesync.sync`` runs on the control queue; ``imagesync.pull`` runs on the
 queue of the node it pulls onto (``node.<name>``), served by that node's own
-worker, whose concurrency is ``max_parallel``.
+worker, whose concurrency is ``max_parallel``, or by a worker shared by several
+nodes, where each pull first takes a slot of its node (``imagesync.nodeslots``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ import os
 import random
 import time
 
+from celery.exceptions import Retry as RetryLater
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import after_setup_logger, worker_before_create_process, worker_init, worker_ready
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import keys, logs
+from . import backup, keys, logs
 from .celery import app, refuse, settings
-from .celeryconfig import NODE_QUEUE_PREFIX, SYNC_TIME_LIMIT, node_queue, pull_time_limits
+from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, SYNC_TIME_LIMIT, node_queue, pull_time_limits
 from .errors import ConfigError, one_line
-from .pulls import needs_check, pull_image
+from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay, shares_pool
+from .plan import DEFAULT_ROUTE, Route
+from .pulls import Attempt, get_image, needs_check
 from .redelivery import take_back
+from .redisclient import connect
 from .runs import EXPIRED, FAILED, RUNNING, SKIPPED, TIMED_OUT, Outcome
 from .sync import finalize_stale, finish_pull, run_store, start_run
 
@@ -51,9 +56,7 @@ def redis() -> Redis:
     """
     client = _redis.get(os.getpid())
     if client is None:
-        client = _redis[os.getpid()] = Redis.from_url(
-            settings.redis_url, health_check_interval=30, retry=REDIS_RETRY
-        )
+        client = _redis[os.getpid()] = connect(settings, health_check_interval=30, retry=REDIS_RETRY)
     return client
 
 
@@ -63,7 +66,7 @@ def backoff(retries: int) -> float:
     return round(nominal * random.uniform(0.5, 1.5), 2)
 
 
-def send_pull(node: str, image: str, run_id: str, expires: float) -> None:
+def send_pull(node: str, image: str, run_id: str, expires: float, route: Route = DEFAULT_ROUTE) -> None:
     """Queue one pull, worth running for ``expires`` seconds.
 
     The deadline travels as an argument rather than as Celery's ``expires``: a
@@ -72,9 +75,12 @@ def send_pull(node: str, image: str, run_id: str, expires: float) -> None:
     task itself reports a pull past its deadline as "expired", retried or
     not, in a pool process, like any other outcome. Like ``expires``, the
     deadline compares the clocks of two hosts: keep them in sync (NTP).
+    A ``route`` other than the registry alone travels with it.
     """
-    pull.apply_async(args=(run_id, node, image), kwargs={"deadline": round(time.time() + expires, 3)},
-                     queue=node_queue(node))
+    kwargs: dict = {"deadline": round(time.time() + expires, 3)}
+    if route != DEFAULT_ROUTE:
+        kwargs["route"] = route.to_dict()
+    pull.apply_async(args=(run_id, node, image), kwargs=kwargs, queue=node_queue(node))
 
 
 @app.task(name="imagesync.sync", bind=True, time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
@@ -90,8 +96,11 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
         for name in nodes:
             settings.node(name)
     claim_from = keys.WEBHOOK_PENDING if images else None
-    return start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes,
-                     images=images or None, claim_from=claim_from).to_dict()
+    started = start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes,
+                        images=images or None, claim_from=claim_from)
+    if started.status == "nothing-to-do" and started.run_id:
+        send_backup(started.run_id)  # a run with nothing to pull completes at once
+    return started.to_dict()
 
 
 @app.task(
@@ -103,8 +112,10 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
     soft_time_limit=PULL_SOFT_LIMIT,
     time_limit=PULL_HARD_LIMIT,
 )
-def pull(self, run_id: str, node: str, image: str, deadline: float | None = None) -> str:  # type: ignore[no-untyped-def]
-    """Pull ``image`` onto ``node`` for run ``run_id`` and report the outcome."""
+def pull(self, run_id: str, node: str, image: str, deadline: float | None = None,  # type: ignore[no-untyped-def]
+         route: dict | None = None) -> str:
+    """Get ``image`` onto ``node`` for run ``run_id``, from the sources of its ``route``
+    (the registry alone without one), and report the outcome."""
     attempts = self.request.retries + 1
     state, started = run_store(settings, redis()).state(run_id)
     if state not in (None, RUNNING):
@@ -113,10 +124,13 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
         outcome = Outcome(node, image, EXPIRED,
                           reason="waited in the queue past its expiry (node's worker down or busy)")
     else:
+        holder = _take_slot(self, run_id, node)
         try:
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             check = needs_check(self.request.retries, redelivered, started)
-            outcome, transient = pull_image(settings, settings.node(node), image, check=check)
+            attempt = Attempt(settings, settings.node(node), image, Route.from_dict(route), run_id, check=check,
+                              last=self.request.retries >= self.max_retries, redis=redis())
+            outcome, transient = get_image(attempt)
         except ConfigError as exc:
             outcome, transient = Outcome(node, image, FAILED, reason=exc.problems[0]), False
         except SoftTimeLimitExceeded:
@@ -127,6 +141,8 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
             log.exception("run %s: %s: %s: unexpected error", run_id, node, image)
             reason = f"unexpected error: {type(exc).__name__}: {one_line(str(exc))}"
             outcome, transient = Outcome(node, image, FAILED, reason=reason), False
+        if holder is not None:
+            _slots().give_back(node, holder)
         if transient and self.request.retries < self.max_retries:
             delay = backoff(self.request.retries)
             log.info("run %s: %s: %s failed (%s); retry %d of %d in %.1f s", run_id, node, image,
@@ -136,8 +152,71 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
             run_store(settings, redis()).touch(run_id)
             raise self.retry(countdown=delay)
     outcome.attempts = attempts
-    finish_pull(settings, redis(), run_id, outcome)
+    if finish_pull(settings, redis(), run_id, outcome) == 2:
+        send_backup(run_id)  # this pull completed the run
     return outcome.status
+
+
+def send_backup(run_id: str) -> None:
+    """Queue the backup of a run that just completed, on the control queue (with a backup configured).
+
+    Its time limit grows with the images to check: each copy is bounded by time_out.
+    """
+    if settings.backup is None:
+        return
+    images = len(backup.BackupStore(redis()).candidates(run_id) or {})
+    rounds = -(-images // settings.max_parallel)
+    limit = rounds * (settings.time_out + 30) + SYNC_TIME_LIMIT
+    back_up.apply_async(args=(run_id,), queue=CONTROL_QUEUE, time_limit=limit, soft_time_limit=limit - 30)
+
+
+@app.task(name="imagesync.backup", ignore_result=True)
+def back_up(run_id: str) -> str:
+    """Copy into the backup registry what run ``run_id`` wanted and the backup lacks."""
+    record = backup.back_up(settings, redis(), run_id, send_backup_push)
+    return record["status"] if record else "no backup"
+
+
+def send_backup_push(node: str, run_id: str, image: str, name: str) -> None:
+    backup_push.apply_async(args=(run_id, node, image, name), queue=node_queue(node))
+
+
+@app.task(name="imagesync.backup_push", ignore_result=True, acks_late=True,
+          soft_time_limit=PULL_SOFT_LIMIT, time_limit=PULL_HARD_LIMIT)
+def backup_push(run_id: str, node: str, image: str, name: str) -> str:
+    """Push ``image`` from ``node`` to the backup as ``name`` (upstream no longer has it);
+    on the node's queue, so under its max_parallel."""
+    return backup.push_from_node(settings, redis(), run_id, settings.node(node), image, name).status
+
+
+#: set in a worker's main process before it forks its pool: whether pulls of
+#: several nodes (or more than max_parallel of one) share its pool, so that
+#: each pull must take a slot of its node first
+_shared_pool = False
+
+
+def _slots() -> NodeSlots:
+    return NodeSlots(redis(), settings.max_parallel, PULL_HARD_LIMIT + LEASE_MARGIN)
+
+
+def _take_slot(task, run_id: str, node: str) -> str | None:  # type: ignore[no-untyped-def]
+    """On a shared worker, a slot of ``node`` for this pull (None on a worker of one node).
+
+    A node that stays full puts the pull back on its queue for a few seconds
+    and frees the pool process: a retry that counts no attempt (same
+    ``retries``, same task id and arguments, its ``deadline`` included).
+    """
+    if not _shared_pool:
+        return None
+    holder = _slots().take(node, task.request.id or "-")
+    if holder is not None:
+        return holder
+    delay = requeue_delay()
+    # waiting for a slot, like a retry, is a run making progress: not stuck
+    run_store(settings, redis()).touch(run_id)
+    task.signature_from_request(task.request, countdown=delay, retries=task.request.retries).apply_async()
+    raise RetryLater(f"{node} runs max_parallel ({settings.max_parallel}) pulls; back in the queue for {delay} s",
+                when=delay)
 
 
 @app.task(name="imagesync.finalize", ignore_result=True)
@@ -168,6 +247,25 @@ def _freeze_before_fork(**_: object) -> None:
 def _note_start(**_: object) -> None:
     global _worker_started
     _worker_started = time.time()
+
+
+@worker_init.connect
+def _note_shared_pool(sender=None, **_):  # type: ignore[no-untyped-def]
+    global _shared_pool
+    if sender is None:
+        return
+    queues = list(sender.app.amqp.queues.consume_from)
+    concurrency = sender.concurrency if isinstance(sender.concurrency, int) else 0
+    _shared_pool = shares_pool(queues, concurrency, settings.max_parallel, NODE_QUEUE_PREFIX)
+
+
+@worker_ready.connect
+def _say_shared_pool(sender=None, **_):  # type: ignore[no-untyped-def]
+    if _shared_pool and sender is not None:
+        nodes = [q.removeprefix(NODE_QUEUE_PREFIX) for q in sender.app.amqp.queues.consume_from
+                 if q.startswith(NODE_QUEUE_PREFIX)]
+        log.info("one pool for %d nodes (%s): at most %d pulls at once on each, held by node slots in Redis",
+                 len(nodes), ", ".join(nodes), settings.max_parallel)
 
 
 @worker_ready.connect

@@ -79,6 +79,181 @@ class Transport(ABC):
     def close(self) -> None:  # noqa: B027 (optional: a transport without a connection keeps nothing)
         """Release the connection, if any."""
 
+    def open(self, command: str) -> Stream:
+        """Start ``command`` with its stdin and stdout left to the caller, to stream through.
+
+        Raises NodeUnreachable (or another NodeError) when the node cannot be
+        reached. The command runs until its output ends, :meth:`Stream.close`
+        stops it, or its node-side ``timeout`` does.
+        """
+        raise NodeError(self.node, f"{type(self).__name__} cannot stream a command")
+
+
+class Stream(ABC):
+    """A command running on a node whose input and output are streamed by this process.
+
+    Reads and writes block: a write waits while the node's side is full (the
+    SSH window, a pipe), which is what gives a copy its backpressure. Each
+    takes a ``timeout`` and raises CommandTimedOut past it; a stream whose
+    connection dropped or whose command ended raises NodeError on a write.
+    """
+
+    node: str
+
+    @abstractmethod
+    def read(self, size: int, timeout: float) -> bytes:
+        """Up to ``size`` bytes of the command's stdout; b"" once it has ended."""
+
+    @abstractmethod
+    def write(self, data: bytes, timeout: float) -> None:
+        """All of ``data`` to the command's stdin."""
+
+    @abstractmethod
+    def close_input(self) -> None:
+        """End the command's stdin (it reads EOF)."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> int:
+        """The command's exit status, once it has exited: -1 when the connection
+        dropped first (or the command was stopped), -N when signal N killed it
+        locally. Raises CommandTimedOut past ``timeout``."""
+
+    @abstractmethod
+    def stderr(self) -> str:
+        """What the command wrote to stderr so far."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the command if it still runs, and release what the stream holds."""
+
+
+class _PipeStream(Stream):
+    """A local command's pipes. Its stderr is read by a thread, so it never fills up."""
+
+    def __init__(self, node: str, process: subprocess.Popen[bytes]) -> None:
+        self.node = node
+        self.process = process
+        self._stderr = bytearray()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        while chunk := self.process.stderr.read1(65536):  # type: ignore[attr-defined]
+            self._stderr += chunk
+
+    def _timed_out(self, timeout: float) -> CommandTimedOut:
+        return CommandTimedOut(self.node, f"stream made no progress within {timeout:g} s", timeout)
+
+    def read(self, size: int, timeout: float) -> bytes:
+        assert self.process.stdout is not None
+        poller = select.poll()
+        poller.register(self.process.stdout.fileno(), select.POLLIN)
+        if not poller.poll(max(0.0, timeout) * 1000):
+            raise self._timed_out(timeout)
+        return self.process.stdout.read1(size)  # type: ignore[attr-defined,no-any-return]
+
+    def write(self, data: bytes, timeout: float) -> None:
+        assert self.process.stdin is not None
+        fd = self.process.stdin.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        try:
+            while view:
+                if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    raise self._timed_out(timeout)
+                view = view[os.write(fd, view[:65536]):]
+        except OSError as exc:  # the command closed its stdin or ended
+            raise NodeError(self.node, f"the command stopped reading its input: {exc}") from exc
+
+    def close_input(self) -> None:
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self._timed_out(timeout) from None
+
+    def stderr(self) -> str:
+        return _text(bytes(self._stderr))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.close_input()
+        self.process.wait()
+        self._reader.join(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class _ChannelStream(Stream):
+    """A command on its own SSH channel. Closing the channel ends its stdin and
+    stdout on the node, which stops the command (an export dies writing to
+    a closed pipe; an import reads EOF); the node's ``timeout`` bounds the rest."""
+
+    def __init__(self, node: str, channel: paramiko.Channel) -> None:
+        self.node = node
+        self.channel = channel
+        self._stderr = bytearray()
+
+    def _drain_stderr(self) -> None:
+        while self.channel.recv_stderr_ready():
+            self._stderr += self.channel.recv_stderr(65536)
+
+    def _timed_out(self, timeout: float) -> CommandTimedOut:
+        return CommandTimedOut(self.node, f"stream made no progress within {timeout:g} s", timeout)
+
+    def read(self, size: int, timeout: float) -> bytes:
+        self._drain_stderr()
+        self.channel.settimeout(max(0.001, timeout))
+        try:
+            return self.channel.recv(size)  # type: ignore[no-any-return]
+        except TimeoutError:
+            raise self._timed_out(timeout) from None
+
+    def write(self, data: bytes, timeout: float) -> None:
+        self._drain_stderr()
+        self.channel.settimeout(max(0.001, timeout))
+        try:
+            self.channel.sendall(data)
+        except TimeoutError:
+            raise self._timed_out(timeout) from None
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise NodeError(self.node, f"the command stopped reading its input: {exc or 'channel closed'}") from exc
+
+    def close_input(self) -> None:
+        try:
+            self.channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while not self.channel.status_event.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            self._drain_stderr()
+            if time.monotonic() >= deadline:
+                raise self._timed_out(timeout)
+        self._drain_stderr()
+        return int(self.channel.exit_status)
+
+    def stderr(self) -> str:
+        self._drain_stderr()
+        return _text(bytes(self._stderr))
+
+    def close(self) -> None:
+        self.channel.close()
+
 
 class LocalTransport(Transport):
     """Runs commands on this machine, for a worker that runs on the node itself."""
@@ -107,6 +282,17 @@ class LocalTransport(Transport):
                 self.node, f"command did not finish within {timeout:g} s", timeout
             ) from None
         return CommandResult(stdout, stderr, process.returncode)
+
+    def open(self, command: str) -> Stream:
+        process = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,
+        )
+        return _PipeStream(self.node, process)
 
 
 class _QuickAckSocket:
@@ -550,6 +736,26 @@ class SSHTransport(Transport):
                         ) from exc
             raise AssertionError("unreachable")
 
+    def open(self, command: str) -> Stream:
+        with self._lock:
+            for attempt in (1, 2):
+                connection = self._connect()
+                try:
+                    transport = connection.client.get_transport()
+                    if transport is None or not transport.is_active():
+                        raise paramiko.SSHException("SSH session not active")
+                    channel = transport.open_session(timeout=self.connect_timeout)
+                    channel.exec_command(command)
+                    return _ChannelStream(self.node, channel)
+                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
+                    self.close()
+                    if attempt == 2:
+                        raise NodeUnreachable(
+                            self.node,
+                            f"SSH connection to {self.node} ({self.address}) dropped: {exc or type(exc).__name__}",
+                        ) from exc
+            raise AssertionError("unreachable")
+
     def close(self) -> None:
         if self._connection is not None:
             try:
@@ -638,6 +844,7 @@ __all__ = [
     "LocalTransport",
     "NodeError",
     "SSHTransport",
+    "Stream",
     "Transport",
     "close_all",
     "make_transport",

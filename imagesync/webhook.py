@@ -188,7 +188,7 @@ class Receiver:
         except (UnicodeDecodeError, ValueError) as exc:
             raise BadPayload(f"not JSON ({exc})") from None
         names, ignored = pushed_names(payload)
-        pushed = judge(names, self.settings.prefixes, self.settings.images)
+        pushed = judge(names, self.settings.prefixes, self.settings.declared_images())
         pushed.ignored = ignored
         for name, reason in pushed.refused:
             log.warning("webhook: refused image name %r (%s): dropped", name, reason)

@@ -18,6 +18,7 @@ import json
 import random
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -73,17 +74,20 @@ def _layer(seed: str, size: int, index: int) -> tuple[Blob, str]:
 
 
 def build_image(repo: str, tag: str, size: int = 1024, layers: int = 1, variant: str = "",
-                user: str | None = None) -> BuiltImage:
+                user: str | None = None, platform: str = "linux/amd64") -> BuiltImage:
     """Build the image ``repo:tag``: ``size`` bytes of content split over ``layers``
-    layers. ``user`` sets the config's ``User`` (crictl shows a numeric one as uid)."""
+    layers. ``user`` sets the config's ``User`` (crictl shows a numeric one as uid);
+    ``platform`` (``os/arch[/variant]``) the config's platform."""
     if layers < 1:
         raise ValueError("an image needs at least one layer")
-    seed = f"{repo}:{tag}:{variant}"
+    os_name, arch, *arch_variant = platform.split("/")
+    seed = f"{repo}:{tag}:{variant}" + ("" if platform == "linux/amd64" else f":{platform}")
     base, extra = divmod(max(size, 0), layers)
     built = [_layer(seed, base + (1 if i < extra else 0), i) for i in range(layers)]
     config: dict[str, object] = {
-        "architecture": "amd64",
-        "os": "linux",
+        "architecture": arch,
+        "os": os_name,
+        **({"variant": arch_variant[0]} if arch_variant else {}),
         "config": {"Labels": {"org.imagesync.test": seed}},
         "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id in built]},
     }
@@ -97,3 +101,50 @@ def build_image(repo: str, tag: str, size: int = 1024, layers: int = 1, variant:
         "layers": [blob.descriptor() for blob, _ in built],
     }
     return BuiltImage(config_blob, [blob for blob, _ in built], json.dumps(manifest, sort_keys=True).encode())
+
+
+def write_oci_layout(built: BuiltImage, directory: str | Path, tag: str) -> Path:
+    """Write ``built`` as an OCI image layout in ``directory``, its manifest named ``tag``
+    (for ``skopeo copy oci:DIRECTORY:TAG ...``)."""
+    root = Path(directory)
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for blob in [*built.blobs, Blob(MANIFEST_TYPE, built.manifest)]:
+        (blobs / blob.digest.removeprefix("sha256:")).write_bytes(blob.data)
+    manifest = {**Blob(MANIFEST_TYPE, built.manifest).descriptor(),
+                "annotations": {"org.opencontainers.image.ref.name": tag}}
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest]}))
+    return root
+
+
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+
+
+def write_oci_index(directory: str | Path, repo: str, tag: str, platforms: list[str], size: int = 1024) -> str:
+    """Write an OCI layout at ``directory`` whose ``tag`` is an image index with one
+    image per platform (``["linux/arm64"]``: an index with an arm64 manifest only),
+    for ``skopeo copy --all oci:DIR:TAG docker://...``; returns the index's digest."""
+    root = Path(directory)
+    (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+
+    def store(data: bytes) -> None:
+        (root / "blobs" / "sha256" / digest_of(data).split(":", 1)[1]).write_bytes(data)
+
+    entries = []
+    for platform in platforms:
+        image = build_image(repo, tag, size=size, platform=platform)
+        for blob in image.blobs:
+            store(blob.data)
+        store(image.manifest)
+        os_name, arch, *variant = platform.split("/")
+        described = {"os": os_name, "architecture": arch, **({"variant": variant[0]} if variant else {})}
+        entries.append({"mediaType": MANIFEST_TYPE, "digest": image.digest, "size": len(image.manifest),
+                        "platform": described})
+    index = json.dumps({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": entries}, sort_keys=True).encode()
+    store(index)
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": INDEX_TYPE, "digest": digest_of(index), "size": len(index),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return digest_of(index)

@@ -9,6 +9,8 @@ import subprocess
 # command the cluster runs -> the Debian package that ships it
 REQUIRED_COMMANDS = {
     "redis-server": "redis-server",
+    # tests/test_sentinel.py runs three sentinels in front of a master and a replica
+    "redis-sentinel": "redis-sentinel",
     "containerd": "containerd",
     "ctr": "containerd",
     "docker-registry": "docker-registry",
@@ -24,6 +26,11 @@ REQUIRED_COMMANDS = {
     # tests/test_systemd.py verifies deploy/systemd/ with it
     "systemd-analyze": "systemd",
     "promtool": "prometheus",
+    # tests/test_compose.py runs docker-compose.yml with them, on a base image
+    # made with debootstrap (Docker Hub is out of reach on the test machines)
+    "podman": "podman",
+    "podman-compose": "podman-compose",
+    "debootstrap": "debootstrap",
 }
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 

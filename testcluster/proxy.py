@@ -180,7 +180,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _forward(self, body: bytes | None) -> int:
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers: dict[str, str] = {}
+        for key, value in self.headers.items():
+            if key.lower() not in _HOP_BY_HOP:
+                # a header sent on several lines (skopeo's Accept) is one list (RFC 9110 5.3)
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
         if body is not None:
             headers["Content-Length"] = str(len(body))
         if self._upstream is None:
@@ -212,9 +216,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             if data:
+                self.server.proxy._pace(len(data))
                 self.wfile.write(data)
             else:
                 while chunk := resp.read(_CHUNK):
+                    self.server.proxy._pace(len(chunk))
                     self.wfile.write(chunk)
         resp.close()
         if resp.will_close:
@@ -245,6 +251,10 @@ class RegistryProxy:
         self._connections: set[socket.socket] = set()
         self._configs: set[str] = set()  # config blob digests, learnt from manifests
         self._stopping = threading.Event()
+        #: bytes of response bodies sent so far (see ``throttle``)
+        self.bytes_sent = 0
+        self._rate: float | None = None
+        self._next_send = 0.0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -307,6 +317,25 @@ class RegistryProxy:
 
     def passthrough(self) -> None:
         self._mode = _Mode()
+
+    def throttle(self, bytes_per_second: float | None) -> None:
+        """Send response bodies at ``bytes_per_second`` in all, over every connection
+        (a registry behind one slow link); None: as fast as they come. Independent of the mode."""
+        with self._lock:
+            self._rate = bytes_per_second
+            self._next_send = 0.0
+
+    def _pace(self, size: int) -> None:
+        """Count ``size`` bytes sent, and wait for their turn on the throttled link."""
+        with self._lock:
+            self.bytes_sent += size
+            if not self._rate:
+                return
+            now = time.monotonic()
+            start = max(now, self._next_send)
+            self._next_send = start + size / self._rate
+        if start > now:
+            self._stopping.wait(start - now)
 
     def delay(self, seconds: float, match: str | None = None) -> None:
         self._mode = _Mode("delay", match, seconds=seconds)

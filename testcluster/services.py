@@ -52,6 +52,12 @@ class Services:
         argv = self._imagesync("worker", "--node", node, "--", *QUICK_START, *celery_args)
         return self._start(f"worker-{node}", argv, "ready.", wait=wait)
 
+    def start_shared_worker(self, name: str, *worker_args: str, wait: bool = True) -> ServerProcess:
+        """``imagesync worker WORKER_ARGS`` (``--nodes A,B``, ``--all-nodes``, ``--concurrency N``):
+        one worker for several nodes' queues, logging to ``NAME.log``."""
+        argv = self._imagesync("worker", *worker_args, "--", *QUICK_START)
+        return self._start(name, argv, "ready.", wait=wait)
+
     def start_control(self, *celery_args: str, wait: bool = True) -> ServerProcess:
         argv = self._imagesync("worker", "--control", "--", *QUICK_START, *celery_args)
         return self._start("control", argv, "ready.", wait=wait)

@@ -25,6 +25,7 @@ from imagesync.config import (
     load_settings,
     mask_url,
 )
+from imagesync.config.backup import BackupSettings
 from imagesync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,18 +140,21 @@ def test_a_minimal_toml_file_gets_every_default(tmp_path):
 def test_every_key_can_be_set_in_toml(tmp_path):
     key = write(tmp_path, "key", "id_ed25519")
     ssh_config = write(tmp_path, "# no hosts\n", "ssh_config")
+    image_config = write(tmp_path, '[{"ref": "u:1", "arch": {"arm64": "arm64v8/u:1"}}]', "image.config")
     settings = load(
         tmp_path,
         f"""
         prefixes = ["bcm11/", "nvcr.io/nvidia", "bcm11"]
         images = ["docker.io/library/busybox:1.36"]
+        images_file = "{image_config}"
         time_out = 60
         max_parallel = 8
         log_dir = "/tmp/imagesync-logs"
         log_keep_days = 7
         schedule = 300
         timezone = "Asia/Kolkata"
-        redis_url = "rediss://:s3cret@redis.example:6380/1"
+        redis_url = "sentinel://:s3cret@redis1.example:26379;sentinel://:s3cret@redis2.example/1"
+        redis_master_name = "mymaster"
         history = 5
         retries = 0
         exporter_address = "::1"
@@ -158,6 +162,17 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         webhook_address = "::1"
         webhook_port = 9101
         webhook_secret_file = "{key}"
+        source = "peers-first"
+        transfer = false
+        min_free = "50GiB"
+        exclude = ["bcm11/scratch", "*/ci-*"]
+        [backup]
+        registry = "harbor.local:8443/backup"
+        username = "robot$backup"
+        password_file = "{key}"
+        images = ["nvcr.io/nvidia"]
+        insecure = true
+        insecure_sources = ["registry.local:5000"]
         [registries."nvcr.io"]
         username = "$oauthtoken"
         password = "ngc api key"
@@ -182,6 +197,8 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         namespace = "k8s.io"
         hosts_dir = "/etc/containerd/certs.d"
         transport = "local"
+        platform = "linux/arm64/v8"
+        image_fs = "/srv/containerd"
         """,
     )
     # a trailing "/" is dropped, and with it the repeat
@@ -202,6 +219,13 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         connect_timeout=2.5,
         config_file=ssh_config,
     )
+    assert (settings.source, settings.transfer) == ("peers-first", False)
+    assert settings.exclude == ["bcm11/scratch", "*/ci-*"]
+    assert settings.backup == BackupSettings(registry="harbor.local:8443/backup", username="robot$backup",
+                                             password_file=key, images=["nvcr.io/nvidia"], insecure=True,
+                                             insecure_sources=["registry.local:5000"])
+    assert settings.min_free == "50GiB"
+    assert settings.redis_master_name == "mymaster"
     assert (settings.exporter_address, settings.exporter_port) == ("::1", 9100)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("::1", 9101, key)
     node = settings.node("gpu-1")
@@ -211,8 +235,10 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         "/etc/containerd/certs.d",
         "local",
     )
-    # webhook_secret and webhook_secret_file are one or the other
-    sources = {key: source for key, source in settings.sources.items() if key != "webhook_secret"}
+    assert (node.platform, node.image_fs) == ("linux/arm64/v8", "/srv/containerd")
+    # webhook_secret and webhook_secret_file are one or the other, as are the backup's password and password_file
+    sources = {key: source for key, source in settings.sources.items()
+               if key not in ("webhook_secret", "backup.password")}
     assert set(sources.values()) == {f"file {tmp_path / 'imagesync.toml'}"}
 
 
@@ -386,8 +412,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "max_parallel: 300 is out of range: use 1 to 256",
         "log_dir: 5 is not a path",
         "schedule: '61 * * * *' has an invalid minute field '61': use 0-59",
-        "redis_url: 'http://:****@redis' is not a Redis URL: use redis://HOST:6379/0, rediss:// for TLS "
-        "or unix:///path/to/redis.sock",
+        "redis_url: 'http://:****@redis' is not a Redis URL: use redis://HOST:6379/0, rediss:// for TLS, "
+        "unix:///path/to/redis.sock or sentinel://HOST:26379;sentinel://HOST:26379/0 for Redis Sentinel",
         "history: 0 is out of range: use at least 1",
         "retries: 21 is out of range: use 0 to 20",
         "ssh.user: empty value: write a user name",
@@ -399,19 +425,18 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_the_shape_of_the_document(tmp_path):
+    # the keys in the order the model declares them
+    known = ", ".join(Settings.model_fields)
+    assert known.startswith("nodes, prefixes, images, images_file, time_out, max_parallel, log_dir")
     assert problems(tmp_path, 'prefixes = "bcm11"\nssh = 5\nnodes = [1]\nwhat = 1\n') == [
         "nodes[0]: 1 is not a table of keys: write it as a [[nodes]] table",
         "prefixes: 'bcm11' is not a list: write ['bcm11']",
         "ssh: 5 is not a table of keys: write it as an [ssh] table",
-        "unknown key what: remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, "
-        "log_dir, log_keep_days, schedule, timezone, redis_url, history, retries, exporter_address, exporter_port, "
-        "webhook_address, webhook_port, webhook_secret, webhook_secret_file, registries, ssh)",
+        f"unknown key what: remove it (the keys here are {known})",
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\nnodes = "a"\n"odd key" = 1\n') == [
         "nodes: 'a' is not a list of nodes: write each node as a [[nodes]] table",
-        'unknown key "odd key": remove it (the keys here are nodes, prefixes, images, time_out, max_parallel, '
-        "log_dir, log_keep_days, schedule, timezone, redis_url, history, retries, exporter_address, exporter_port, "
-        "webhook_address, webhook_port, webhook_secret, webhook_secret_file, registries, ssh)",
+        f'unknown key "odd key": remove it (the keys here are {known})',
     ]
     assert problems(tmp_path, 'prefixes = ["x"]\n') == [
         "nodes: no nodes are configured: list at least one worker node in a [[nodes]] table"
@@ -528,15 +553,20 @@ def test_every_override(tmp_path):
     environ = {
         "IMAGESYNC_PREFIXES": " bcm11 , nvcr.io/nvidia/,",
         "IMAGESYNC_IMAGES": "busybox:1.36,alpine",
+        "IMAGESYNC_IMAGES_FILE": str(write(tmp_path, "[]", "image.config")),
         "IMAGESYNC_TIME_OUT": "60",
         "IMAGESYNC_MAX_PARALLEL": "2",
         "IMAGESYNC_LOG_DIR": "/tmp/logs",
         "IMAGESYNC_LOG_KEEP_DAYS": "0",
         "IMAGESYNC_SCHEDULE": "120",
         "IMAGESYNC_TIMEZONE": "Europe/Berlin",
-        "IMAGESYNC_REDIS_URL": "redis://:pw@h:6379/2",
+        "IMAGESYNC_REDIS_URL": "sentinel://:pw@h:26379/2",
+        "IMAGESYNC_REDIS_MASTER_NAME": "mymaster",
         "IMAGESYNC_HISTORY": "10",
         "IMAGESYNC_RETRIES": "1",
+        "IMAGESYNC_SOURCE": "peers-first",
+        "IMAGESYNC_TRANSFER": "false",
+        "IMAGESYNC_MIN_FREE": "50GiB",
         "IMAGESYNC_EXPORTER_ADDRESS": "0.0.0.0",
         "IMAGESYNC_EXPORTER_PORT": "9900",
         "IMAGESYNC_WEBHOOK_ADDRESS": "0.0.0.0",
@@ -548,6 +578,13 @@ def test_every_override(tmp_path):
         "IMAGESYNC_SSH_HOST_KEY_POLICY": "accept-new",
         "IMAGESYNC_SSH_CONNECT_TIMEOUT": "1.5",
         "IMAGESYNC_SSH_CONFIG_FILE": "none",  # ssh -F none: no SSH config (an empty variable is unset)
+        "IMAGESYNC_EXCLUDE": "bcm11/scratch, */ci-*",
+        "IMAGESYNC_BACKUP_REGISTRY": "harbor.local/backup",
+        "IMAGESYNC_BACKUP_USERNAME": "robot",
+        "IMAGESYNC_BACKUP_PASSWORD_FILE": str(key),
+        "IMAGESYNC_BACKUP_IMAGES": "bcm11",
+        "IMAGESYNC_BACKUP_INSECURE": "true",
+        "IMAGESYNC_BACKUP_INSECURE_SOURCES": "registry.local:5000",
         "PATH": "/usr/bin",  # not ours: ignored
     }
     settings = load(tmp_path, MINIMAL + "[ssh]\nuser = 'root'\n", **environ)
@@ -560,9 +597,11 @@ def test_every_override(tmp_path):
         10,
         1,
     )
-    assert (settings.log_dir, settings.redis_url) == (Path("/tmp/logs"), "redis://:pw@h:6379/2")
+    assert (settings.log_dir, settings.redis_url) == (Path("/tmp/logs"), "sentinel://:pw@h:26379/2")
+    assert settings.redis_master_name == "mymaster"
     assert settings.log_keep_days == 0
     assert settings.timezone == "Europe/Berlin"
+    assert (settings.source, settings.transfer) == ("peers-first", False)
     assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("0.0.0.0", 9901, key)
     assert settings.ssh == SSHSettings(
@@ -573,8 +612,12 @@ def test_every_override(tmp_path):
         connect_timeout=1.5,
         config_file=None,
     )
+    assert settings.exclude == ["bcm11/scratch", "*/ci-*"]
+    assert settings.backup == BackupSettings(registry="harbor.local/backup", username="robot", password_file=key,
+                                             images=["bcm11"], insecure=True, insecure_sources=["registry.local:5000"])
     for variable, key_path in ENVIRONMENT.items():
-        if variable != "IMAGESYNC_WEBHOOK_SECRET":  # one or the other: set below
+        # one or the other: set below
+        if variable not in ("IMAGESYNC_WEBHOOK_SECRET", "IMAGESYNC_BACKUP_PASSWORD"):
             assert settings.sources[".".join(key_path)] == f"env {variable}"
     assert settings.sources["nodes"] == f"file {tmp_path / 'imagesync.toml'}"
 
@@ -592,8 +635,9 @@ def test_the_webhook_secret_is_never_shown_and_comes_one_way(tmp_path):
 
 def test_every_key_but_nodes_and_registries_has_a_variable():
     # nodes and registry logins are tables: they are written in the file
-    keys = {key for key in Settings.model_fields if key not in ("nodes", "registries", "ssh")}
+    keys = {key for key in Settings.model_fields if key not in ("nodes", "registries", "ssh", "backup")}
     keys |= {f"ssh.{key}" for key in SSHSettings.model_fields}
+    keys |= {f"backup.{key}" for key in BackupSettings.model_fields}
     assert {".".join(key) for key in ENVIRONMENT.values()} == keys
     for variable, key in ENVIRONMENT.items():
         assert variable == "IMAGESYNC_" + "_".join(key).upper()
@@ -708,10 +752,11 @@ def test_the_sample_loads_and_documents_every_key():
     assert [node.name for node in settings.nodes] == ["k8s-worker1", "k8s-worker2"]
     assert settings.prefixes == ["bcm11", "nvcr.io/nvidia"]
     text = (REPO / "imagesync.sample.toml").read_text()
-    for model in (Settings, SSHSettings, Node):
+    for model in (Settings, SSHSettings, Node, BackupSettings):
         for key in model.model_fields:
-            if key not in ("nodes", "ssh"):
+            if key not in ("nodes", "ssh", "backup"):
                 assert re.search(rf"^(# )?{key} = ", text, re.M), key
+    assert re.search(r"^(# )?\[backup\]$", text, re.M)
     for variable in ENVIRONMENT:
         assert variable in text
 
@@ -723,6 +768,8 @@ def test_the_reference_documents_every_key_and_variable():
             assert f"| `{key}` |" in text, key
     for key in SSHSettings.model_fields:
         assert f"| `ssh.{key}` |" in text, key
+    for key in BackupSettings.model_fields:
+        assert f"| `backup.{key}` |" in text, key
     for key in Node.model_fields:
         assert f"| `{key}` |" in text, key
     for variable in [*ENVIRONMENT, "IMAGESYNC_CONFIG"]:
@@ -956,7 +1003,11 @@ def test_any_valid_document_is_loaded_as_written(document):
     assert settings.prefixes == list(dict.fromkeys(prefix.rstrip("/") for prefix in document["prefixes"]))
     assert settings.max_parallel == int(document.get("max_parallel", 4))
     logins = sum(2 for _ in settings.registries)
-    assert len(settings.describe()) == 19 + 6 + 13 * len(settings.nodes) + logins  # 19 top keys, 6 ssh keys
+    # every key once (ssh's as ssh.KEY), each node's keys and the three SSH settings
+    # it takes from the SSH config (known_hosts, connect_timeout, proxy_jump), each login's two
+    top = len(Settings.model_fields) - 1
+    per_node = len(Node.model_fields) + 3
+    assert len(settings.describe()) == top + len(SSHSettings.model_fields) + per_node * len(settings.nodes) + logins
 
 
 def test_prefixes_are_normalized_and_one_that_can_never_match_is_a_config_error(tmp_path):

@@ -131,7 +131,8 @@ def test_flower_requires_basic_auth():
     assert argv(flower)[:4] == ["celery", "-A", "imagesync", "flower"]
     # ${VAR:?message}: compose refuses to start without it; no default password
     assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?.+\}", env(flower)["FLOWER_BASIC_AUTH"])
-    assert "5555:5555" in flower["ports"]
+    # published on 5555 unless FLOWER_PUBLISH says where (${VAR:-default} in Compose)
+    assert "${FLOWER_PUBLISH:-5555}:5555" in flower["ports"]
 
 
 def test_exactly_one_beat():
@@ -201,8 +202,18 @@ def test_beat_runs_the_worker_entrypoint_in_its_beat_role():
     assert beat["ENV"] == "IMAGESYNC_ROLE=beat"
 
 
+@pytest.mark.parametrize(("dockerfile", "default"), [(DOCKERFILES[0], "python:3.11-slim"),
+                                                    (DOCKERFILES[1], "imagesync")], ids=["workers", "beat"])
+def test_the_base_image_is_a_build_argument(dockerfile, default):
+    # docker build --build-arg BASE=...: tests/test_compose.py builds on a base made with debootstrap
+    assert instructions(dockerfile)[:2] == [["ARG", f"BASE={default}"], ["FROM", "${BASE}"]]
+
+
 def test_beat_builds_from_the_worker_image():
-    base = dict(instructions(ROOT / "beat" / "Dockerfile"))["FROM"]
+    beat = instructions(ROOT / "beat" / "Dockerfile")
+    # FROM ${BASE}, with BASE an ARG whose default names the image
+    defaults = dict(rest.split("=", 1) for keyword, rest in beat if keyword == "ARG" and "=" in rest)
+    base = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], dict(beat)["FROM"])
     context = SERVICES["beat"]["build"]["additional_contexts"][base]
     service = SERVICES[context.removeprefix("service:")]
     assert service["build"]["dockerfile"] == "workers/Dockerfile"

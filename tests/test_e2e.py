@@ -79,10 +79,11 @@ def test_four_nodes_with_images_spread_unevenly(deploy):
 
 
 def test_an_image_the_registry_lost_fails_with_its_reason_and_the_rest_completes(deploy):
+    # with transfer on, node-2 would copy it from node-1 (tests/test_transfer.py): no node may serve it here
     d = deploy(nodes=2)
     d.cluster.seed({"node-1": ["bcm11/gone:1", "bcm11/kept:1"], "node-2": []})
     d.cluster.registry.delete_image("bcm11/gone", "1")
-    d.configure()
+    d.configure(transfer=False)
     d.start()
     result = d.cli("sync", "--wait")
     assert result.returncode == 1

@@ -44,7 +44,7 @@ def test_node_counts_from_a_plan():
     counts = node_counts(plan)
     assert counts["a"]["missing"] == 0 and counts["a"]["held"] == 2
     assert counts["b"]["missing"] == 1 and counts["b"]["held"] == 1
-    assert counts["c"] == {"held": 0, "missing": 2, "drifted": 0}  # reached, not a target
+    assert counts["c"] == {"held": 0, "missing": 2, "excluded": 0, "drifted": 0, "evicted": 0}  # reached, not a target
 
 
 def test_the_collector_follows_a_run(redis_client):
@@ -59,11 +59,14 @@ def test_the_collector_follows_a_run(redis_client):
     redis_client.lpush("node.a", "m1", "m2")
     store.create("20260101-000000-abcdef", trigger="test", pulls=[("a", "img:1"), ("a", "img:2"), ("b", "img:2")],
                  skipped={"c": "unreachable"}, drift=[], refused=[], wanted=3,
-                 nodes={"a": {"held": 1, "missing": 2, "drifted": 0}, "b": {"held": 2, "missing": 1, "drifted": 1}})
+                 nodes={"a": {"held": 1, "missing": 2, "drifted": 0},
+                        "b": {"held": 2, "missing": 1, "drifted": 1, "evicted": 1}})
     assert value(registry, "imagesync_node_images_missing", node="a") == 2
     assert value(registry, "imagesync_node_images_held", node="b") == 2
     assert value(registry, "imagesync_node_images_drifted", node="b") == 1
     assert value(registry, "imagesync_node_images_not_applicable", node="a") == 0
+    assert value(registry, "imagesync_node_images_evicted", node="b") == 1
+    assert value(registry, "imagesync_node_images_evicted", node="a") == 0  # a record from before the count
     assert value(registry, "imagesync_node_reachable", node="c") == 0
     assert value(registry, "imagesync_node_images_missing", node="c") is None
     assert value(registry, "imagesync_node_queue_depth", node="a") == 2

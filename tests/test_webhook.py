@@ -128,6 +128,9 @@ class _Settings:
     prefixes = ["registry.test:5000/bcm11"]
     images: list[str] = []
 
+    def declared_images(self) -> list[str]:
+        return self.images
+
 
 def test_a_burst_is_one_run_and_a_held_lock_defers_it(redis_client):
     sent = []

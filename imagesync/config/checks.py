@@ -26,13 +26,14 @@ from redis import ConnectionPool, RedisError
 
 from .. import references
 from ..errors import RefusedReference
+from ..redisclient import is_sentinel, parse_sentinel_url
 
 #: a place in the settings document, as pydantic gives it: ("nodes", 1, "port")
 Location = tuple[str | int, ...]
 
 _PREFIX = re.compile(r"[A-Za-z0-9._:/-]+")
 _PREFIX_RULE = "use letters, digits and . _ : / -"
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 
 # the five crontab fields in crontab order: name, crontab_parser bounds, what is allowed
 _CRONTAB_FIELDS = (
@@ -273,7 +274,7 @@ def _schedule(value: Any) -> int | str:
 
 
 def _redis_url(value: Any) -> str:
-    """A redis://, rediss:// or unix:// URL that redis-py can use, shown masked as it may hold a password."""
+    """A redis://, rediss://, unix:// or sentinel:// URL redis-py can use, shown masked (it may hold a password)."""
     if isinstance(value, str) and value.startswith(_REDIS_SCHEMES) and value.isprintable() and " " not in value:
         problem = _redis_url_problem(value)
         if problem is None:
@@ -281,7 +282,8 @@ def _redis_url(value: Any) -> str:
         raise _invalid(f"{_show(mask_url(value))}: {problem}")
     shown = _show(mask_url(value) if isinstance(value, str) else value)
     raise _invalid(
-        f"{shown} is not a Redis URL: use redis://HOST:6379/0, rediss:// for TLS or unix:///path/to/redis.sock"
+        f"{shown} is not a Redis URL: use redis://HOST:6379/0, rediss:// for TLS, unix:///path/to/redis.sock "
+        "or sentinel://HOST:26379;sentinel://HOST:26379/0 for Redis Sentinel"
     )
 
 
@@ -291,6 +293,12 @@ def _redis_url_problem(url: str) -> str | None:
     Without this check, a wrong port or query option passed the loader and
     ended every process that made a Redis client in a traceback.
     """
+    if is_sentinel(url):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return f"{exc}: fix the URL"
+        return None
     try:
         options = parse_qs(urlsplit(url).query)
         tls = sorted(name for name in options if name.startswith("ssl_"))
@@ -336,8 +344,11 @@ def mask_url(url: str) -> str:
     """The URL with its password replaced by ``****``; a URL without one is unchanged.
 
     The password is found where redis-py looks for it: after the first ":" of
-    the user information, or in a ``password=`` query parameter.
+    the user information, or in a ``password=`` query parameter; in each
+    sentinel of a ``sentinel://`` URL.
     """
+    if is_sentinel(url) and ";" in url:
+        return ";".join(map(mask_url, url.split(";")))
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url

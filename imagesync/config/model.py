@@ -12,6 +12,7 @@ Reading a file into it is :mod:`.sources`' job.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -21,15 +22,20 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from imagesync.errors import ConfigError
+from imagesync.redisclient import is_sentinel
 
+from .backup import BackupSettings, Patterns
 from .checks import (
     _check,
     _choice,
@@ -55,6 +61,8 @@ from .sshtargets import SSHTarget, resolve
 Runtime = Literal["crictl", "ctr"]
 Transport = Literal["ssh", "local"]
 HostKeyPolicy = Literal["reject", "accept-new"]
+#: how a run spreads an image: each node from the registry, or one registry copy then node to node
+SourceMode = Literal["registry", "peers-first"]
 
 # A node's name becomes its Celery queue name, hence the narrow alphabet.
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -65,6 +73,9 @@ _NAMESPACE_RULE = "use letters and digits joined by . _ -"
 # a registry as image references name it: host[:port]
 _REGISTRY = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
                        r"|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?")
+# os/arch[/variant] as OCI image indexes name platforms
+_PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
+_PLATFORM_RULE = "write os/arch or os/arch/variant, such as linux/amd64 or linux/arm64/v8"
 _REGISTRY_RULE = "write the registry as image names spell it, such as nvcr.io or harbor.example.com:8443"
 
 
@@ -77,7 +88,29 @@ _KeyFile = Annotated[Path | None, _check(_existing_file, optional=True)]
 _LocalPath = Annotated[Path, _check(_path)]
 _Namespace = Annotated[str, _check(_text("a containerd namespace", _NAMESPACE, _NAMESPACE_RULE))]
 _Prefixes = Annotated[list[Annotated[str, _check(_prefix)]], AfterValidator(_without_repeats)]
-_Images = list[Annotated[str, _check(_text("an image reference"))]]
+_ImageRef = Annotated[str, _check(_text("an image reference"))]
+# an architecture as per-architecture references and OCI platforms name it (amd64, arm64, ppc64le)
+_ARCH = re.compile(r"[a-z0-9_]+")
+_ARCH_RULE = "write it as OCI platforms do, such as amd64, arm64 or ppc64le"
+_Arch = Annotated[str, _check(_text("an architecture", _ARCH, _ARCH_RULE))]
+
+
+class ImageEntry(BaseModel):
+    """A declared image with a reference per architecture (seed 003's image.config):
+    each node pulls ``arch[<its architecture>]`` and, where its runtime can, holds it as ``ref`` too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: _ImageRef
+    arch: dict[_Arch, _ImageRef] = Field(default_factory=dict)
+    # keep it from the kubelet's image garbage collection, where containerd can (>= 1.7)
+    pin: bool = False
+
+
+_Images = list[Annotated[
+    Annotated[_ImageRef, Tag("reference")] | Annotated[ImageEntry, Tag("table")],
+    Discriminator(lambda value: "table" if isinstance(value, (dict, ImageEntry)) else "reference"),
+]]
 
 
 class RegistryLogin(BaseModel):
@@ -147,6 +180,10 @@ class Node(BaseModel):
     namespace: _Namespace = "k8s.io"
     hosts_dir: Annotated[str | None, _check(_text("a directory on the node"), optional=True)] = None
     transport: Annotated[Transport, _check(_choice(Transport))] = "ssh"
+    # the node's platform, when uname -m on the node would not tell it right
+    platform: Annotated[str | None, _check(_text("a platform", _PLATFORM, _PLATFORM_RULE), optional=True)] = None
+    # the filesystem that holds the runtime's images (containerd's root), for the room check
+    image_fs: Annotated[str, _check(_text("a directory on the node"))] = "/var/lib/containerd"
 
     @field_validator("host", mode="before")
     @classmethod
@@ -156,6 +193,17 @@ class Node(BaseModel):
             # and this placeholder never leaves the failed validation
             return str(info.data.get("name", ""))
         return _text("a host name")(value)
+
+
+def _min_free(value: Any) -> str:
+    """A percentage ("20%") or a size ("50GiB", or a number of bytes), kept as written."""
+    from imagesync.room import MinFree
+
+    try:
+        MinFree.parse(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    return str(value).strip()
 
 
 class Settings(BaseModel):
@@ -169,8 +217,11 @@ class Settings(BaseModel):
 
     nodes: list[Node]
     prefixes: _Prefixes = []
+    images: _Images = Field(default_factory=list)
+    # seed 003's image.config (JSON): more declared images, with per-architecture references;
     # checked even when left out, so that _something_to_sync runs with the other checks
-    images: _Images = Field(default_factory=list, validate_default=True)
+    images_file: Annotated[Path | None, _check(_existing_file, optional=True)] = Field(
+        default=None, validate_default=True)
     time_out: Annotated[int, _check(_whole_number("a whole number of seconds", 1))] = 1800
     max_parallel: Annotated[int, _check(_whole_number("a whole number of pulls", 1, 256))] = 4
     log_dir: _LocalPath = Path("/var/log/imagesync")
@@ -181,8 +232,21 @@ class Settings(BaseModel):
     timezone: Annotated[str, _check(_timezone)] = Field(default_factory=host_timezone)
     # repr=False: the URL may carry a password, and reprs end up in logs
     redis_url: Annotated[str, _check(_redis_url)] = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    # with a sentinel:// redis_url, the name the sentinels monitor the master by
+    redis_master_name: Annotated[str | None, _check(_text("a master name"), optional=True)] = None
     history: Annotated[int, _check(_whole_number("a whole number of runs", 1))] = 200
     retries: Annotated[int, _check(_whole_number("a whole number of retries", 0, 20))] = 3
+    # where a node's missing image comes from first (see imagesync.plan.routes)
+    source: Annotated[SourceMode, _check(_choice(SourceMode))] = "registry"
+    # copy from a node that holds the image when the registry cannot serve it
+    transfer: bool = True
+    # images never synced nor backed up, though under a prefix (scratch, CI builds)
+    exclude: Patterns = []
+    # a registry that keeps a copy of every synced image: [backup]
+    backup: BackupSettings | None = None
+    # what a pull must leave free on a node's image filesystem: "20%" keeps the node
+    # under the kubelet's default image GC threshold (85 %); or bytes, such as "50GiB"
+    min_free: Annotated[str, _check(_min_free)] = "20%"
     # where `imagesync exporter` serves Prometheus metrics; loopback unless widened on purpose
     exporter_address: Annotated[str, _check(_text("a listening address"))] = "127.0.0.1"
     exporter_port: _Port = 9808
@@ -201,6 +265,8 @@ class Settings(BaseModel):
     _path: Path | None = PrivateAttr(default=None)
     # each SSH node's target (see ssh_target), resolved once
     _ssh_targets: dict[str, SSHTarget] | None = PrivateAttr(default=None)
+    # the entries of images_file, read once
+    _file_images: list[ImageEntry] = PrivateAttr(default_factory=list)
 
     @field_validator("nodes", mode="after")
     @classmethod
@@ -219,21 +285,44 @@ class Settings(BaseModel):
             seen.add(node.name)
         return nodes
 
-    @field_validator("images", mode="after")
+    @field_validator("images_file", mode="after")
     @classmethod
-    def _something_to_sync(cls, images: list[str], info: ValidationInfo) -> list[str]:
-        # no "prefixes" in info.data means they were invalid: that is reported
-        if info.data.get("prefixes") == [] and not images:
+    def _something_to_sync(cls, images_file: Path | None, info: ValidationInfo) -> Path | None:
+        # no "prefixes" or "images" in info.data means they were invalid: that is reported
+        if info.data.get("prefixes") == [] and info.data.get("images") == [] and images_file is None:
             raise _invalid(
                 "no prefixes and no images are configured: list at least one prefix or image to keep in sync",
                 at=("prefixes",),
             )
-        return images
+        return images_file
+
+    @model_validator(mode="after")
+    def _read_images_file(self) -> Settings:
+        if self.images_file is not None:
+            self._file_images = read_images_file(self.images_file, self)
+        return self
 
     @model_validator(mode="after")
     def _one_webhook_secret(self) -> Settings:
         if self.webhook_secret is not None and self.webhook_secret_file is not None:
             raise _invalid("give either webhook_secret or webhook_secret_file, not both", at=("webhook_secret",))
+        return self
+
+    @model_validator(mode="after")
+    def _master_name_with_sentinel(self) -> Settings:
+        if is_sentinel(self.redis_url) and self.redis_master_name is None:
+            raise _invalid(
+                "not set: a sentinel:// redis_url needs the name the sentinels know the master by "
+                "(NAME in their 'sentinel monitor NAME HOST PORT QUORUM' line)",
+                at=("redis_master_name",),
+            )
+        # A name without sentinels is likely a redis_url that is not the one meant.
+        if not is_sentinel(self.redis_url) and self.redis_master_name is not None:
+            raise _invalid(
+                f"{self.redis_master_name!r} is set but redis_url is not a sentinel:// URL: "
+                "remove redis_master_name, or list the sentinels in redis_url",
+                at=("redis_master_name",),
+            )
         return self
 
     def webhook_token(self) -> str | None:
@@ -266,6 +355,42 @@ class Settings(BaseModel):
             login = next((self.registries[name] for name in ("docker.io", "index.docker.io",
                                                               "registry-1.docker.io") if name in self.registries), None)
         return None if login is None else (login.username, login.secret())
+
+    def declared_images(self) -> list[str]:
+        """Every declared image as written: the plain references, and each table's ``ref``
+        (those of ``images`` first, then those of ``images_file``)."""
+        return [item if isinstance(item, str) else item.ref for item in [*self.images, *self._file_images]]
+
+    def pinned_images(self) -> frozenset[str]:
+        """The declared images written with ``pin = true``, normalized (invalid ones left to the plan)."""
+        from imagesync import references
+        from imagesync.errors import RefusedReference
+
+        pinned = set()
+        for item in [*self.images, *self._file_images]:
+            if isinstance(item, ImageEntry) and item.pin:
+                try:
+                    pinned.add(references.normalize(item.ref))
+                except RefusedReference:
+                    continue
+        return frozenset(pinned)
+
+    def per_architecture(self) -> dict[str, dict[str, str]]:
+        """The per-architecture entries: ``ref`` (normalized) -> architecture -> the reference to pull.
+
+        A ``ref`` that is not a valid reference is left out here; the plan refuses it.
+        """
+        from imagesync import references
+        from imagesync.errors import RefusedReference
+
+        entries: dict[str, dict[str, str]] = {}
+        for item in [*self.images, *self._file_images]:
+            if isinstance(item, ImageEntry) and item.arch:
+                try:
+                    entries[references.normalize(item.ref)] = dict(item.arch)
+                except RefusedReference:
+                    continue
+        return entries
 
     def node_key_file(self, node: Node) -> Path | None:
         """The SSH key for ``node``: its own, else ``ssh.key_file``; None leaves it to SSH."""
@@ -332,10 +457,15 @@ class Settings(BaseModel):
                 value = [node.name for node in self.nodes]
             elif key == "registries":
                 value = list(self.registries)
+            elif key == "images":
+                value = [item if isinstance(item, str) else f"{item.ref} ({', '.join(item.arch) or 'no arch'})"
+                         for item in self.images]
             elif key == "redis_url":
                 value = mask_url(value)
             elif key == "webhook_secret" and value is not None:
                 value = "****"
+            elif key == "backup":
+                value = self.backup.registry if self.backup else None
             rows.append((key, _display(value), sources[key]))
         for key in SSHSettings.model_fields:
             shown = describe_config_files(self.ssh) if key == "config_file" else _display(getattr(self.ssh, key))
@@ -346,6 +476,12 @@ class Settings(BaseModel):
                 rows.append((f"registries.{host}.password_file", str(login.password_file), sources["registries"]))
             else:
                 rows.append((f"registries.{host}.password", "****", sources["registries"]))
+        if self.backup is not None:
+            for key in BackupSettings.model_fields:
+                value = getattr(self.backup, key)
+                if key == "password" and value is not None:
+                    value = "****"
+                rows.append((f"backup.{key}", _display(value), sources.get(f"backup.{key}", sources["backup"])))
         for node in self.nodes:
             target = self.ssh_target(node) if node.transport == "ssh" else None
             for key in Node.model_fields:
@@ -360,6 +496,45 @@ class Settings(BaseModel):
             if target is not None:
                 rows += [(f"nodes.{node.name}.{key}", value, target.sources[key]) for key, value in _ssh_rows(target)]
         return rows
+
+
+def read_images_file(path: Path, settings: Settings) -> list[ImageEntry]:
+    """The entries of seed 003's ``image.config``: a JSON list of ``{ref, registry, private,
+    config, arch}`` objects. ``arch`` becomes the entry's per-architecture references;
+    ``private`` demands a login for ``registry`` in ``[registries]``; ``config`` (the name of
+    the Docker config secret the DaemonSet mounted) has no counterpart: imagesync keeps one
+    login per registry host."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _invalid(f"{path} cannot be read as JSON ({exc}): fix the file", at=("images_file",)) from None
+    if not isinstance(document, list):
+        raise _invalid(f"{path} is not a JSON list of images: write [{{\"ref\": ...}}, ...]", at=("images_file",))
+    entries, problems = [], []
+    for index, item in enumerate(document):
+        name = f"{path} entry {index + 1}"
+        if not isinstance(item, dict) or not isinstance(item.get("ref"), str):
+            problems.append(f"{name} has no \"ref\": give each entry its image name")
+            continue
+        name += f" ({item['ref']})"
+        unknown = sorted(set(item) - {"ref", "registry", "private", "config", "arch"})
+        if unknown:
+            problems.append(f"{name}: unknown key {unknown[0]!r}: the keys are ref, registry, private, config, arch")
+            continue
+        registry = item.get("registry")
+        if item.get("private") is True and (not isinstance(registry, str) or settings.login_for(registry) is None):
+            problems.append(f"{name} is private on {registry}: add a [registries.\"{registry}\"] login "
+                            "(username, and password or password_file)")
+            continue
+        try:
+            entries.append(ImageEntry.model_validate({"ref": item["ref"], "arch": item.get("arch") or {}}))
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            what = (first.get("ctx") or {}).get("problem") or first["msg"]
+            problems.append(f"{name}: {'.'.join(str(part) for part in first['loc'])}: {what}")
+    if problems:
+        raise _invalid("; ".join(problems), at=("images_file",))
+    return entries
 
 
 #: the top-level keys besides the ssh table, in the order they are documented

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from .checks import Location, _show, _suggest
-from .model import Node, RegistryLogin, Settings, SSHSettings
+from .model import ImageEntry, Node, RegistryLogin, Settings, SSHSettings
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -25,7 +25,7 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 def _explain(error: ErrorDetails, labels: Mapping[Location, str]) -> str:
     """One line for one pydantic error: where, what is wrong, what to do."""
     context = error.get("ctx") or {}
-    location: Location = tuple(context.get("at", error["loc"]))
+    location: Location = _untagged(tuple(context.get("at", error["loc"])))
     where = _where(location, labels)
     kind, value = error["type"], error.get("input")
     if kind == "imagesync":
@@ -49,6 +49,13 @@ def _explain(error: ErrorDetails, labels: Mapping[Location, str]) -> str:
     return f"{where}: {_show(value)} is not a valid value: see docs/configuration.md"
 
 
+def _untagged(location: Location) -> Location:
+    """The location without the tag pydantic adds for the form of an ``images`` item."""
+    if len(location) > 2 and location[0] == "images" and location[2] in ("reference", "table"):
+        return location[:2] + location[3:]
+    return location
+
+
 def _where(location: Location, labels: Mapping[Location, str]) -> str:
     """The location as the user wrote it: nodes[1].port, NODE2 or IMAGESYNC_RETRIES."""
     for size in range(len(location), 0, -1):
@@ -68,7 +75,8 @@ def _where(location: Location, labels: Mapping[Location, str]) -> str:
 def _unknown_key(location: Location, where: str) -> str:
     """'unknown key' with the closest known key of the same table, or the list of them."""
     table = location[:1]
-    models: dict[Location, type[BaseModel]] = {("ssh",): SSHSettings, ("nodes",): Node, ("registries",): RegistryLogin}
+    models: dict[Location, type[BaseModel]] = {("ssh",): SSHSettings, ("nodes",): Node, ("registries",): RegistryLogin,
+                                               ("images",): ImageEntry}
     model = models.get(table, Settings)
     known = list(model.model_fields)
     guess = _suggest(str(location[-1]), known)

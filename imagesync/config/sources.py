@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from imagesync.errors import ConfigError
 
+from .backup import BackupSettings
 from .checks import Location, _show, _suggest
 from .model import _TOP_KEYS, Settings, SSHSettings
 from .problems import _explain
@@ -34,11 +35,16 @@ DEFAULT_CONFIG_PATH = Path("/etc/imagesync/imagesync.toml")
 
 #: the environment variable that names the configuration file
 CONFIG_VARIABLE = "IMAGESYNC_CONFIG"
+#: what the container images' entrypoint reads (workers/entrypoint.sh): the role
+#: and node of a container, not settings. They stay in the environment of every
+#: `docker compose exec` into it, where the CLI must not refuse them.
+CONTAINER_VARIABLES = ("IMAGESYNC_ROLE", "IMAGESYNC_NODE")
 
 #: environment variables that override one key each, and the key they set
 ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_PREFIXES": ("prefixes",),
     "IMAGESYNC_IMAGES": ("images",),
+    "IMAGESYNC_IMAGES_FILE": ("images_file",),
     "IMAGESYNC_TIME_OUT": ("time_out",),
     "IMAGESYNC_MAX_PARALLEL": ("max_parallel",),
     "IMAGESYNC_LOG_DIR": ("log_dir",),
@@ -46,8 +52,20 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_SCHEDULE": ("schedule",),
     "IMAGESYNC_TIMEZONE": ("timezone",),
     "IMAGESYNC_REDIS_URL": ("redis_url",),
+    "IMAGESYNC_REDIS_MASTER_NAME": ("redis_master_name",),
     "IMAGESYNC_HISTORY": ("history",),
     "IMAGESYNC_RETRIES": ("retries",),
+    "IMAGESYNC_SOURCE": ("source",),
+    "IMAGESYNC_TRANSFER": ("transfer",),
+    "IMAGESYNC_MIN_FREE": ("min_free",),
+    "IMAGESYNC_EXCLUDE": ("exclude",),
+    "IMAGESYNC_BACKUP_REGISTRY": ("backup", "registry"),
+    "IMAGESYNC_BACKUP_USERNAME": ("backup", "username"),
+    "IMAGESYNC_BACKUP_PASSWORD": ("backup", "password"),
+    "IMAGESYNC_BACKUP_PASSWORD_FILE": ("backup", "password_file"),
+    "IMAGESYNC_BACKUP_IMAGES": ("backup", "images"),
+    "IMAGESYNC_BACKUP_INSECURE": ("backup", "insecure"),
+    "IMAGESYNC_BACKUP_INSECURE_SOURCES": ("backup", "insecure_sources"),
     "IMAGESYNC_EXPORTER_ADDRESS": ("exporter_address",),
     "IMAGESYNC_EXPORTER_PORT": ("exporter_port",),
     "IMAGESYNC_WEBHOOK_ADDRESS": ("webhook_address",),
@@ -63,7 +81,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
 }
 
 #: keys whose environment variable holds a comma-separated list
-_LIST_KEYS = {("prefixes",), ("images",)}
+_LIST_KEYS = {("prefixes",), ("images",), ("exclude",), ("backup", "images"), ("backup", "insecure_sources")}
 
 
 @dataclass
@@ -93,6 +111,7 @@ class _Document:
     def all_sources(self) -> dict[str, str]:
         """Sources for every key, "default" for the keys nobody gave."""
         keys = _TOP_KEYS + [f"ssh.{key}" for key in SSHSettings.model_fields]
+        keys += [f"backup.{key}" for key in BackupSettings.model_fields]
         return {key: self.sources.get(key, "default") for key in keys}
 
 
@@ -177,10 +196,11 @@ def _read_toml(text: str, source: str, problems: list[str]) -> _Document | None:
         return None
     document = _Document(values)
     document.sources = {key: source for key in values if key in _TOP_KEYS}
-    if isinstance(values.get("ssh"), dict):
-        for key in values["ssh"]:
-            if key in SSHSettings.model_fields:
-                document.sources[f"ssh.{key}"] = source
+    for table, model in (("ssh", SSHSettings), ("backup", BackupSettings)):
+        if isinstance(values.get(table), dict):
+            for key in values[table]:
+                if key in model.model_fields:
+                    document.sources[f"{table}.{key}"] = source
     return document
 
 
@@ -193,7 +213,7 @@ def _apply_environment(document: _Document | None, environ: Mapping[str, str]) -
     """
     problems = []
     for variable in sorted(environ):
-        if not variable.startswith("IMAGESYNC_") or variable == CONFIG_VARIABLE:
+        if not variable.startswith("IMAGESYNC_") or variable in (CONFIG_VARIABLE, *CONTAINER_VARIABLES):
             continue
         key = ENVIRONMENT.get(variable)
         if key is None:

@@ -1,0 +1,41 @@
+"""The planner's policy for this configuration: what belongs on which node, and
+where a missing image comes from (see :class:`imagesync.plan.Policy`).
+
+This is the one place where the conditions (platform, room, ...) and the
+sources (registry, backup, peers) are put together from the settings. A new
+condition is a function of the plan added to the list; a new source is a name
+in the route and a fetcher in :func:`imagesync.pulls.fetcher`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import platforms, room
+from .plan import Condition, Policy
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from .config import Settings
+
+
+def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False) -> Policy:
+    """The policy of ``settings``; ``redis`` holds what earlier runs learned
+    (conditions that need it do without, and say so, when it is None).
+    ``limited``: the run wants only some images (it cannot tell about the others)."""
+    conditions: list[Condition] = []
+    conditions.append(platforms.per_architecture(settings.per_architecture()))
+    conditions.append(platforms.platform_condition(settings, redis))
+    # evicted images first, so that the room check promises nothing to them
+    conditions += room.conditions_for(settings, redis, limited)
+    return Policy(
+        source=settings.source,
+        transfer=settings.transfer,
+        # with a backup configured, a pull the registry cannot serve is restored
+        # from it: registry, then backup, then peers (plan.routes)
+        backup=settings.backup is not None,
+        conditions=tuple(conditions),
+        watch=platforms.arch_references(settings.per_architecture()),
+        pinned=settings.pinned_images(),
+    )

@@ -1,0 +1,364 @@
+"""Copying an image from a node that holds it: the "peers" source of a route.
+
+The copy streams ``ctr images export`` on the source node into ``ctr images
+import`` on the target, through this process: two commands, one per node
+(two SSH channels, or a pipe for a node served locally), and one buffer of
+:data:`CHUNK` bytes between them. A chunk is read from the source only once
+the previous one is written to the target, and a write waits while the
+target's SSH window is full, so a slow side slows the other and memory stays
+bounded whatever the image's size.
+
+Both commands run under their node's ``timeout`` with what is left of the
+pull's budget (``time_out``). When either side fails, both are stopped: the
+other channel is closed, which ends the export (its output pipe closes) or
+the import (its input ends). The export's first line names the digest the
+source holds; the import's node-side script then checks that the target holds
+the reference under that digest, and removes whatever a failed or wrong
+import left under the name, so that a source dying mid-stream never leaves a
+half-imported image. The next holder is then tried.
+
+Under ``source = "peers-first"`` the holders are a Redis set per run and
+image, seeded with the plan's holders and added to by every node whose pull
+of the image succeeds (:func:`note_outcome`, from where outcomes are
+recorded). A copy whose image no node holds yet waits for a holder, or for its
+*seed* (the node pulling it from the registry) to fail, which hands over to
+the next source at once. Each source serves at most :data:`SERVES` copies at
+once (a :class:`~imagesync.semaphore.Semaphore` per node), so the holders
+double in each round instead of all copying from the first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import keys, references, runtimes
+from .errors import CommandTimedOut, NodeError, RefusedReference
+from .runs import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome, pull_key
+from .semaphore import Semaphore
+from .transport import Stream, transport_for
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from .config import Node, Settings
+    from .pulls import Attempt
+
+log = logging.getLogger(__name__)
+
+#: bytes read from the source and written to the target at a time: the whole buffer
+CHUNK = 256 * 1024
+#: copies one node serves at once; 1 doubles the holders each round
+SERVES = 1
+#: seconds between two looks for a holder (or a free one) while a copy waits
+POLL = 0.5
+#: seconds a serving slot is held without being refreshed, should its copy die
+SERVE_LEASE = 30.0
+#: seconds the SSH side of a command may run past the node-side timeout
+SSH_GRACE = 10
+#: seconds of the budget below which no further holder is tried or waited for
+MIN_SECONDS = 5
+
+
+@dataclass
+class Copied:
+    """How one copy from one source ended."""
+
+    ok: bool
+    reason: str = ""
+    #: whether trying again may help (a connection dropped, a command was killed)
+    transient: bool = False
+    size: int = 0
+
+
+def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
+    """Copy the image from a node that holds it; the outcome and whether a retry may help."""
+    settings, node, route = attempt.settings, attempt.node, attempt.route
+    try:
+        image = references.normalize(attempt.image)
+    except RefusedReference as exc:
+        return attempt.outcome(FAILED, f"refused: {exc.reason}"), False
+    target = ctr_for(node)
+    if attempt.check:
+        try:
+            present = transport_for(settings, node).run(
+                f"echo {target.digest_of(image)}", timeout=settings.ssh.connect_timeout + SSH_GRACE)
+        except NodeError as exc:
+            return attempt.outcome(FAILED, exc.message), exc.transient
+        if present.ok and present.stdout.strip():
+            return attempt.outcome(PRESENT), False
+    holders = Holders(attempt, image)
+    tried: dict[str, str] = {}  # source -> why its copy failed
+    transient = False
+    holder_id = f"{attempt.run_id}:{node.name}:{image}:{uuid.uuid4().hex[:8]}"
+    waited = False
+    while True:
+        candidates = [peer for peer in holders.current() if peer not in tried and peer != node.name]
+        if not candidates and not holders.may_appear(tried):
+            break
+        if (tried or waited) and attempt.remaining() < MIN_SECONDS:
+            what = "every holder was busy" if candidates else "no node came to hold it"
+            return attempt.outcome(TIMED_OUT, f"{what} until time_out ({settings.time_out} s) was spent"), False
+        source = _take_a_source(attempt, candidates, holder_id)
+        if source is None:
+            waited = True
+            time.sleep(POLL)
+            continue
+        serving = _serving(attempt, source)
+        try:
+            copied = copy(settings, settings.node(source), node, image, route.digest, route.platform,
+                          attempt.remaining(), _refresher(serving, holder_id))
+        finally:
+            if serving is not None:
+                serving.release(holder_id)
+        if copied.ok:
+            log.info("%s: %s copied from %s (%.1f MB)", node.name, image, source, copied.size / 1e6)
+            return attempt.outcome(COPIED, source=source), False
+        log.warning("%s: copy of %s from %s failed: %s", node.name, image, source, copied.reason)
+        tried[source] = copied.reason
+        transient = transient or copied.transient
+    if not tried:
+        return attempt.outcome(FAILED, holders.none_reason()), False
+    reasons = "; ".join(f"from {source}: {reason}" for source, reason in tried.items())
+    return attempt.outcome(FAILED, f"copy failed {reasons}"), transient
+
+
+def ctr_for(node: Node) -> runtimes.Ctr:
+    """containerd's own client on ``node``, in its namespace and at its endpoint."""
+    return runtimes.Ctr(address=node.endpoint, namespace=node.namespace)
+
+
+class Holders:
+    """The nodes that hold the image for this copy: the route's, then, under
+    peers-first, those the run learns of in Redis."""
+
+    def __init__(self, attempt: Attempt, image: str) -> None:
+        self.attempt = attempt
+        self.image = image
+        route = attempt.route
+        self.shared = attempt.redis is not None and bool(attempt.run_id) and attempt.settings.source == "peers-first"
+        if self.shared and route.peers:
+            assert attempt.redis is not None
+            key = keys.run_holders(attempt.run_id, image)
+            pipe = attempt.redis.pipeline()
+            pipe.sadd(key, *route.peers)
+            pipe.expire(key, holders_ttl(attempt.settings))
+            pipe.execute()
+
+    def current(self) -> list[str]:
+        peers = list(self.attempt.route.peers)
+        if self.shared:
+            assert self.attempt.redis is not None
+            learned = self.attempt.redis.smembers(keys.run_holders(self.attempt.run_id, self.image))
+            peers += sorted(as_text(member) for member in learned if as_text(member) not in peers)
+        return peers
+
+    def may_appear(self, tried: dict[str, str]) -> bool:
+        """Whether waiting may bring a holder: the seed is still getting the image."""
+        seed = self.attempt.route.seed
+        if not self.shared or seed is None or seed in tried:
+            return False
+        return self.seed_failure() is None
+
+    def seed_failure(self) -> str | None:
+        """What the seed's pull of the image ended with, if it failed (None while it runs or once it held)."""
+        seed = self.attempt.route.seed
+        assert self.attempt.redis is not None and seed is not None
+        found = self.attempt.redis.hget(keys.run_results(self.attempt.run_id), pull_key(seed, self.image))
+        if found is None:
+            return None
+        outcome = json.loads(found)
+        if outcome.get("status") in SUCCESSES:
+            return None
+        return f"{outcome.get('status')}: {outcome.get('reason') or 'no reason given'}"
+
+    def none_reason(self) -> str:
+        seed = self.attempt.route.seed
+        if self.shared and seed is not None:
+            failure = self.seed_failure()
+            if failure is not None:
+                return f"no node holds it: {seed}, which was to get it from the registry, {failure}"
+        return "no reachable node with ctr holds it"
+
+
+def _take_a_source(attempt: Attempt, candidates: list[str], holder_id: str) -> str | None:
+    """The first of ``candidates`` (in an order that spreads targets over them) with a free serving slot."""
+    if not candidates:
+        return None
+    if attempt.redis is None:  # nothing to share: the route's order
+        return candidates[0]
+    start = zlib.crc32(attempt.node.name.encode()) % len(candidates)
+    for source in candidates[start:] + candidates[:start]:
+        serving = _serving(attempt, source)
+        if serving is not None and serving.acquire(holder_id):
+            return source
+    return None
+
+
+def _refresher(serving: Semaphore | None, holder_id: str) -> Callable[[], object] | None:
+    """What keeps a serving slot while its copy streams."""
+    if serving is None:
+        return None
+    return lambda: serving.refresh(holder_id)
+
+
+def _serving(attempt: Attempt, source: str) -> Semaphore | None:
+    if attempt.redis is None:
+        return None
+    return Semaphore(attempt.redis, keys.node_serves(source), SERVES, SERVE_LEASE)
+
+
+def holders_ttl(settings: Settings) -> int:
+    """Seconds a run's holder sets live: as long as the run may go without progress."""
+    from .sync import stale_after
+
+    return stale_after(settings)
+
+
+def note_outcome(settings: Settings, redis: Redis, run_id: str, outcome: Outcome) -> None:
+    """Under peers-first, a node that now holds an image becomes one of its holders for the run."""
+    if not (settings.transfer and settings.source == "peers-first" and outcome.succeeded):
+        return
+    key = keys.run_holders(run_id, outcome.image)
+    pipe = redis.pipeline()
+    pipe.sadd(key, outcome.node)
+    pipe.expire(key, holders_ttl(settings))
+    pipe.execute()
+
+
+def as_text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def copy(settings: Settings, source: Node, target: Node, image: str, digest: str | None,
+         platform: str | None, seconds: int, progress: Callable[[], object] | None = None) -> Copied:
+    """Stream ``image`` from ``source`` into ``target``; it must arrive under the digest
+    the source holds it under (and under ``digest``, when the plan knew it)."""
+    seconds = max(1, seconds)
+    deadline = time.monotonic() + seconds + runtimes.KILL_AFTER + SSH_GRACE
+
+    def left() -> float:
+        return max(0.001, deadline - time.monotonic())
+
+    export = ctr_for(source).export_command(image, seconds, platform)
+    try:
+        reader = transport_for(settings, source).open(export)
+    except NodeError as exc:
+        return Copied(False, exc.message, exc.transient)
+    writer: Stream | None = None
+    try:
+        first, rest = _first_line(reader, left)
+        marker, _, held = first.partition(" ")
+        if marker != runtimes.EXPORT_MARKER:  # the shell itself failed: its status and words say why
+            return _source_failed(source, reader, left, first)
+        if not held:
+            return Copied(False, f"{source.name} no longer holds {image}")
+        if digest and held != digest:
+            return Copied(False, f"{source.name} now holds {image} as {held}, not {digest} as planned")
+        try:
+            writer = transport_for(settings, target).open(
+                ctr_for(target).import_command(image, held, seconds, platform))
+        except NodeError as exc:
+            return Copied(False, f"cannot start the import on {target.name}: {exc.message}", exc.transient)
+        size = 0
+        chunk, refreshed = rest, time.monotonic()
+        while True:
+            if chunk:
+                try:
+                    writer.write(chunk, left())
+                except CommandTimedOut:
+                    return Copied(False, f"copy did not finish within time_out ({seconds} s)")
+                except NodeError:
+                    reader.close()  # stop the export: the import has ended
+                    return _import_ended(target, writer, left)
+                size += len(chunk)
+            if progress is not None and time.monotonic() - refreshed > SERVE_LEASE / 3:
+                progress()
+                refreshed = time.monotonic()
+            try:
+                chunk = reader.read(CHUNK, left())
+            except CommandTimedOut:
+                return Copied(False, f"copy did not finish within time_out ({seconds} s)")
+            if not chunk:
+                break
+        status = reader.wait(left())
+        if status != 0:
+            # the import must not finish a cut stream: it reads EOF now, fails, and cleans up
+            writer.close_input()
+            _import_ended(target, writer, left)
+            return _source_failed(source, reader, left)
+        writer.close_input()
+        ended = _import_ended(target, writer, left)
+        if ended.ok:
+            ended.size = size
+        return ended
+    except CommandTimedOut:
+        return Copied(False, f"copy did not finish within time_out ({seconds} s)")
+    except NodeError as exc:
+        return Copied(False, exc.message, exc.transient)
+    finally:
+        reader.close()
+        if writer is not None:
+            writer.close()
+
+
+def _first_line(stream: Stream, left) -> tuple[str, bytes]:  # type: ignore[no-untyped-def]
+    """The stream's first line and what came after it."""
+    data = b""
+    while b"\n" not in data and len(data) < 4096:
+        chunk = stream.read(4096, left())
+        if not chunk:
+            break
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    return line.decode("utf-8", "replace").strip(), rest
+
+
+def _source_failed(source: Node, stream: Stream, left, said: str = "") -> Copied:  # type: ignore[no-untyped-def]
+    try:
+        status = stream.wait(min(left(), 10))
+    except CommandTimedOut:
+        status = -1
+    if status == -1:
+        return Copied(False, f"the export on {source.name} ended without an exit status: "
+                             "the connection dropped or the node killed it", True)
+    if status in runtimes.TIMEOUT_EXIT_CODES:
+        return Copied(False, f"the export on {source.name} did not finish within time_out")
+    if status == runtimes.COMMAND_NOT_FOUND:
+        return Copied(False, f"ctr not found on {source.name}: install containerd's ctr there, or set transfer = false")
+    reason = runtimes.failure_reason(stream.stderr(), said)
+    return Copied(False, f"the export on {source.name} failed (exit {status}): {reason}", status < 0)
+
+
+def _import_ended(target: Node, stream: Stream, left) -> Copied:  # type: ignore[no-untyped-def]
+    """How the import on ``target`` ended (``ok`` if it did, under the right digest)."""
+    status = stream.wait(left())
+    tail = b""
+    try:
+        while chunk := stream.read(65536, left()):
+            tail += chunk
+    except NodeError:
+        pass
+    report = [line for line in tail.decode("utf-8", "replace").splitlines() if line.startswith(runtimes.IMPORT_MARKER)]
+    fields = report[-1].split() if report else []
+    removed = " (what it left under the name was removed)" if fields[-1:] == ["1"] else ""
+    if status == 0:
+        return Copied(True)
+    if status == runtimes.WRONG_DIGEST:
+        after = fields[3] if len(fields) > 3 else "?"
+        return Copied(False, f"the image arrived on {target.name} as {after}, not as the source's digest{removed}")
+    if status == -1:
+        return Copied(False, f"the import on {target.name} ended without an exit status: "
+                             "the connection dropped or the node killed it", True)
+    if status in runtimes.TIMEOUT_EXIT_CODES:
+        return Copied(False, f"the import on {target.name} did not finish within time_out{removed}")
+    if status == runtimes.COMMAND_NOT_FOUND:
+        return Copied(False, f"ctr not found on {target.name}: install containerd's ctr there, or set transfer = false")
+    reason = runtimes.failure_reason(stream.stderr())
+    return Copied(False, f"the import on {target.name} failed (exit {status}): {reason}{removed}")

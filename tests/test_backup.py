@@ -1,0 +1,305 @@
+"""The backup registry: configuration, names, exclusions, and on a real cluster a second
+``docker-registry`` (with a login) as the backup: filled after a run, refreshed by digest,
+restoring an image upstream lost under its original name, and down without harm."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+from helpers import measured, started_run, wait_for
+
+from imagesync import backup, references
+from imagesync.config import Settings, load_settings
+from imagesync.errors import ConfigError
+from imagesync.facts import NodeFacts
+from imagesync.plan import BACKUP, REGISTRY, Policy, make_plan
+from imagesync.policy import policy_for
+from imagesync.runtimes import Image
+
+BACKUP_PASSWORD = "bk pass 7f3e!"
+
+
+# -- names, patterns, configuration -------------------------------------------------------------
+
+
+def test_backup_names_keep_the_original_registry_and_path():
+    name = references.backup_name
+    assert name("harbor.example.com/b", "nvcr.io/nvidia/cuda:12") == "harbor.example.com/b/nvcr.io/nvidia/cuda:12"
+    assert name("127.0.0.1:5001", "127.0.0.1:5000/bcm11/app:1") == "127.0.0.1:5001/127.0.0.1_5000/bcm11/app:1"
+    assert name("bk.local/x/", "busybox") == "bk.local/x/docker.io/library/busybox:latest"
+    assert name("bk.local", "nvcr.io/a@sha256:" + "a" * 64) is None  # untagged
+    assert name("bk.local", "[::1]:5000/a:1") is None
+
+
+def test_patterns_are_prefixes_exact_images_or_wildcards():
+    def matches(image, pattern):
+        return references.matches_pattern(references.parse(image), references.validate_pattern(pattern))
+
+    assert matches("nvcr.io/nvidia/cuda:12", "nvcr.io/nvidia")
+    assert not matches("nvcr.io/nvidiax/cuda:12", "nvcr.io/nvidia")
+    assert matches("docker.io/bcm11/app:1", "bcm11/app:1")
+    assert not matches("docker.io/bcm11/app:2", "bcm11/app:1")
+    assert matches("reg.local/bcm11/ci-1234:build", "*/ci-*")
+    assert matches("docker.io/library/busybox:1", "busybox:*")  # the familiar name too
+    with pytest.raises(Exception, match="printable"):
+        references.validate_pattern("a b*")
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "imagesync.toml"
+    path.write_text('prefixes = ["bcm11"]\n' + text + '\n[[nodes]]\nname = "w1"\n')
+    return path
+
+
+def test_the_backup_table_and_exclude_load_and_the_password_is_never_shown(tmp_path):
+    secret = tmp_path / "bk-password"
+    secret.write_text(BACKUP_PASSWORD + "\n")
+    settings = load_settings(_toml(tmp_path, f"""exclude = ["bcm11/scratch", "*/ci-*"]
+[backup]
+registry = "Harbor.example.com:8443/backup/"
+username = "robot"
+password = "{BACKUP_PASSWORD}"
+images = ["bcm11"]
+insecure = true
+insecure_sources = ["Reg.local:5000"]
+"""), {})
+    assert settings.backup is not None
+    assert settings.backup.registry == "harbor.example.com:8443/backup"
+    assert settings.backup.host == "harbor.example.com:8443"
+    assert settings.backup.login() == ("robot", BACKUP_PASSWORD)
+    assert settings.backup.insecure_sources == ["reg.local:5000"]
+    assert settings.exclude == ["bcm11/scratch", "*/ci-*"]
+    assert settings.backup.wants("docker.io/bcm11/app:1") and not settings.backup.wants("nvcr.io/x/y:1")
+    rows = {key: value for key, value, _ in settings.describe()}
+    assert rows["backup"] == "harbor.example.com:8443/backup" and rows["backup.password"] == "****"
+    assert BACKUP_PASSWORD not in repr(settings) + repr(settings.describe())
+    # from the environment, the password from a file
+    env = {"IMAGESYNC_BACKUP_REGISTRY": "bk.local", "IMAGESYNC_BACKUP_USERNAME": "u",
+           "IMAGESYNC_BACKUP_PASSWORD_FILE": str(secret), "IMAGESYNC_EXCLUDE": "bcm11/a, bcm11/b"}
+    settings = load_settings(_toml(tmp_path, ""), env)
+    assert settings.backup is not None and settings.backup.login() == ("u", BACKUP_PASSWORD)
+    assert settings.exclude == ["bcm11/a", "bcm11/b"]
+    assert settings.sources["backup.registry"] == "env IMAGESYNC_BACKUP_REGISTRY"
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    ('registry = "https://bk.local"', "backup.registry"),
+    ('registry = "backup"', "write host[:port][/path]"),
+    ('registry = "bk.local"\nusername = "u"', "a username needs its password"),
+    ('registry = "bk.local"\npassword = "p"', "a password needs its username"),
+    ('registry = "bk.local"\nimages = ["a b"]', "write an image pattern"),
+    ('registry = "bk.local"\nregistery = "x"', "registery"),
+])
+def test_a_bad_backup_table_is_one_line_naming_the_key(tmp_path, table, expected):
+    with pytest.raises(ConfigError) as error:
+        load_settings(_toml(tmp_path, "[backup]\n" + table), {})
+    assert any(expected in line and "backup" in line for line in error.value.problems), error.value.problems
+
+
+# -- the planner ----------------------------------------------------------------------------------
+
+
+def _images(*refs):
+    return [Image(id=f"id{i}", tags=(ref,), digests=(ref.rsplit(":", 1)[0] + "@sha256:" + f"{i:064x}",))
+            for i, ref in enumerate(refs, 1)]
+
+
+def test_excluded_images_are_never_wanted_even_when_declared():
+    inventories = {"w1": _images("reg.local/bcm11/app:1", "reg.local/bcm11/scratch:1", "reg.local/bcm11/ci-9:1"),
+                   "w2": []}
+    plan = make_plan(inventories, ["reg.local/bcm11"], declared=["reg.local/bcm11/scratch:2"],
+                     exclude=["reg.local/bcm11/scratch", "*/ci-*"])
+    assert plan.wanted == ["reg.local/bcm11/app:1"]
+    assert plan.missing == {"w2": ["reg.local/bcm11/app:1"]}
+
+
+def test_with_a_backup_routes_go_registry_then_backup_and_candidates_name_holders():
+    settings = Settings(nodes=[{"name": "w1"}, {"name": "w2"}], prefixes=["reg.local"],
+                        backup={"registry": "bk.local/b", "images": ["reg.local/bcm11"]})
+    assert policy_for(settings).backup
+    inventories = {"w1": _images("reg.local/bcm11/app:1", "reg.local/other/x:1"), "w2": []}
+    facts = {"w1": NodeFacts(platform="linux/amd64", ctr=True), "w2": NodeFacts(platform="linux/amd64", ctr=True)}
+    plan = make_plan(inventories, ["reg.local"], facts=facts, policy=Policy(transfer=False, backup=True))
+    assert plan.route("w2", "reg.local/bcm11/app:1").sources == (REGISTRY, BACKUP)
+    assert "then backup" in plan.route("w2", "reg.local/bcm11/app:1").describe()
+    wanted = backup.candidates(settings, plan)
+    assert wanted == {"reg.local/bcm11/app:1": {"name": "bk.local/b/reg.local/bcm11/app:1",
+                                                "digest": "sha256:" + f"{1:064x}", "holders": ["w1"]}}
+
+
+def test_node_commands_quote_names_and_check_the_digest():
+    settings = Settings(nodes=[{"name": "w1", "endpoint": "unix:///run/k.sock"}], prefixes=["reg.local"],
+                        backup={"registry": "bk.local", "username": "u", "password": "p w", "insecure": True})
+    node, bk = settings.nodes[0], settings.backup
+    assert bk is not None
+    restore = backup.restore_command(node, bk, "reg.local/a:1", "bk.local/reg.local/a:1", 30, "sha256:" + "b" * 64)
+    assert restore.startswith("timeout -k 5 30 sh -c ")
+    script = subprocess.run(["sh", "-c", f"printf %s {restore.split(' sh -c ', 1)[1]}"],
+                            capture_output=True, text=True).stdout
+    assert "ctr --address /run/k.sock --namespace k8s.io images pull --plain-http --user 'u:p w' " in script
+    assert "images tag --force bk.local/reg.local/a:1 reg.local/a:1" in script
+    assert "images rm bk.local/reg.local/a:1" in script and "sha256:" + "b" * 64 in script
+    push = backup.push_command(node, bk, "reg.local/a:1", "bk.local/reg.local/a:1", 30)
+    assert push.endswith("images push --plain-http --user 'u:p w' bk.local/reg.local/a:1 reg.local/a:1")
+    with pytest.raises(Exception, match="not a valid"):
+        backup.push_command(node, bk, "reg.local/a:1;reboot", "bk.local/x:1", 30)
+
+
+def test_skopeo_gets_the_passwords_from_a_private_file_never_the_command_line(monkeypatch):
+    settings = Settings(nodes=[{"name": "w1"}], prefixes=["reg.local"],
+                        registries={"reg.local": {"username": "up", "password": "upstream secret"}},
+                        backup={"registry": "bk.local", "username": "u", "password": BACKUP_PASSWORD})
+    seen = []
+
+    def fake_run(argv, **_):
+        flag = "--authfile" if "--authfile" in argv else "--src-authfile"
+        authfile = argv[argv.index(flag) + 1]
+        seen.append((argv, json.loads(open(authfile).read()), stat.S_IMODE(os.stat(authfile).st_mode)))
+        return subprocess.CompletedProcess(argv, 0, b"{}", b"")
+
+    monkeypatch.setattr(backup.subprocess, "run", fake_run)
+    with backup.skopeo(settings) as tool:
+        assert tool.digest("bk.local/reg.local/a:1")[0] == backup.HELD
+        assert tool.copy("reg.local/a:1", "bk.local/reg.local/a:1") == (True, "no output")
+        path = tool.authfile
+    assert path is not None and not path.exists()
+    for argv, auths, mode in seen:
+        assert not any(BACKUP_PASSWORD in arg or "upstream secret" in arg for arg in argv)
+        assert set(auths["auths"]) == {"reg.local", "bk.local"} and mode == 0o600
+
+
+# -- on a real cluster ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bk(tmp_path_factory):
+    """A 3-node cluster, its workers, and a second docker-registry with a login as the backup."""
+    from conftest import Deployment
+
+    from testcluster.cluster import Cluster
+    from testcluster.install import ensure_system_packages
+    from testcluster.registry import Registry
+
+    ensure_system_packages()
+    workdir = tmp_path_factory.mktemp("backup")
+    password_file = workdir / "backup-password"
+    password_file.write_text(BACKUP_PASSWORD + "\n")
+    with Cluster(workdir / "cluster", nodes=3) as cluster, \
+            Registry(workdir / "backup-registry", login=("bkuser", BACKUP_PASSWORD)) as registry:
+        d = Deployment(cluster, workdir)
+        d.backup = registry
+        reg = cluster.registry_address
+        with d.services:
+            d.configure(max_parallel=2, transfer=False, exclude=[f"{reg}/bcm11/scratch"], backup={
+                "registry": f"{registry.address}/bk", "username": "bkuser", "password_file": str(password_file),
+                "insecure": True, "insecure_sources": [reg]})
+            d.start()
+            yield d
+
+
+def _bk_repo(d, image):
+    """The backup registry's repository for a test image, such as ``bk/127.0.0.1_PORT/bcm11/app``."""
+    return f"bk/{d.cluster.registry_address.replace(':', '_')}/{image}"
+
+
+def _backup_done(d, run_id):
+    return wait_for(lambda: (d.history(run_id).get("backup") or {}).get("status") == "done" and d.history(run_id),
+                    60, f"the backup of run {run_id}")["backup"]
+
+
+def _secrets_shown(d):
+    texts = [p.read_text(errors="replace") for p in d.cluster.log_dir.rglob("*.log")]
+    texts += [p.read_text(errors="replace") for p in d.services.workdir.glob("*.log")]
+    return [text for text in texts if BACKUP_PASSWORD in text]
+
+
+@pytest.mark.cluster
+def test_a_run_fills_the_backup_by_digest_from_upstream_or_a_node_and_honours_exclude(bk):
+    d, c = bk, bk.cluster
+    c.seed({"node-1": ["bcm11/app:1", "bcm11/lib:1", "bcm11/scratch:1", "bcm11/local:1"]})
+    c.registry.delete_image("bcm11/local", "1")  # only node-1 has it now
+    result = d.cli("sync", "--node", "node-2", "--wait")
+    run_id = started_run(result)
+    record = _backup_done(d, run_id)
+    by_image = {r["image"].rsplit("/", 1)[1]: r for r in record["results"]}
+    assert {k: (r["status"], r["source"]) for k, r in by_image.items()} == {
+        "app:1": ("backed-up", c.registry_address), "lib:1": ("backed-up", c.registry_address),
+        "local:1": ("backed-up", "node-1")}
+    for image in ("app", "lib", "local"):
+        assert d.backup.manifest_digest(_bk_repo(d, f"bcm11/{image}"), "1") == c.digests[c.ref(f"bcm11/{image}:1")]
+    # excluded: neither synced nor backed up
+    assert c.ref("bcm11/scratch:1") not in d.held("node-2")
+    assert d.backup.tags(_bk_repo(d, "bcm11/scratch")) == []
+    assert c.ref("bcm11/app:1") in d.held("node-2")
+    backup_log = "".join(p.read_text() for p in c.log_dir.glob("*/backup_images.log"))
+    line = next(line for line in backup_log.splitlines() if f"image={c.ref('bcm11/local:1')} " in line)
+    assert "status=backed-up" in line and line.endswith("source=node-1")
+    shown = d.cli("history", run_id, env={"COLUMNS": "1000"})
+    assert "backup done: 3 images, 0 already held; 3 backed-up" in shown.stdout
+
+    # a tag in the backup that points elsewhere is refreshed; what it holds is left alone
+    d.backup.push_image(_bk_repo(d, "bcm11/lib"), "1", size=2048)
+    status = d.cli("status", "--backup", "--json")
+    states = {i["image"].rsplit("/", 1)[1]: i["state"] for i in json.loads(status.stdout)["images"]}
+    assert status.returncode == 1 and states == {"app:1": "held", "lib:1": "stale", "local:1": "held"}
+    again = _backup_done(d, started_run(d.cli("sync", "--node", "node-2", "--wait")))
+    assert (again["held"], [(r["image"].rsplit("/", 1)[1], r["status"]) for r in again["results"]]) == (
+        2, [("lib:1", "backed-up")])
+    assert d.backup.manifest_digest(_bk_repo(d, "bcm11/lib"), "1") == c.digests[c.ref("bcm11/lib:1")]
+    status = d.cli("status", "--backup")
+    assert status.returncode == 0 and "3 of 3 images held" in status.stdout, status.stdout + status.stderr
+
+    # the backup's password: not in config show, the logs, or any command imagesync runs on this host
+    shown = d.cli("config", "show", env={"COLUMNS": "1000"})
+    assert shown.returncode == 0 and BACKUP_PASSWORD not in shown.stdout and "backup-password" in shown.stdout
+    assert _secrets_shown(d) == []
+
+
+@pytest.mark.cluster
+def test_an_image_deleted_upstream_reaches_a_new_node_from_the_backup_under_its_original_name(bk):
+    d, c = bk, bk.cluster
+    c.seed({"node-1": ["bcm11/kept:1"]})
+    _backup_done(d, started_run(d.cli("sync", "--node", "node-2", "--wait")))
+    ref = c.ref("bcm11/kept:1")
+    c.registry.delete_image("bcm11/kept", "1")
+    result = d.cli("sync", "--node", "node-3", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = d.history(started_run(result))
+    restored = {r["image"]: r for r in run["results"] if r["status"] == "restored"}
+    assert restored[ref]["source"] == f"{d.backup.address}/bk"
+    measured("restore of a 1 KiB image from the backup", f"{restored[ref]['duration']:.2f} s")
+    held = c.node("node-3").images()
+    assert held[ref] == c.digests[ref]
+    assert not any(name.startswith(d.backup.address) for name in held)  # the backup name is gone
+    # the kubelet finds it by its original name (the CRI's ImageStatus)
+    with c.node("node-3").image_client() as client:
+        image, _ = client.status(ref)
+    assert image is not None and ref in image.repo_tags
+    assert f"{ref} restored from {d.backup.address}/bk" in d.services.log("worker-node-3")
+
+
+@pytest.mark.cluster
+def test_a_backup_that_is_down_fails_its_copies_and_the_run_still_completes(bk):
+    d, c = bk, bk.cluster
+    c.seed({"node-1": ["nvidia/fresh:1"]})
+    d.backup.stop()
+    try:
+        result = d.cli("sync", "--node", "node-2", "--wait")
+        run_id = started_run(result)
+        run = d.history(run_id)
+        assert run["status"] == "completed"
+        assert c.ref("nvidia/fresh:1") in d.held("node-2")
+        record = _backup_done(d, run_id)
+        failed = {r["image"]: r["reason"] for r in record["results"] if r["status"] == "failed"}
+        assert c.ref("nvidia/fresh:1") in failed
+        assert all("cannot ask the backup registry" in reason and "connection refused" in reason
+                   for reason in failed.values()), failed
+        shown = d.cli("history", run_id, env={"COLUMNS": "1000"}).stdout
+        assert f"backup of {c.ref('nvidia/fresh:1')} failed: cannot ask the backup registry" in shown
+        assert "backup done" in d.services.log("control")
+    finally:
+        d.backup.start()

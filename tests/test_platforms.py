@@ -1,0 +1,200 @@
+"""Platforms on the real cluster: images with nothing for a node's platform, multi-arch
+indexes, per-architecture references, and seed 003's image.config.
+
+Three ctr nodes, all amd64 here; node-3 is configured as ``platform = "linux/arm64"``,
+so its pulls take the arm64 manifest (``ctr images pull --platform``). Indexes are
+built as OCI layouts and pushed with ``skopeo copy --all``. Every assertion on images
+asks the nodes' containerd directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+from conftest import Deployment
+from helpers import measured, started_run
+
+from imagesync.config import load_settings
+from imagesync.platforms import LOOKUP_BUDGET, RegistryClient
+from testcluster.cluster import Cluster
+from testcluster.image import write_oci_index
+
+pytestmark = pytest.mark.cluster
+
+SEED_003 = [
+    {"ref": "ubuntu:xenial", "registry": "docker.io", "private": False, "config": "jarvice-docker",
+     "arch": {"amd64": "docker.io/library/ubuntu:xenial", "ppc64le": "docker.io/ppc64le/ubuntu:xenial"}},
+    {"ref": "fail-test", "registry": "docker.io", "private": True, "config": "jarvice-docker",
+     "arch": {"amd64": "docker.io/kenhill/abc123:test"}},
+]
+
+
+def push_index(cluster: Cluster, workdir, image: str, platforms: list[str], generation: int = 1) -> str:
+    """Push ``repo:tag`` as an OCI index with one manifest per platform; returns its digest."""
+    repo, tag = image.rsplit(":", 1)
+    layout = workdir / f"{repo.replace('/', '-')}-{tag}-{generation}"
+    digest = write_oci_index(layout, repo, tag, platforms, size=1024 + generation)
+    subprocess.run(["skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}",
+                    f"docker://{cluster.registry.address}/{image}"], check=True, capture_output=True, timeout=60)
+    return digest
+
+
+def ctr_pull(d: Deployment, node: str, image: str, platform: str | None = None) -> None:
+    """Pull on a node as an operator would with ctr (``--platform`` stores another platform's image)."""
+    n = d.cluster.node(node)
+    argv = ["ctr", "-a", n.socket, "-n", "k8s.io", "images", "pull", "--hosts-dir", str(n.workdir / "certs.d")]
+    n.run(argv + (["--platform", platform] if platform else []) + [d.cluster.ref(image)])
+
+
+def cli_json(d: Deployment, *args: str):
+    result = d.cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("platforms")
+    began = time.monotonic()
+    with Cluster(workdir / "cluster", nodes=3, runtime="ctr") as cluster:
+        deployment = Deployment(cluster, workdir)
+        with deployment.services:
+            ref = cluster.ref
+            deployment.digests = {
+                "arm-only": push_index(cluster, workdir, "bcm11/arm-only:1", ["linux/arm64"]),
+                "multi": push_index(cluster, workdir, "bcm11/multi:1", ["linux/amd64", "linux/arm64"]),
+                "arm-tool": push_index(cluster, workdir, "arm/tool:1", ["linux/arm64"]),
+            }
+            cluster.push_many(["amd/tool:1", "library/ubuntu:xenial", "kenhill/abc123:test"])
+            ctr_pull(deployment, "node-1", "bcm11/arm-only:1", platform="linux/arm64")
+            ctr_pull(deployment, "node-1", "bcm11/multi:1")
+            # seed 003's file as it is, its registry names pointed at the test registry
+            image_config = workdir / "image.config"
+            pointed = json.dumps(SEED_003, indent=4).replace('"docker.io', f'"{cluster.registry_address}')
+            image_config.write_text(pointed)
+            deployment.configure(
+                runtime="ctr",
+                nodes_extra={"node-3": {"platform": "linux/arm64"}},
+                images=[{"ref": ref("jarvice/tool:1"),
+                         "arch": {"amd64": ref("amd/tool:1"), "arm64": ref("arm/tool:1")}}],
+                images_file=str(image_config),
+                registries={cluster.registry_address: {"username": "jarvice", "password": "not checked here"}},
+            )
+            deployment.start()
+            measured("cluster, images and workers ready", f"{time.monotonic() - began:.1f} s")
+            yield deployment
+
+
+def test_check_and_status_show_each_nodes_platform(d):
+    check = d.cli("check", env={"COLUMNS": "300"})
+    assert "linux/amd64" in check.stdout and "linux/arm64 (config)" in check.stdout, check.stdout + check.stderr
+    status = d.cli("status", env={"COLUMNS": "300"})
+    assert status.returncode == 0, status.stderr
+    assert "linux/amd64" in status.stdout and "linux/arm64" in status.stdout
+    facts = cli_json(d, "status")["facts"]
+    assert {node: f["platform"] for node, f in facts.items()} == {
+        "node-1": "linux/amd64", "node-2": "linux/amd64", "node-3": "linux/arm64"}
+    assert facts["node-3"]["platform_from"] == "config"
+
+
+def test_an_image_with_nothing_for_amd64_is_na_there_and_the_rest_syncs(d):
+    arm_only, multi = d.cluster.ref("bcm11/arm-only:1"), d.cluster.ref("bcm11/multi:1")
+    plan = cli_json(d, "plan")
+    assert plan["excluded"]["node-2"][arm_only] == {
+        "kind": "n/a", "reason": "no manifest for linux/amd64: the image has linux/arm64"}
+    assert arm_only in plan["missing"]["node-3"]
+
+    began = time.monotonic()
+    result = d.cli("sync", "--wait")
+    measured("first sync", f"{time.monotonic() - began:.1f} s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = d.history(started_run(result))
+    pulls = {(r["node"], r["image"]): r["status"] for r in run["results"]}
+    assert ("node-2", arm_only) not in pulls  # no pull was sent
+    assert run["excluded"]["node-2"][arm_only]["kind"] == "n/a"
+    assert arm_only not in d.cluster.node("node-2").images()
+    # the arm64 node pulled it (ctr --platform linux/arm64), and the multi-arch index went everywhere
+    assert d.cluster.node("node-3").images()[arm_only] == d.digests["arm-only"]
+    for node in ("node-2", "node-3"):
+        assert d.cluster.node(node).images()[multi] == d.digests["multi"]
+    assert pulls[("node-2", multi)] == pulls[("node-3", multi)] == "pulled"
+    # ctr reports the index digest whatever platform it took: the same tag on two platforms is not drift
+    assert cli_json(d, "plan")["drift"] == []
+
+    status = d.cli("status", env={"COLUMNS": "300"})
+    row = next(line for line in status.stdout.splitlines() if "arm-only" in line)
+    assert "n/a" in row
+
+
+def test_each_node_pulls_its_architectures_reference_and_holds_it_under_ref(d):
+    ref = d.cluster.ref
+    entry, amd, arm = ref("jarvice/tool:1"), ref("amd/tool:1"), ref("arm/tool:1")
+    one, three = d.cluster.node("node-1").images(), d.cluster.node("node-3").images()
+    assert one[entry] == one[amd] == d.cluster.digests[amd]
+    assert three[entry] == three[arm] == d.digests["arm-tool"]
+    assert amd not in three and arm not in one
+
+
+def test_seed_003s_image_config_is_read_and_synced(d):
+    ubuntu, fail_test = ref_pair = ("docker.io/library/ubuntu:xenial", "docker.io/library/fail-test:latest")
+    for node in ("node-1", "node-2"):
+        held = d.cluster.node(node).images()
+        assert held[ubuntu] == d.cluster.digests[d.cluster.ref("library/ubuntu:xenial")]
+        assert held[fail_test] == d.cluster.digests[d.cluster.ref("kenhill/abc123:test")]
+    assert not set(ref_pair) & set(d.cluster.node("node-3").images())
+    excluded = cli_json(d, "plan")["excluded"]["node-3"]
+    assert excluded[ubuntu] == {"kind": "n/a", "reason": "no reference for arm64: the entry has amd64, ppc64le"}
+    assert excluded[fail_test]["kind"] == "n/a"
+
+
+def test_the_next_run_sends_no_pull_and_asks_no_registry(d):
+    d.cluster.proxy.clear()
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every node already holds every image" in result.stdout
+    run = d.history(started_run(result))
+    assert run["results"] == []
+    assert run["excluded"]["node-2"][d.cluster.ref("bcm11/arm-only:1")]["kind"] == "n/a"
+    asked = [r.path for r in d.cluster.proxy.requests if "arm-only" in r.path]
+    assert asked == []  # judged once, on the first plan
+
+
+def test_a_tag_pushed_again_with_amd64_becomes_applicable(d):
+    arm_only = d.cluster.ref("bcm11/arm-only:1")
+    digest = push_index(d.cluster, d.workdir, "bcm11/arm-only:1", ["linux/amd64", "linux/arm64"], generation=2)
+    ctr_pull(d, "node-1", "bcm11/arm-only:1", platform="linux/arm64")  # its holder now holds the new index
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert d.cluster.node("node-2").images()[arm_only] == digest
+    # node-3 still holds the first index under the tag: that is drift, and it is shown
+    drift = {item["reference"]: item["digests"] for item in cli_json(d, "plan")["drift"]}
+    assert drift == {arm_only: {"node-1": digest, "node-2": digest, "node-3": d.digests["arm-only"]}}
+
+
+def test_the_registry_client_reads_an_index_and_a_single_manifest(d):
+    client = RegistryClient(load_settings(d.config_path, {}))
+    multi, amd = d.cluster.ref("bcm11/multi:1"), d.cluster.ref("amd/tool:1")
+    assert client.platforms(multi, d.digests["multi"]) == ["linux/amd64", "linux/arm64"]
+    assert client.platforms(amd, d.cluster.digests[amd]) == ["linux/amd64"]
+
+
+def test_a_registry_that_does_not_answer_does_not_hold_the_plan(d):
+    late = d.cluster.ref("bcm11/late:1")
+    push_index(d.cluster, d.workdir, "bcm11/late:1", ["linux/arm64"])
+    ctr_pull(d, "node-1", "bcm11/late:1", platform="linux/arm64")
+    d.cluster.proxy.hang(match="bcm11/late/manifests/sha256")
+    try:
+        began = time.monotonic()
+        plan = cli_json(d, "plan")
+        took = time.monotonic() - began
+    finally:
+        d.cluster.proxy.passthrough()
+    measured("plan with a registry that does not answer", f"{took:.1f} s")
+    assert took < LOOKUP_BUDGET + 8
+    assert late in plan["missing"]["node-2"]  # no verdict: pulled as before, asked again next time
+    assert late not in plan["excluded"].get("node-2", {})
+    plan = cli_json(d, "plan")
+    assert plan["excluded"]["node-2"][late]["kind"] == "n/a"

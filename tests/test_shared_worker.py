@@ -1,0 +1,194 @@
+"""One worker for many nodes (``imagesync worker --nodes`` / ``--all-nodes``).
+
+Unit tests of the node slots and of the worker's command line against a real
+redis-server; then one worker serving every node of a real cluster, whose
+crictl pull logs show how many pulls each node ran at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+import redis
+from helpers import measured, started_run, wait_for_run_end
+
+from imagesync import keys
+from imagesync.cli import CommandError, shared_worker_argv
+from imagesync.config import load_settings
+from imagesync.nodeslots import NodeSlots, default_concurrency, shares_pool
+from imagesync.semaphore import Semaphore
+from testcluster.measure import max_concurrency
+
+# -- node slots ----------------------------------------------------------------------------------
+
+
+def test_a_node_gives_max_parallel_slots_and_other_nodes_their_own(redis_client):
+    slots = NodeSlots(redis_client, max_parallel=2, lease=60)
+    a1, a2 = slots.take("a", "p1", wait=0), slots.take("a", "p2", wait=0)
+    assert a1 and a2
+    assert slots.take("a", "p3", wait=0) is None
+    assert slots.take("b", "p3", wait=0)
+    assert sorted(h.split(":")[0] for h in Semaphore(redis_client, keys.node_pulls("a"), 2, 1).holders()) == [
+        "p1", "p2"]
+    slots.give_back("a", a1)
+    assert slots.take("a", "p3", wait=0)
+
+
+def test_a_pull_waits_for_a_slot_then_gives_up(redis_client):
+    slots = NodeSlots(redis_client, max_parallel=1, lease=60)
+    held = slots.take("a", "p1", wait=0)
+    assert held
+    began = time.monotonic()
+    assert slots.take("a", "p2", wait=0.5) is None
+    assert 0.5 <= time.monotonic() - began < 1.5
+    threading.Timer(0.3, slots.give_back, ("a", held)).start()
+    began = time.monotonic()
+    assert slots.take("a", "p2", wait=3)
+    assert 0.25 <= time.monotonic() - began < 1.0
+
+
+def test_a_redelivered_pull_takes_a_slot_of_its_own(redis_client):
+    # A worker died under pull p1: its slot stays taken until its lease runs out,
+    # because the node-side pull may still run. The redelivered p1 (same task id)
+    # must not count as the holder of that slot.
+    slots = NodeSlots(redis_client, max_parallel=1, lease=0.6)
+    assert slots.take("a", "p1", wait=0)
+    assert slots.take("a", "p1", wait=0) is None
+    assert slots.take("a", "p1", wait=2)  # once the dead one's lease ran out
+
+
+def test_a_slot_that_cannot_be_given_back_is_left_to_its_lease(redis_client, redis_server, caplog):
+    slots = NodeSlots(redis_client, max_parallel=1, lease=60)
+    holder = slots.take("a", "p1", wait=0)
+    assert holder
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    NodeSlots(unreachable, max_parallel=1, lease=60).give_back("a", holder)  # does not raise
+    assert "frees itself within 60 s" in caplog.text
+
+
+def test_which_workers_take_node_slots():
+    assert not shares_pool(["node.a"], 4, 4, "node.")
+    assert shares_pool(["node.a"], 5, 4, "node.")
+    assert shares_pool(["node.a", "node.b"], 2, 4, "node.")
+    assert not shares_pool(["imagesync"], 2, 4, "node.")
+
+
+@pytest.mark.parametrize("nodes, max_parallel, expected", [(10, 4, 10), (2, 4, 4), (1, 4, 4), (3, 1, 3), (10, 2, 10)])
+def test_default_concurrency(nodes, max_parallel, expected):
+    assert default_concurrency(nodes, max_parallel) == expected
+
+
+# -- the worker's command line -------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(tmp_path):
+    nodes = "\n".join(f'[[nodes]]\nname = "w{i}"\nhost = "10.0.0.{i}"\n' for i in range(1, 4))
+    path = tmp_path / "imagesync.toml"
+    path.write_text(f'redis_url = "redis://127.0.0.1:1/0"\nprefixes = ["r.example/x"]\nmax_parallel = 2\n'
+                    f'log_dir = "{tmp_path}"\n{nodes}')
+    return load_settings(path)
+
+
+def test_the_worker_of_named_nodes_consumes_their_queues(settings):
+    assert shared_worker_argv(settings, "w1, w3,w1", None) == ["-Q", "node.w1,node.w3", "-c", "2", "-n", "w1+1@%h"]
+    assert shared_worker_argv(settings, None, 5) == ["-Q", "node.w1,node.w2,node.w3", "-c", "5", "-n", "w1+2@%h"]
+
+
+def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):
+    with pytest.raises(Exception, match="no node named 'w9'"):
+        shared_worker_argv(settings, "w1,w9", None)
+    with pytest.raises(CommandError, match="--nodes"):
+        shared_worker_argv(settings, " , ", None)
+    with pytest.raises(CommandError, match="at least 1"):
+        shared_worker_argv(settings, "w1,w2", 0)
+
+
+# -- on a real cluster -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A 4-node cluster served by the control worker and ONE worker for all nodes."""
+    from conftest import Deployment
+
+    from testcluster.cluster import Cluster
+    from testcluster.install import ensure_system_packages
+
+    ensure_system_packages()
+    workdir = tmp_path_factory.mktemp("shared")
+    with Cluster(workdir / "cluster", nodes=4) as cluster:
+        d = Deployment(cluster, workdir)
+        with d.services:
+            d.configure(max_parallel=2)
+            d.services.start_control(wait=False)
+            # 8 processes for 4 nodes of max_parallel 2: the pool alone would let
+            # one node run up to 8 pulls at once; only the node slots hold it to 2
+            d.services.start_shared_worker("shared", "--all-nodes", "--concurrency", "8")
+            d.services.wait_ready("control")
+            yield d
+
+
+def _sample_holders(d, nodes, stop, seen):
+    with d.cluster.redis.client() as client:
+        sems = {n: Semaphore(client, keys.node_pulls(n), 2, 1) for n in nodes}
+        while not stop.is_set():
+            for n, sem in sems.items():
+                seen[n] = max(seen[n], len(sem.holders()))
+            time.sleep(0.02)
+
+
+@pytest.mark.cluster
+def test_one_worker_converges_every_node_and_holds_max_parallel_per_node(shared):
+    d = shared
+    images = [f"bcm11/many{i}:1" for i in range(6)]
+    # node-2 lacks all 6, node-3 3 and node-4 1: once those are done, every
+    # free process of the pool goes to node-2's queue. Pulls of ~6 s (the
+    # proxy delays each request) outlast a pull's wait for a slot in its pool
+    # process, so some go back to their queue and come again.
+    d.cluster.seed({"node-1": images, "node-3": images[:3], "node-4": images[:5]})
+    d.cluster.proxy.delay(3.0)
+    before = {n: len(d.cluster.node(n).pulls()) for n in ("node-2", "node-3", "node-4")}
+    stop, seen = threading.Event(), defaultdict(int)
+    sampler = threading.Thread(target=_sample_holders, args=(d, ["node-2", "node-3", "node-4"], stop, seen))
+    sampler.start()
+    began = time.monotonic()
+    try:
+        result = d.cli("sync", "--wait", timeout=120)
+    finally:
+        stop.set()
+        sampler.join()
+        d.cluster.proxy.passthrough()
+    took = time.monotonic() - began
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = wait_for_run_end(d, started_run(result), 30)
+    assert run["status"] == "completed"
+    results = run["results"]
+    assert sorted((r["node"], r["status"]) for r in results) == sorted(
+        [("node-2", "pulled")] * 6 + [("node-3", "pulled")] * 3 + [("node-4", "pulled")] * 1)
+    # waiting for a slot, in the pool or back in the queue, is not a failed attempt
+    assert {r["attempts"] for r in results} == {1}
+    for name in ("node-2", "node-3", "node-4"):
+        assert set(d.held(name)) == {d.cluster.ref(i) for i in images}, name
+    # measured where the pulls run: the crictl processes on each node
+    concurrent = {}
+    for name in ("node-2", "node-3", "node-4"):
+        pulls = d.cluster.node(name).pulls()[before[name]:]
+        assert all(p.end is not None for p in pulls)
+        concurrent[name] = max_concurrency((p.start, p.end) for p in pulls)
+    measured("pulls at once per node (crictl logs)", concurrent)
+    measured("slot holders at once per node (sampled)", dict(seen))
+    requeued = d.services.log("shared").count("back in the queue")
+    measured("makespan of 10 pulls, 3 s proxy delay", f"{took:.1f} s")
+    measured("pulls sent back to their queue while their node was full", requeued)
+    assert requeued >= 1
+    assert concurrent["node-2"] == 2
+    assert max(concurrent.values()) == 2
+    assert max(seen.values()) == 2
+    # every slot was given back
+    with d.cluster.redis.client() as client:
+        assert [Semaphore(client, keys.node_pulls(n), 2, 1).holders() for n in ("node-2", "node-3", "node-4")] == [
+            [], [], []]

@@ -1,0 +1,257 @@
+"""Node-to-node transfer on the real cluster: ``ctr export`` on a node that holds an image,
+through imagesync, into ``ctr import`` on a node that lacks it.
+
+One 4-node cluster for the module. Every assertion on images asks the nodes'
+containerd directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import pytest
+from helpers import measured, wait_for
+
+from imagesync.config import load_settings
+from imagesync.plan import PEERS, Route
+from imagesync.pulls import Attempt
+from imagesync.runs import COPIED
+from imagesync.transfer import copy, from_peers
+from imagesync.transport import close_all
+from testcluster.image import build_image, write_oci_layout
+
+pytestmark = pytest.mark.cluster
+
+NODES = 4
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    from conftest import Deployment
+
+    from testcluster.cluster import Cluster
+    from testcluster.install import ensure_system_packages
+
+    ensure_system_packages()
+    workdir = tmp_path_factory.mktemp("transfer")
+    began = time.monotonic()
+    with Cluster(workdir / "cluster", nodes=NODES) as cluster:
+        deployment = Deployment(cluster, workdir)
+        with deployment.services:
+            deployment.configure(time_out=30, max_parallel=2, retries=0)
+            deployment.start()
+            measured("cluster and workers started (s)", round(time.monotonic() - began, 1))
+            yield deployment
+    close_all()
+
+
+def make_local_image(d, name: str, nodes: list[str], size: int = 1024 * 1024) -> str:
+    """An image no registry has, ``ctr import``ed on ``nodes`` from a tar made here; its full ref."""
+    ref = d.cluster.ref(name)
+    repo, _, tag = name.rpartition(":")
+    directory = d.workdir / f"oci-{repo}-{tag}".replace("/", "-")
+    layout = write_oci_layout(build_image(repo, tag, size=size, variant="local"), directory, "t")
+    tar = layout.with_suffix(".tar")
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{layout}:t", f"docker-archive:{tar}:{ref}"],
+                   check=True, capture_output=True, timeout=60)
+    for name_ in nodes:
+        node = d.cluster.node(name_)
+        node.run(["ctr", "-a", node.socket, "-n", "k8s.io", "images", "import", str(tar)])
+    return ref
+
+
+def digest_on(d, node: str, ref: str) -> str | None:
+    return d.cluster.node(node).images().get(ref)
+
+
+def stall_exports(node, flag, after: int = 1024 * 1024) -> None:
+    """Put a wrapper in front of ``node``'s ctr: an export sends ``after`` bytes, then
+    creates ``flag`` and stalls while it exists. Everything else goes to the real ctr."""
+    wrapper = node.bin_dir / "ctr"
+    wrapper.write_text(f"""#!/bin/sh
+case "$*" in
+  *"images export"*)
+    /usr/bin/ctr "$@" | {{ head -c {after}; touch {flag}; while [ -e {flag} ]; do sleep 0.1; done; exec cat; }} ;;
+  *) exec /usr/bin/ctr "$@" ;;
+esac
+""")
+    wrapper.chmod(0o755)
+
+
+def unstall(node) -> None:
+    (node.bin_dir / "ctr").unlink(missing_ok=True)
+
+
+def kill_export(node, what: str) -> None:
+    """SIGKILL the export on ``node`` (``ctr``: every process of it), or the sshd session that runs it."""
+    procs = node.processes(r"images export")
+    assert procs, "no export running on the node"
+    if what == "sshd":
+        sessions = set()
+        for proc in procs:
+            pid = proc.pid
+            while pid > 1:
+                try:
+                    with open(f"/proc/{pid}/stat") as handle:
+                        stat = handle.read().rsplit(")", 1)[1].split()
+                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                        cmdline = handle.read().split(b"\0")[0]
+                except OSError:
+                    break
+                if os.path.basename(cmdline.decode()).startswith("sshd"):
+                    sessions.add(pid)
+                    break
+                pid = int(stat[1])
+        assert sessions, "no sshd session above the export"
+        pids = sessions
+    else:
+        pids = {proc.pid for proc in procs}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def history_results(d, run_id):
+    return {(r["node"], r["image"]): r for r in d.history(run_id)["results"]}
+
+
+def sync(d):
+    result = d.cli("sync", "--wait", timeout=120)
+    run_id = next(line.split()[1].rstrip(":") for line in result.stdout.splitlines()
+                  if line.startswith("run ") and " started" in line)
+    return result, run_id
+
+
+# -- one copy, stopped mid-stream ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["ctr", "sshd"])
+def test_a_source_killed_mid_stream_leaves_no_half_imported_image(d, what):
+    ref = make_local_image(d, f"local/stalled-{what}:1", ["node-1"], size=4 * 1024 * 1024)
+    digest = digest_on(d, "node-1", ref)
+    source, target = d.cluster.node("node-1"), d.cluster.node("node-4")
+    flag = d.workdir / f"stalled-{what}"
+    stall_exports(source, flag)
+    settings = load_settings(d.config_path)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(copied=copy(
+        settings, settings.node("node-1"), settings.node("node-4"), ref, digest, "linux/amd64", 30)))
+    try:
+        worker.start()
+        wait_for(flag.exists, 20, "the export stalled after its first MB")
+        assert target.processes(r"images import"), "the import runs on the target"
+        kill_export(source, what)
+        worker.join(30)
+    finally:
+        flag.unlink(missing_ok=True)  # what is left of the export writes again, into a closed channel
+        unstall(source)
+    copied = result["copied"]
+    assert not copied.ok
+    assert "export on node-1" in copied.reason
+    assert copied.transient  # a killed source may serve again
+    assert ref not in target.images()  # nothing under the name: not even a half-imported image
+    wait_for(lambda: not target.processes(r"images import"), 10, "no import left on node-4")
+    wait_for(lambda: not source.processes(r"images export"), 10, "no export left on node-1")
+    measured(f"source {what} killed: {copied.reason}", "")
+
+
+def test_the_next_holder_is_tried_when_a_source_dies(d):
+    ref = make_local_image(d, "local/two-holders:1", ["node-1", "node-2"], size=4 * 1024 * 1024)
+    digest = digest_on(d, "node-1", ref)
+    assert digest == digest_on(d, "node-2", ref)
+    source = d.cluster.node("node-1")
+    flag = d.workdir / "stalled-next"
+    stall_exports(source, flag)
+    settings = load_settings(d.config_path)
+    route = Route((PEERS,), ("node-1", "node-2"), digest, platform="linux/amd64")
+    attempt = Attempt(settings, settings.node("node-3"), ref, route, check=False)
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(outcome=from_peers(attempt)))
+    try:
+        worker.start()
+        wait_for(flag.exists, 20, "the export on node-1 stalled")
+        kill_export(source, "ctr")
+        worker.join(30)
+    finally:
+        flag.unlink(missing_ok=True)
+        unstall(source)
+    outcome, _ = result["outcome"]
+    assert (outcome.status, outcome.source) == (COPIED, "node-2"), outcome
+    assert digest_on(d, "node-3", ref) == digest
+
+
+def test_a_missing_digest_is_refused_and_the_import_removed(d):
+    """A source whose image is not the one planned: nothing is copied, nothing is left."""
+    ref = make_local_image(d, "local/other-digest:1", ["node-1"])
+    settings = load_settings(d.config_path)
+    wrong = "sha256:" + "0" * 64
+    copied = copy(settings, settings.node("node-1"), settings.node("node-2"), ref, wrong, "linux/amd64", 30)
+    assert not copied.ok
+    assert f"node-1 now holds {ref} as" in copied.reason
+    assert ref not in d.cluster.node("node-2").images()
+
+
+# -- whole runs ---------------------------------------------------------------------------------------------
+
+
+def test_images_no_registry_serves_are_copied_from_the_node_that_holds_them(d):
+    # one built on node-1 alone, one node-1 pulled before the registry lost it
+    local = make_local_image(d, "bcm11/built-here:1", ["node-1"])
+    d.cluster.seed({"node-1": ["bcm11/lost:1"]})
+    lost = d.cluster.ref("bcm11/lost:1")
+    d.cluster.registry.delete_image("bcm11/lost", "1")
+    plan = d.cli("plan", "--json")
+    assert plan.returncode == 0, plan.stderr
+    assert "registry, then node-1 if not found" in plan.stdout
+
+    result, run_id = sync(d)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 copied from node-1" in result.stdout
+    for ref in (local, lost):
+        digests = {node: digest_on(d, node, ref) for node in ("node-1", "node-2", "node-3", "node-4")}
+        assert len(set(digests.values())) == 1 and None not in digests.values(), digests
+    results = history_results(d, run_id)
+    for node in ("node-2", "node-3", "node-4"):
+        for ref in (local, lost):
+            outcome = results[(node, ref)]
+            assert (outcome["status"], outcome["source"]) == ("copied", "node-1"), outcome
+    success_log = "".join(p.read_text() for p in d.cluster.log_dir.glob("*/success_images.log"))
+    assert f"image={local}" in success_log and "copied" in success_log
+    # the kubelet's view: the CRI lists the copy
+    with d.cluster.node("node-2").image_client() as client:
+        assert any(local in image.repo_tags for image in client.list())
+
+
+def test_peers_first_the_registry_serves_each_blob_once(d):
+    ref = d.cluster.push("bcm11/wide", "1", size=4 * 1024 * 1024, layers=2)
+    d.services.stop_all()
+    d.configure(time_out=30, max_parallel=2, retries=0, source="peers-first", images=[ref])
+    d.start()
+    d.cluster.proxy.clear()
+    plan = d.cli("plan", "--json")
+    assert "nodes that hold it (after node-1)" in plan.stdout, plan.stdout
+
+    began = time.monotonic()
+    result, run_id = sync(d)
+    assert result.returncode == 0, result.stdout + result.stderr
+    measured("peers-first, 4 nodes, 4 MB image: run (s)", round(time.monotonic() - began, 1))
+    gets = Counter(r.path for r in d.cluster.proxy.requests
+                   if r.method == "GET" and "/bcm11/wide/blobs/" in r.path)
+    assert len(gets) == 3 and set(gets.values()) == {1}, gets  # two layers and the config, once each
+    digests = {digest_on(d, node, ref) for node in ("node-1", "node-2", "node-3", "node-4")}
+    assert digests == {d.cluster.digests[ref]}
+    results = history_results(d, run_id)
+    statuses = Counter(results[(node, ref)]["status"] for node in ("node-1", "node-2", "node-3", "node-4"))
+    assert statuses == {"pulled": 1, "copied": 3}, statuses
+    for node in ("node-1", "node-2", "node-3", "node-4"):
+        outcome = results[(node, ref)]
+        measured(f"{node}: {outcome['status']} {outcome.get('source', '')}", f"{outcome['duration']} s")
+    sources = Counter(results[(node, ref)].get("source") for node in ("node-2", "node-3", "node-4"))
+    assert max(sources.values()) <= 2, sources  # the holders doubled: node-1 did not serve everyone

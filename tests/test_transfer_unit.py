@@ -1,0 +1,125 @@
+"""Node-to-node transfer without a cluster: the streaming primitive, the commands, the
+holders, and a waiting copy's hand-over (the whole path is in test_transfer.py)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+
+import fakeredis
+import pytest
+
+from imagesync import keys
+from imagesync.config import Node, Settings
+from imagesync.errors import CommandTimedOut, RefusedReference
+from imagesync.facts import NodeFacts
+from imagesync.plan import PEERS, REGISTRY, Policy, Route, make_plan
+from imagesync.pulls import Attempt
+from imagesync.runs import FAILED, PULLED, Outcome, Run, pull_key, summary_lines
+from imagesync.runtimes import Ctr, Image
+from imagesync.sync import stale_after
+from imagesync.transfer import from_peers, note_outcome
+from imagesync.transport import LocalTransport
+
+REF = "reg.local:5000/bcm11/app:1"
+DIGEST = "sha256:" + "a" * 64
+FACTS = NodeFacts(platform="linux/amd64", ctr=True)
+
+
+def test_a_local_stream_carries_bytes_both_ways_and_reports_the_exit_status():
+    stream = LocalTransport("n").open("cat; echo done >&2; exit 3")
+    data = bytes(range(256)) * 4096  # 1 MiB: more than a pipe holds, so reads and writes must alternate
+    received = bytearray()
+    for start in range(0, len(data), 65536):
+        stream.write(data[start:start + 65536], timeout=5)
+        while len(received) < start + 65536:
+            received += stream.read(65536, timeout=5)
+    stream.close_input()
+    while chunk := stream.read(65536, timeout=5):
+        received += chunk
+    assert bytes(received) == data
+    assert stream.wait(5) == 3
+    assert "done" in stream.stderr()
+    stream.close()
+
+
+def test_a_stream_whose_command_does_not_read_holds_the_writer_back_then_times_out():
+    stream = LocalTransport("n").open("sleep 30")
+    began = time.monotonic()
+    with pytest.raises(CommandTimedOut, match="no progress within 0.5 s"):
+        stream.write(b"x" * (4 * 1024 * 1024), timeout=0.5)
+    assert time.monotonic() - began < 3
+    stream.close()  # stops the command
+    assert stream.wait(1) < 0
+
+
+def test_export_and_import_commands_are_quoted_and_checked():
+    ctr = Ctr(address="/run/containerd/containerd.sock", namespace="k8s.io")
+    export = ctr.export_command(REF, 60, "linux/amd64")
+    assert shlex.split(export)[:2] == ["sh", "-c"]
+    script = shlex.split(export)[2]
+    assert "timeout -k 5 60 ctr --address /run/containerd/containerd.sock --namespace k8s.io images export " \
+           "--platform linux/amd64 - reg.local:5000/bcm11/app:1" in script
+    imported = shlex.split(ctr.import_command(REF, DIGEST, 60, "linux/amd64"))[2]
+    assert "images import --platform linux/amd64 -;" in imported
+    assert f'"$after" != {DIGEST}' in imported and "images rm reg.local:5000/bcm11/app:1" in imported
+    with pytest.raises(RefusedReference):
+        ctr.export_command("reg.local:5000/x:1;rm -rf /", 60)
+    with pytest.raises(ValueError, match="not a manifest digest"):
+        ctr.import_command(REF, "sha256:$(id)", 60)
+
+
+def test_holders_whose_runtime_names_no_digest_still_serve_when_none_names_one():
+    # an image imported with ctr: the CRI reports its tag, no repo digest
+    local = Image(id="sha256:" + "1" * 64, tags=(REF,), digests=())
+    plan = make_plan({"n1": [local], "n2": []}, ["reg.local:5000/bcm11"],
+                     facts={"n1": FACTS, "n2": FACTS}, policy=Policy())
+    route = plan.route("n2", REF)
+    assert route.sources == (REGISTRY, PEERS)
+    assert (route.peers, route.digest) == (("n1",), None)
+    assert route.describe() == "registry, then n1 if not found"
+
+
+def test_a_node_without_ctr_is_no_source():
+    local = Image(id="sha256:" + "1" * 64, tags=(REF,), digests=())
+    plan = make_plan({"n1": [local], "n2": []}, ["reg.local:5000/bcm11"],
+                     facts={"n1": NodeFacts(platform="linux/amd64", ctr=False), "n2": FACTS}, policy=Policy())
+    assert plan.route("n2", REF).sources == (REGISTRY,)
+
+
+def settings(**extra):
+    return Settings(nodes=[Node(name="n1"), Node(name="n2")], prefixes=["reg.local:5000/bcm11"], time_out=20,
+                    **extra)
+
+
+def test_a_waiting_copy_hands_over_as_soon_as_its_seed_fails():
+    redis = fakeredis.FakeRedis()
+    config = settings(source="peers-first")
+    route = Route((PEERS, REGISTRY), (), None, seed="n1", platform="linux/amd64")
+    failed = Outcome("n1", REF, FAILED, reason="not found")
+    redis.hset(keys.run_results("r1"), pull_key("n1", REF), failed.to_json())
+    began = time.monotonic()
+    outcome, transient = from_peers(Attempt(config, config.node("n2"), REF, route, "r1", check=False, redis=redis))
+    assert time.monotonic() - began < 1
+    assert (outcome.status, transient) == (FAILED, False)
+    assert outcome.reason == "no node holds it: n1, which was to get it from the registry, failed: not found"
+
+
+def test_a_node_whose_pull_succeeds_becomes_a_holder_under_peers_first_only():
+    redis = fakeredis.FakeRedis()
+    note_outcome(settings(source="peers-first"), redis, "r1", Outcome("n1", REF, PULLED))
+    note_outcome(settings(source="peers-first"), redis, "r1", Outcome("n2", REF, FAILED))
+    assert redis.smembers(keys.run_holders("r1", REF)) == {b"n1"}
+    assert 0 < redis.ttl(keys.run_holders("r1", REF)) <= stale_after(settings())  # as long as the run's record
+    note_outcome(settings(), redis, "r2", Outcome("n1", REF, PULLED))
+    assert not redis.exists(keys.run_holders("r2", REF))
+
+
+def test_the_summary_says_where_copies_came_from():
+    copied = [Outcome(n, REF, "copied", source="n1") for n in ("n2", "n3")]
+    run = Run(id="r1", status="completed", trigger="manual", started=0.0, finished=1.0, expected=2,
+              counts={"copied": 2}, expected_per_node={"n2": 1, "n3": 1}, skipped={}, drift=[], refused=[],
+              wanted=1, results=copied)
+    assert "run r1: 2 copied from n1" in summary_lines(run)
+    assert json.loads(copied[0].to_json())["source"] == "n1"
