@@ -62,6 +62,7 @@ def child(nodes: int) -> None:
     """The sync task's body in this process; prints its figures as JSON."""
     _patch_inventory(nodes)
     from imagesync import sync, tasks
+    from imagesync.plan import Route
 
     if os.environ.get("BENCH_NO_SENT_EVENT"):
         tasks.app.conf.task_send_sent_event = False
@@ -78,10 +79,10 @@ def child(nodes: int) -> None:
 
     sync.make_plan = timed_plan  # type: ignore[assignment]
 
-    def send(node: str, image: str, run_id: str, expires: float) -> None:
+    def send(node: str, image: str, run_id: str, expires: float, route: Route) -> None:
         if node not in first:
             first[node] = time.perf_counter()
-        tasks.send_pull(node, image, run_id, expires)
+        tasks.send_pull(node, image, run_id, expires, route)
 
     with tasks.app.producer_or_acquire():  # connect before the clock starts
         pass

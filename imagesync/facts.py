@@ -94,10 +94,13 @@ class NodeFacts:
     ctr: bool = False
     #: containerd's version on the node (``1.6.20~ds1``), None if neither ctr nor containerd told it
     containerd: str | None = None
+    #: the node is served by its own agent (imagesync.agents): no other worker can
+    #: open a command on it, so it takes no part in node-to-node copies
+    via_agent: bool = False
     raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def parse(cls, node: Node, raw: Mapping[str, str]) -> NodeFacts:
+    def parse(cls, node: Node, raw: Mapping[str, str], via_agent: bool = False) -> NodeFacts:
         total = free = None
         disk = raw.get("disk", "").split()
         if len(disk) == 2 and all(part.isdigit() for part in disk):
@@ -108,7 +111,14 @@ class NodeFacts:
         else:
             platform, source = platform_of(raw.get("machine")), "node"
         return cls(platform=platform, platform_from=source, disk_total=total, disk_free=free,
-                   ctr=bool(raw.get("ctr")), containerd=raw.get("containerd") or None, raw=dict(raw))
+                   ctr=bool(raw.get("ctr")), containerd=raw.get("containerd") or None, via_agent=via_agent,
+                   raw=dict(raw))
+
+    @property
+    def can_copy(self) -> bool:
+        """Whether an image can be copied to or from the node: ``ctr`` there, and a node
+        the workers of other nodes reach (over SSH), not one only its own agent reaches."""
+        return self.ctr and not self.via_agent
 
     @property
     def can_pin(self) -> bool | None:
@@ -125,4 +135,4 @@ class NodeFacts:
     def to_dict(self) -> dict:
         return {"platform": self.platform, "platform_from": self.platform_from,
                 "disk_total": self.disk_total, "disk_free": self.disk_free, "ctr": self.ctr,
-                "containerd": self.containerd}
+                "containerd": self.containerd, "via": "agent" if self.via_agent else "ssh"}

@@ -16,7 +16,7 @@ from . import facts, runtimes
 from .errors import NodeError, RuntimeMissing, one_line
 from .facts import NodeFacts
 from .runtimes import COMMAND_NOT_FOUND, Image
-from .transport import transport_for
+from .transport import CommandResult, transport_for
 
 if TYPE_CHECKING:
     from .config import Node, Settings
@@ -64,8 +64,18 @@ def list_images(settings: Settings, node: Node) -> list[Image]:
 
 def examine(settings: Settings, node: Node) -> tuple[list[Image], NodeFacts]:
     """The images ``node`` holds and its facts (platform, image filesystem, ctr), in one command."""
+    return interpret(node, transport_for(settings, node).run(examine_command(node), timeout=LIST_TIMEOUT))
+
+
+def examine_command(node: Node) -> str:
+    """The one command that lists ``node``'s images and learns its facts."""
+    return facts.wrap(node, runtimes.for_node(node).list_command())
+
+
+def interpret(node: Node, result: CommandResult, via_agent: bool = False) -> tuple[list[Image], NodeFacts]:
+    """The images and facts in the answer to :func:`examine_command`, however it was run
+    (over SSH, or by the node's agent: ``via_agent``); NodeError if it failed."""
     runtime = runtimes.for_node(node)
-    result = transport_for(settings, node).run(facts.wrap(node, runtime.list_command()), timeout=LIST_TIMEOUT)
     raw, listing = facts.split(result.stdout)
     if result.exit_code == COMMAND_NOT_FOUND:
         raise runtime_missing(node.name, runtime.name)
@@ -73,7 +83,7 @@ def examine(settings: Settings, node: Node) -> tuple[list[Image], NodeFacts]:
         reason = runtimes.failure_reason(result.stderr, listing)
         raise NodeError(node.name, f"{runtime.name} cannot list images on {node.name}: {reason}")
     try:
-        return runtime.parse_list(listing), NodeFacts.parse(node, raw)
+        return runtime.parse_list(listing), NodeFacts.parse(node, raw, via_agent=via_agent)
     except ValueError as exc:
         raise NodeError(node.name, str(exc)) from exc
 

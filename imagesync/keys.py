@@ -82,3 +82,18 @@ def platforms(digest: str) -> str:
     """Hash: what is known of the platforms of the image manifest ``digest`` (imagesync.platforms):
     ``has`` -> the JSON list the registry gave; ``not:<platform>`` -> a pull found nothing for it."""
     return f"{NAMESPACE}:platforms:{digest}"
+
+
+#: sorted set: the registered agents (``imagesync agent``), name -> the Redis time of its last heartbeat
+AGENTS = f"{NAMESPACE}:agents"
+
+
+def agent(name: str) -> str:
+    """Hash: what an agent said of its node (imagesync.agents.Registration); expires
+    ``agent_forget`` seconds after the last heartbeat."""
+    return f"{NAMESPACE}:agent:{name}"
+
+
+def inventory_answers(request: str) -> str:
+    """List: the answers of the agents asked for their images by one inventory request."""
+    return f"{NAMESPACE}:inventory:{request}"

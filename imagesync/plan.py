@@ -205,7 +205,7 @@ class Plan:
         unknown: list[str] = []  # holders whose runtime names no digest (an image imported with ctr)
         for node in sorted(self.holdings):
             facts = self.facts.get(node)
-            if facts is None or not facts.ctr:
+            if facts is None or not facts.can_copy:
                 continue
             if platform and facts.platform and facts.platform != platform:
                 continue
@@ -276,7 +276,7 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
         for node in lacking:
             facts = plan.facts.get(node)
             platform = facts.platform if facts else None
-            can_copy = policy.transfer and facts is not None and facts.ctr
+            can_copy = policy.transfer and facts is not None and facts.can_copy
             peers, digest = plan.holders(image, platform) if can_copy else ([], None)
             sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
             waits_for = None
@@ -301,7 +301,7 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
 
 def _can_copy(plan: Plan, policy: Policy, node: str) -> bool:
     facts = plan.facts.get(node)
-    return policy.transfer and facts is not None and facts.ctr
+    return policy.transfer and facts is not None and facts.can_copy
 
 
 def _by_image(missing: Mapping[str, list[str]]) -> dict[str, list[str]]:

@@ -17,8 +17,10 @@ What an image has is learned once per manifest digest and kept in Redis
 
 The digest judged is the one the nodes that hold the image hold: a tag whose
 index is pushed again with the node's platform has a new digest, and is judged
-afresh. An image no node holds yet has no digest to judge: it is pulled, and
-a pull that finds nothing for the node's platform reports ``not applicable``.
+afresh. For an image no node holds (a declared one), it is the digest its tag
+names in its registry now, one small request per plan; if the registry does not
+answer, the image is pulled, and a pull that finds nothing for the node's
+platform reports ``not applicable`` and leaves the verdict for the next plan.
 
 Registries are asked over HTTPS; one on a loopback address (``localhost``,
 ``127.0.0.0/8``, ``::1``) is asked over plain HTTP when HTTPS fails, as
@@ -29,6 +31,7 @@ containerd itself does for such hosts. Per-architecture entries of ``images``
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import json
 import logging
@@ -37,9 +40,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from . import keys, references
 from .errors import RefusedReference
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from .config import Settings
 
 log = logging.getLogger("imagesync")
+T = TypeVar("T")
 
 #: seconds one registry request may take
 REQUEST_TIMEOUT = 5.0
@@ -244,6 +248,15 @@ class RegistryClient:
         answer = json.loads(body)
         return str(answer.get("token") or answer.get("access_token") or "")
 
+    def digest_of(self, image: str) -> str:
+        """The manifest digest ``image`` (a tag) names in its registry now: that of the bytes served."""
+        ref = references.parse(image)
+        if ref.digest:
+            return ref.digest
+        repo = ref.repository.split("/", 1)[1] if "/" in ref.repository else ref.repository
+        _, body = self.get(ref.domain, f"{repo}/manifests/{ref.tag or 'latest'}", INDEX_TYPES + MANIFEST_TYPES)
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
     def platforms(self, image: str, digest: str) -> list[str]:
         """The platforms of ``image``'s manifest ``digest``: an index's entries, or a manifest's config."""
         ref = references.parse(image)
@@ -278,23 +291,39 @@ def look_up(client: RegistryClient, wanted: Mapping[str, str], budget: float = L
     What does not answer within ``budget`` seconds is left out: it is asked
     again by the next plan, and meanwhile the image is pulled as usual.
     """
-    if not wanted:
+    calls = {digest: (image, lambda image=image, digest=digest: client.platforms(image, digest))
+             for digest, image in wanted.items()}
+    return _ask_all(calls, budget, "platforms")
+
+
+def resolve_all(client: RegistryClient, images: Iterable[str], budget: float = LOOKUP_BUDGET) -> dict[str, str]:
+    """image -> the digest its tag names in its registry now, asked in parallel (as :func:`look_up`)."""
+    calls = {image: (image, lambda image=image: client.digest_of(image)) for image in images}
+    return _ask_all(calls, budget, "digest")
+
+
+def _ask_all(calls: Mapping[str, tuple[str, Callable[[], T]]], budget: float, what: str) -> dict[str, T]:
+    """key -> answer, for ``calls`` (key -> (image it is about, call)), run in parallel within ``budget`` s.
+
+    A call that fails or does not answer in time is left out, with a log line.
+    """
+    if not calls:
         return {}
-    found: dict[str, list[str]] = {}
-    pool = ThreadPoolExecutor(max_workers=min(LOOKUP_WORKERS, len(wanted)), thread_name_prefix="platforms")
+    found: dict[str, T] = {}
+    pool = ThreadPoolExecutor(max_workers=min(LOOKUP_WORKERS, len(calls)), thread_name_prefix="platforms")
     try:
-        futures = {pool.submit(client.platforms, image, digest): (digest, image) for digest, image in wanted.items()}
+        futures = {pool.submit(call): (key, image) for key, (image, call) in calls.items()}
         done, pending = wait(futures, timeout=budget)
         for future in done:
-            digest, image = futures[future]
+            key, image = futures[future]
             try:
-                found[digest] = future.result()
+                found[key] = future.result()
             except (LookupFailed, ValueError) as exc:
-                log.warning("platforms of %s: %s", image, exc)
+                log.warning("%s of %s: %s", what, image, exc)
             except Exception as exc:  # a registry answering nonsense must not stop the plan
-                log.warning("platforms of %s: %s: %s", image, type(exc).__name__, exc)
+                log.warning("%s of %s: %s: %s", what, image, type(exc).__name__, exc)
         for future in pending:
-            log.warning("platforms of %s: no answer within %g s", futures[future][1], budget)
+            log.warning("%s of %s: no answer within %g s", what, futures[future][1], budget)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return found
@@ -325,17 +354,26 @@ def platform_condition(settings: Settings, redis: Redis | None, client: Registry
                  if plan.facts.get(node) is not None and plan.facts[node].platform
                  and image not in per_arch and (node, image) not in plan.pull_as]
         digests: dict[str, str] = {}
+        unheld = []
         for image in {image for _, image in pairs}:
             digest = held_digest(plan, image)
             if digest:
                 digests[image] = digest
+            else:
+                unheld.append(image)
+        # an image no node holds (a declared one): the digest its tag names now, so
+        # that a verdict learned from its registry or a failed pull applies to it too
+        registry = client or RegistryClient(settings)
+        began = time.monotonic()
+        digests.update(resolve_all(registry, sorted(unheld)))
         if not digests:
             return
         verdicts = Verdicts(redis)
         known = verdicts.read(digests.values())
         unknown = {d: image for image, d in digests.items() if "has" not in known.get(d, {})}
-        began = time.monotonic()
-        for digest, platforms in look_up(client or RegistryClient(settings), unknown).items():
+        # one budget for both rounds of questions: a registry that hangs costs the plan LOOKUP_BUDGET at most
+        left = max(1.0, LOOKUP_BUDGET - (time.monotonic() - began))
+        for digest, platforms in look_up(registry, unknown, left).items():
             verdicts.learned(digest, platforms)
             known.setdefault(digest, {})["has"] = json.dumps(sorted(platforms))
         if unknown:

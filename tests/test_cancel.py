@@ -157,7 +157,7 @@ def test_a_run_cancelled_while_it_lists_images_sends_nothing(redis_server, redis
     settings = _settings(redis_server.url, tmp_path)
     sent = []
 
-    def plan_while_cancelled(settings_, targets=None):
+    def plan_while_cancelled(settings_, targets=None, redis=None):
         holder = RunLock(redis_client, ttl=60).holder()
         cancel_run(settings_, redis_client, None, "ops@head", "too early")
         assert RunLock(redis_client, ttl=60).holder() is None
@@ -177,7 +177,7 @@ def test_a_run_cancelled_during_its_fan_out_stops_sending(redis_server, redis_cl
     settings = _settings(redis_server.url, tmp_path)
     sent = []
 
-    def send(node, image, run_id, expires):
+    def send(node, image, run_id, expires, route):
         sent.append(image)
         if len(sent) == 3:
             cancel_run(settings, redis_client, run_id, "ops@head")

@@ -67,6 +67,8 @@ def d(tmp_path_factory):
                 "arm-only": push_index(cluster, workdir, "bcm11/arm-only:1", ["linux/arm64"]),
                 "multi": push_index(cluster, workdir, "bcm11/multi:1", ["linux/amd64", "linux/arm64"]),
                 "arm-tool": push_index(cluster, workdir, "arm/tool:1", ["linux/arm64"]),
+                # declared, and held by no node: judged by the digest its tag names in the registry
+                "declared": push_index(cluster, workdir, "arm/declared:1", ["linux/arm64"]),
             }
             cluster.push_many(["amd/tool:1", "library/ubuntu:xenial", "kenhill/abc123:test"])
             ctr_pull(deployment, "node-1", "bcm11/arm-only:1", platform="linux/arm64")
@@ -79,7 +81,8 @@ def d(tmp_path_factory):
                 runtime="ctr",
                 nodes_extra={"node-3": {"platform": "linux/arm64"}},
                 images=[{"ref": ref("jarvice/tool:1"),
-                         "arch": {"amd64": ref("amd/tool:1"), "arm64": ref("arm/tool:1")}}],
+                         "arch": {"amd64": ref("amd/tool:1"), "arm64": ref("arm/tool:1")}},
+                        ref("arm/declared:1")],
                 images_file=str(image_config),
                 registries={cluster.registry_address: {"username": "jarvice", "password": "not checked here"}},
             )
@@ -106,6 +109,10 @@ def test_an_image_with_nothing_for_amd64_is_na_there_and_the_rest_syncs(d):
     assert plan["excluded"]["node-2"][arm_only] == {
         "kind": "n/a", "reason": "no manifest for linux/amd64: the image has linux/arm64"}
     assert arm_only in plan["missing"]["node-3"]
+    declared = d.cluster.ref("arm/declared:1")
+    for node in ("node-1", "node-2"):
+        assert plan["excluded"][node][declared]["kind"] == "n/a"
+    assert declared in plan["missing"]["node-3"]
 
     began = time.monotonic()
     result = d.cli("sync", "--wait")
@@ -114,6 +121,7 @@ def test_an_image_with_nothing_for_amd64_is_na_there_and_the_rest_syncs(d):
     run = d.history(started_run(result))
     pulls = {(r["node"], r["image"]): r["status"] for r in run["results"]}
     assert ("node-2", arm_only) not in pulls  # no pull was sent
+    assert pulls[("node-3", declared)] == "pulled" and ("node-1", declared) not in pulls
     assert run["excluded"]["node-2"][arm_only]["kind"] == "n/a"
     assert arm_only not in d.cluster.node("node-2").images()
     # the arm64 node pulled it (ctr --platform linux/arm64), and the multi-arch index went everywhere

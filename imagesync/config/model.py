@@ -215,7 +215,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    nodes: list[Node]
+    # the nodes reached over SSH (or served by a worker configured for them); with
+    # agents = true, may be empty: the agents alive in Redis are the nodes then
+    nodes: list[Node] = Field(default_factory=list)
     prefixes: _Prefixes = []
     images: _Images = Field(default_factory=list)
     # seed 003's image.config (JSON): more declared images, with per-architecture references;
@@ -258,6 +260,21 @@ class Settings(BaseModel):
     webhook_secret_file: _KeyFile = None
     # logins for private registries, by registry host: [registries."nvcr.io"]
     registries: dict[_RegistryHost, RegistryLogin] = Field(default_factory=dict)
+    # agent mode (imagesync.agents): the nodes also include every `imagesync agent` alive in Redis
+    agents: bool = False
+    # seconds between an agent's heartbeats, and without one after which it counts as gone
+    agent_heartbeat: Annotated[float, _check(_positive_seconds)] = 10.0
+    agent_lapse: Annotated[float, _check(_positive_seconds)] = 30.0
+    # seconds a run waits for the agents' inventory answers; a node silent past it is skipped
+    agent_inventory_timeout: Annotated[float, _check(_positive_seconds)] = 30.0
+    # seconds after its last heartbeat that a gone agent is forgotten (no longer reported as skipped)
+    agent_forget: Annotated[int, _check(_whole_number("a whole number of seconds", 1))] = 86400
+    # the runtime of an agent's node, unless `imagesync agent` is told otherwise (flags)
+    agent_runtime: Annotated[Runtime, _check(_choice(Runtime))] = "crictl"
+    agent_endpoint: Annotated[str | None, _check(_text("a socket address"), optional=True)] = None
+    agent_namespace: _Namespace = "k8s.io"
+    agent_hosts_dir: Annotated[str | None, _check(_text("a directory on the node"), optional=True)] = None
+    agent_image_fs: Annotated[str, _check(_text("a directory on the node"))] = "/var/lib/containerd"
     # a factory, for the same reason as known_hosts' default
     ssh: SSHSettings = Field(default_factory=SSHSettings)
 
@@ -273,8 +290,6 @@ class Settings(BaseModel):
     def _distinct_nodes(cls, nodes: list[Node]) -> list[Node]:
         # Runs only when every node is valid, so a duplicate name next to an
         # invalid node is reported once that node is fixed.
-        if not nodes:
-            raise _invalid("no nodes are configured: list at least one worker node")
         seen: set[str] = set()
         for index, node in enumerate(nodes):
             if node.name in seen:
@@ -295,6 +310,16 @@ class Settings(BaseModel):
                 at=("prefixes",),
             )
         return images_file
+
+    @model_validator(mode="after")
+    def _some_nodes(self) -> Settings:
+        if not self.nodes and not self.agents:
+            raise _invalid("no nodes are configured: list at least one worker node in a [[nodes]] table, "
+                           "or set agents = true", at=("nodes",))
+        if self.agent_lapse <= self.agent_heartbeat:
+            raise _invalid(f"{self.agent_lapse:g} s is not longer than agent_heartbeat ({self.agent_heartbeat:g} s): "
+                           "give an agent at least two heartbeats, such as 3 x agent_heartbeat", at=("agent_lapse",))
+        return self
 
     @model_validator(mode="after")
     def _read_images_file(self) -> Settings:

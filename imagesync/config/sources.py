@@ -39,6 +39,8 @@ CONFIG_VARIABLE = "IMAGESYNC_CONFIG"
 #: and node of a container, not settings. They stay in the environment of every
 #: `docker compose exec` into it, where the CLI must not refuse them.
 CONTAINER_VARIABLES = ("IMAGESYNC_ROLE", "IMAGESYNC_NODE")
+#: what `imagesync agent` hands its worker: the node it serves, as JSON (imagesync.agents); not a setting
+AGENT_VARIABLE = "IMAGESYNC_AGENT_NODE"
 
 #: environment variables that override one key each, and the key they set
 ENVIRONMENT: dict[str, tuple[str, ...]] = {
@@ -72,6 +74,16 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_WEBHOOK_PORT": ("webhook_port",),
     "IMAGESYNC_WEBHOOK_SECRET": ("webhook_secret",),
     "IMAGESYNC_WEBHOOK_SECRET_FILE": ("webhook_secret_file",),
+    "IMAGESYNC_AGENTS": ("agents",),
+    "IMAGESYNC_AGENT_HEARTBEAT": ("agent_heartbeat",),
+    "IMAGESYNC_AGENT_LAPSE": ("agent_lapse",),
+    "IMAGESYNC_AGENT_INVENTORY_TIMEOUT": ("agent_inventory_timeout",),
+    "IMAGESYNC_AGENT_FORGET": ("agent_forget",),
+    "IMAGESYNC_AGENT_RUNTIME": ("agent_runtime",),
+    "IMAGESYNC_AGENT_ENDPOINT": ("agent_endpoint",),
+    "IMAGESYNC_AGENT_NAMESPACE": ("agent_namespace",),
+    "IMAGESYNC_AGENT_HOSTS_DIR": ("agent_hosts_dir",),
+    "IMAGESYNC_AGENT_IMAGE_FS": ("agent_image_fs",),
     "IMAGESYNC_SSH_USER": ("ssh", "user"),
     "IMAGESYNC_SSH_KEY_FILE": ("ssh", "key_file"),
     "IMAGESYNC_SSH_KNOWN_HOSTS": ("ssh", "known_hosts"),
@@ -213,7 +225,8 @@ def _apply_environment(document: _Document | None, environ: Mapping[str, str]) -
     """
     problems = []
     for variable in sorted(environ):
-        if not variable.startswith("IMAGESYNC_") or variable in (CONFIG_VARIABLE, *CONTAINER_VARIABLES):
+        if not variable.startswith("IMAGESYNC_") or variable in (CONFIG_VARIABLE, AGENT_VARIABLE,
+                                                                       *CONTAINER_VARIABLES):
             continue
         key = ENVIRONMENT.get(variable)
         if key is None:
