@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from celery import Celery
 
+from .agents import serving
 from .celeryconfig import celery_settings
 from .config import load_settings
 from .errors import ConfigError
@@ -24,7 +25,8 @@ def refuse(error: ConfigError) -> NoReturn:
 
 
 try:
-    settings = load_settings()
+    # a worker started by `imagesync agent` also knows the node it serves (imagesync.agents)
+    settings = serving(load_settings())
 except ConfigError as exc:
     refuse(exc)
 

@@ -132,6 +132,16 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the larger of the node count and max_parallel)")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
 
+    agent = sub.add_parser("agent", help="run on a node: register it in Redis and serve its queue there, "
+                           "without SSH (agent mode, agents = true)")
+    agent.add_argument("--name", help="the node's name (default: $NODE_NAME, else the host name)")
+    for flag, what in (("runtime", "crictl or ctr"), ("endpoint", "the runtime's socket"),
+                       ("namespace", "containerd namespace"), ("hosts-dir", "registry hosts directory"),
+                       ("image-fs", "the image filesystem"), ("platform", "os/arch, when uname -m is wrong")):
+        agent.add_argument(f"--{flag}", help=f"{what} (default: agent_{flag.replace('-', '_')} of the configuration)"
+                           if flag != "platform" else what)
+    agent.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
+
     beat = sub.add_parser("beat", help="start Celery beat (the schedule from the configuration)")
     beat.add_argument("celery_args", nargs=argparse.REMAINDER)
 
@@ -277,7 +287,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     print(version_line(), flush=True)  # first, and whole: it is what a bug report quotes
     settings = _settings()
-    out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes)")
+    out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes"
+              + (", and the agents registered in Redis)" if settings.agents else ")"))
     if any(node.transport == "ssh" for node in settings.nodes):
         out.print(ssh_table(settings))
         _say_ssh_notes(settings)
@@ -315,10 +326,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             row["detail"] = exc.message
             return row, False
 
-    with ThreadPoolExecutor(max_workers=min(32, len(settings.nodes))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(settings.nodes)))) as pool:
         results = list(pool.map(probe, settings.nodes))
+    for row, _ in results:
+        row["via"] = next(node.transport for node in settings.nodes if node.name == row["node"])
+    if settings.agents:
+        from .agents import check_rows
+
+        results += check_rows(settings, _redis(settings))
     table = Table()
-    columns = ("node", "address", "ssh", "runtime", "images", "platform", "image fs", "detail")
+    columns = ("node", "via", "address", "ssh", "runtime", "images", "platform", "image fs", "detail")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row, ok in results:
@@ -333,12 +350,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .agents import check_targets
     from .sync import plan_now
 
     settings = _settings()
-    for name in args.node or ():
-        settings.node(name)
-    plan = plan_now(settings, args.node, _memory(settings))
+    memory = _memory(settings)
+    check_targets(settings, memory, args.node or ())
+    plan = plan_now(settings, args.node, memory)
     if args.json:
         out.print_json(json.dumps(plan.to_dict()))
         return EXIT_OK
@@ -390,7 +408,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.backup and settings.backup is None:
         raise CommandError("no backup registry is configured: add a [backup] table with its registry "
                            "(see docs/configuration.md)")
-    plan = plan_now(settings, redis=_memory(settings))
+    memory = _memory(settings)
+    plan = plan_now(settings, redis=memory)
     if args.backup:
         return backup_status(settings, plan, args.json)
     if args.json:
@@ -400,7 +419,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                                    "drift": whole["drift"]}))
         return EXIT_OK
     _print_notes(plan)
-    out.print(status_table(plan))
+    from .agents import kinds
+
+    out.print(status_table(plan, kinds(settings, memory)))
     return EXIT_OK
 
 
@@ -429,16 +450,18 @@ def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
     return EXIT_OK if all(found.state == backup.HELD for found in checks) else EXIT_FAILED
 
 
-def status_table(plan: Plan) -> Table:
+def status_table(plan: Plan, kinds: dict[str, str] | None = None) -> Table:
     """Images down, nodes across; a cell shows the digest a node holds, that it lacks the
-    image, or why it does not pull it (``n/a``: nothing for its platform; ``skipped``)."""
+    image, or why it does not pull it (``n/a``: nothing for its platform; ``skipped``).
+    Under each node: its platform, and how it is reached (``ssh``, ``local``, ``agent``)."""
     drifted = {d.reference for d in plan.drift}
     table = Table(title=f"{len(plan.wanted)} images x {len(plan.nodes)} nodes")
     table.add_column("image", overflow="fold")
     for node in plan.nodes:
         facts = plan.facts.get(node)
         platform = facts.platform if facts is not None and facts.platform else "platform ?"
-        table.add_column(f"{node}\n[dim]{escape(platform)}[/]", justify="center")
+        via = "agent" if facts is not None and facts.via_agent else (kinds or {}).get(node, "ssh")
+        table.add_column(f"{node}\n[dim]{escape(platform)}, {via}[/]", justify="center")
     for node in plan.skipped:
         table.add_column(f"{node} (skipped)", justify="center", style="dim")
     for image in plan.wanted:
@@ -461,10 +484,11 @@ def status_table(plan: Plan) -> Table:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from .agents import check_targets
+
     settings = _settings()
-    for name in args.node or ():
-        settings.node(name)
     redis = _redis(settings)
+    check_targets(settings, redis, args.node or ())
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from . import keys
@@ -638,6 +662,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agents import agent_node, environment_for
+    from .celeryconfig import node_queue
+
+    settings = _settings()
+    if not settings.agents:
+        raise CommandError("agents is not true in the configuration, so no run would ask this agent: "
+                           "set agents = true (or IMAGESYNC_AGENTS=true) for the agents and the control worker",
+                           EXIT_CONFIG)
+    logs.check_log_dir(settings.log_dir)
+    node = agent_node(settings, args.name, runtime=args.runtime, endpoint=args.endpoint, namespace=args.namespace,
+                      hosts_dir=args.hosts_dir, image_fs=args.image_fs, platform=args.platform)
+    os.environ.update(environment_for(node))
+    extra = [a for a in args.celery_args if a != "--"]
+    argv = ["-Q", node_queue(node.name), "-c", str(settings.max_parallel), "-n", f"{node.name}@%h"]
+    return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
+
+
 def shared_worker_argv(settings: Settings, nodes: str | None, concurrency: int | None) -> list[str]:
     """Celery worker arguments of one worker for several nodes' queues (every SSH node
     without ``nodes``); ``max_parallel`` per node is then held by node slots in Redis."""
@@ -723,6 +765,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "history": cmd_history,
     "worker": cmd_worker,
+    "agent": cmd_agent,
     "beat": cmd_beat,
     "exporter": cmd_exporter,
     "webhook": cmd_webhook,

@@ -251,7 +251,9 @@ def conditions_for(settings: Settings, redis: Redis | None, limited: bool = Fals
     """The disk guard's conditions: evictions (with what Redis remembers), then room."""
     found: list[Callable[[Plan], None]] = []
     if redis is not None:
-        memory = Memory.load(redis, (node.name for node in settings.nodes))
+        from .agents import known_nodes
+
+        memory = Memory.load(redis, known_nodes(settings, redis))
         found.append(evictions(memory, scope_for(settings, limited)))
     found.append(room(MinFree.parse(settings.min_free), settings.declared_images()))
     return found

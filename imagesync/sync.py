@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from . import backup, logs, room, runtimes, transfer
+from .agents import survey
 from .errors import ImagesyncError
-from .inventory import take_inventory
 from .lock import RunLock
 from .plan import Plan, Route, make_plan
 from .policy import policy_for
@@ -93,7 +93,7 @@ def missed_targets(plan: Plan, configured: Iterable[str], targets: Iterable[str]
 
 def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None) -> Plan:
     """Inventory every node and plan, without changing anything."""
-    inventory = take_inventory(settings)
+    inventory = survey(settings, redis)
     return make_plan(
         inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
         facts=inventory.facts, policy=policy_for(settings, redis), exclude=settings.exclude,
@@ -103,7 +103,7 @@ def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Re
 def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None,
                 redis: Redis | None = None) -> Plan:
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
-    inventory = take_inventory(settings)
+    inventory = survey(settings, redis)
     return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
                      facts=inventory.facts, policy=policy_for(settings, redis, limited=True),
                      exclude=settings.exclude)
@@ -199,7 +199,7 @@ def start_run(
             # keeps reading the per-node counts of the last full run
             nodes=node_counts(plan) if images is None else None,
         )
-        missed = missed_targets(plan, (node.name for node in settings.nodes), targets)
+        missed = missed_targets(plan, [*plan.holdings, *plan.skipped], targets)
         if complete:
             lock.release(run_id)
             write_summary(settings, store, run_id)

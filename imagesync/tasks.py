@@ -16,12 +16,18 @@ import time
 
 from celery.exceptions import Retry as RetryLater
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import after_setup_logger, worker_before_create_process, worker_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    worker_before_create_process,
+    worker_init,
+    worker_ready,
+    worker_shutting_down,
+)
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import backup, keys, logs
+from . import agents, backup, keys, logs
 from .celery import app, refuse, settings
 from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, SYNC_TIME_LIMIT, node_queue, pull_time_limits
 from .errors import ConfigError, one_line
@@ -93,8 +99,7 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
         # tell a long inventory from a missing control worker.
         redis().set(keys.sync_taken(self.request.id), self.request.hostname or "?", ex=SYNC_TIME_LIMIT)
     if nodes:
-        for name in nodes:
-            settings.node(name)
+        agents.check_targets(settings, redis(), nodes)
     claim_from = keys.WEBHOOK_PENDING if images else None
     started = start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes,
                         images=images or None, claim_from=claim_from)
@@ -187,6 +192,35 @@ def backup_push(run_id: str, node: str, image: str, name: str) -> str:
     """Push ``image`` from ``node`` to the backup as ``name`` (upstream no longer has it);
     on the node's queue, so under its max_parallel."""
     return backup.push_from_node(settings, redis(), run_id, settings.node(node), image, name).status
+
+
+@app.task(name="imagesync.inventory", ignore_result=True, soft_time_limit=90, time_limit=100)
+def inventory(request: str, node: str) -> None:
+    """On an agent: list the node's images and learn its facts, for the run that asked (``request``)."""
+    agents.answer(settings, redis(), request, node, keep=settings.agent_inventory_timeout + 60)
+
+
+#: the heartbeat of this worker's node, when it was started by `imagesync agent`
+_heartbeat: agents.Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(**_: object) -> None:
+    global _heartbeat
+    text = os.environ.get(agents.AGENT_VARIABLE)
+    if not text:
+        return
+    node = agents.Node.model_validate_json(text)
+    _heartbeat = agents.Heartbeat(lambda: connect(settings, socket_timeout=10, socket_connect_timeout=5), node,
+                                  settings.agent_heartbeat, settings.agent_forget,
+                                  lambda: agents.examine_self(settings, node))
+    _heartbeat.start()
+
+
+@worker_shutting_down.connect
+def _stop_heartbeat(**_: object) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 #: set in a worker's main process before it forks its pool: whether pulls of

@@ -325,15 +325,19 @@ def _source_failed(source: Node, stream: Stream, left, said: str = "") -> Copied
         status = stream.wait(min(left(), 10))
     except CommandTimedOut:
         status = -1
+    return _ended("export", source, status, runtimes.failure_reason(stream.stderr(), said))
+
+
+def _ended(what: str, node: Node, status: int, reason: str, removed: str = "") -> Copied:
+    """A failed export or import, as its exit ``status`` tells it (retrying may help when it has none)."""
     if status == -1:
-        return Copied(False, f"the export on {source.name} ended without an exit status: "
+        return Copied(False, f"the {what} on {node.name} ended without an exit status: "
                              "the connection dropped or the node killed it", True)
     if status in runtimes.TIMEOUT_EXIT_CODES:
-        return Copied(False, f"the export on {source.name} did not finish within time_out")
+        return Copied(False, f"the {what} on {node.name} did not finish within time_out{removed}")
     if status == runtimes.COMMAND_NOT_FOUND:
-        return Copied(False, f"ctr not found on {source.name}: install containerd's ctr there, or set transfer = false")
-    reason = runtimes.failure_reason(stream.stderr(), said)
-    return Copied(False, f"the export on {source.name} failed (exit {status}): {reason}", status < 0)
+        return Copied(False, f"ctr not found on {node.name}: install containerd's ctr there, or set transfer = false")
+    return Copied(False, f"the {what} on {node.name} failed (exit {status}): {reason}{removed}", status < 0)
 
 
 def _import_ended(target: Node, stream: Stream, left) -> Copied:  # type: ignore[no-untyped-def]
@@ -353,12 +357,4 @@ def _import_ended(target: Node, stream: Stream, left) -> Copied:  # type: ignore
     if status == runtimes.WRONG_DIGEST:
         after = fields[3] if len(fields) > 3 else "?"
         return Copied(False, f"the image arrived on {target.name} as {after}, not as the source's digest{removed}")
-    if status == -1:
-        return Copied(False, f"the import on {target.name} ended without an exit status: "
-                             "the connection dropped or the node killed it", True)
-    if status in runtimes.TIMEOUT_EXIT_CODES:
-        return Copied(False, f"the import on {target.name} did not finish within time_out{removed}")
-    if status == runtimes.COMMAND_NOT_FOUND:
-        return Copied(False, f"ctr not found on {target.name}: install containerd's ctr there, or set transfer = false")
-    reason = runtimes.failure_reason(stream.stderr())
-    return Copied(False, f"the import on {target.name} failed (exit {status}): {reason}{removed}")
+    return _ended("import", target, status, runtimes.failure_reason(stream.stderr()), removed)

@@ -29,10 +29,10 @@ import subprocess
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import paramiko
 from fabric import Config, Connection
@@ -49,6 +49,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .config import Node, Settings, SSHTarget
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -713,20 +715,17 @@ class SSHTransport(Transport):
             + f": {reason}): {advice}",
         )
 
-    def run(self, command: str, timeout: float) -> CommandResult:
+    def _on_connection(self, use: Callable[[paramiko.Transport | None], _T]) -> _T:
+        """``use`` the node's connection. A connection found dead is reopened once;
+        a command that started and lost its connection is not re-run here (the caller decides)."""
         with self._lock:
-            # A connection found dead is reopened once; a command that started
-            # and lost its connection is not re-run here (the caller decides).
             for attempt in (1, 2):
                 connection = self._connect()
                 try:
-                    stdout, stderr, status = _execute(connection.client.get_transport(), command, timeout)
-                    return CommandResult(_text(stdout), _text(stderr), status)
-                except TimeoutError as exc:  # before OSError, of which it is one
+                    return use(connection.client.get_transport())
+                except TimeoutError:  # before OSError, of which it is one: the command's, not the connection's
                     self.close()
-                    raise CommandTimedOut(
-                        self.node, f"command did not finish within {timeout:g} s", timeout
-                    ) from exc
+                    raise
                 except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
                     self.close()
                     if attempt == 2:
@@ -736,25 +735,22 @@ class SSHTransport(Transport):
                         ) from exc
             raise AssertionError("unreachable")
 
+    def run(self, command: str, timeout: float) -> CommandResult:
+        try:
+            stdout, stderr, status = self._on_connection(lambda transport: _execute(transport, command, timeout))
+        except TimeoutError as exc:
+            raise CommandTimedOut(self.node, f"command did not finish within {timeout:g} s", timeout) from exc
+        return CommandResult(_text(stdout), _text(stderr), status)
+
     def open(self, command: str) -> Stream:
-        with self._lock:
-            for attempt in (1, 2):
-                connection = self._connect()
-                try:
-                    transport = connection.client.get_transport()
-                    if transport is None or not transport.is_active():
-                        raise paramiko.SSHException("SSH session not active")
-                    channel = transport.open_session(timeout=self.connect_timeout)
-                    channel.exec_command(command)
-                    return _ChannelStream(self.node, channel)
-                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
-                    self.close()
-                    if attempt == 2:
-                        raise NodeUnreachable(
-                            self.node,
-                            f"SSH connection to {self.node} ({self.address}) dropped: {exc or type(exc).__name__}",
-                        ) from exc
-            raise AssertionError("unreachable")
+        def start(transport: paramiko.Transport | None) -> Stream:
+            if transport is None or not transport.is_active():
+                raise paramiko.SSHException("SSH session not active")
+            channel = transport.open_session(timeout=self.connect_timeout)
+            channel.exec_command(command)
+            return _ChannelStream(self.node, channel)
+
+        return self._on_connection(start)
 
     def close(self) -> None:
         if self._connection is not None:

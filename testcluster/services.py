@@ -28,11 +28,11 @@ class Services:
         self.flower_port: int | None = None
 
     def _start(self, name: str, argv: list[str], ready: str | None, timeout: float = 60.0,
-               wait: bool = True) -> ServerProcess:
+               wait: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
         log_path = self.workdir / f"{name}.log"
         if log_path.exists():
             log_path.rename(log_path.with_suffix(f".{os.getpid()}.{len(self.processes)}.old"))
-        process = ServerProcess(name, argv, log_path, env=self.env)
+        process = ServerProcess(name, argv, log_path, env={**self.env, **(env or {})})
         process.start()
         self.processes[name] = process
         if ready is not None and wait:
@@ -57,6 +57,14 @@ class Services:
         one worker for several nodes' queues, logging to ``NAME.log``."""
         argv = self._imagesync("worker", *worker_args, "--", *QUICK_START)
         return self._start(name, argv, "ready.", wait=wait)
+
+    def start_agent(self, node: str, environment: dict[str, str], *agent_args: str,
+                    wait: bool = True) -> ServerProcess:
+        """``imagesync agent --name NODE AGENT_ARGS``: the node's worker running on the node
+        itself, in the node's ``environment`` (its runtime's socket, its crictl on PATH), as
+        a DaemonSet pod would; logging to ``agent-NODE.log``."""
+        argv = self._imagesync("agent", "--name", node, *agent_args, "--", *QUICK_START)
+        return self._start(f"agent-{node}", argv, "ready.", wait=wait, env=environment)
 
     def start_control(self, *celery_args: str, wait: bool = True) -> ServerProcess:
         argv = self._imagesync("worker", "--control", "--", *QUICK_START, *celery_args)

@@ -234,9 +234,11 @@ def test_peers_first_the_registry_serves_each_blob_once(d):
     d.services.stop_all()
     d.configure(time_out=30, max_parallel=2, retries=0, source="peers-first", images=[ref])
     d.start()
-    d.cluster.proxy.clear()
     plan = d.cli("plan", "--json")
     assert "nodes that hold it (after node-1)" in plan.stdout, plan.stdout
+    # the plan judged the image's platforms once (its manifest and config, kept in Redis):
+    # from here on, only the image's copies are counted
+    d.cluster.proxy.clear()
 
     began = time.monotonic()
     result, run_id = sync(d)

@@ -1,0 +1,454 @@
+"""Agent mode: a worker on every node that announces itself, and the inventory through it.
+
+``imagesync agent`` runs on a node (a DaemonSet pod, or a systemd unit) and is
+the node's worker: it consumes the node's queue (``node.<name>``) and runs the
+runtime's commands on the node itself (the local transport), so no SSH is
+needed. It registers the node in Redis (:class:`Registration`) and sends a
+heartbeat every ``agent_heartbeat`` seconds. With ``agents = true``, the nodes
+of a run are the ``[[nodes]]`` of the configuration (over SSH) and every agent
+heard from within ``agent_lapse`` seconds; an agent not heard from since is
+skipped, with the time it was last seen, and forgotten ``agent_forget``
+seconds after that.
+
+The inventory of agent nodes is a task per node on the node's queue
+(``imagesync.inventory``): each agent runs the very command the SSH path runs
+(:func:`imagesync.inventory.examine_command`) and pushes its output onto one
+Redis list per request; the run reads the list until every agent answered or
+``agent_inventory_timeout`` passed, and parses each answer as the SSH path does
+(:func:`imagesync.inventory.interpret`). A silent node is skipped, never waited for.
+
+Every time here is Redis's (``TIME``), never a host's: the agents' clocks and
+the control worker's need not agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from . import keys
+from .config import Node
+from .config.sources import AGENT_VARIABLE
+from .errors import ConfigError, ImagesyncError, NodeError, one_line
+from .inventory import LIST_TIMEOUT, Inventory, examine, examine_command, interpret, take_inventory
+from .runs import as_text
+from .transport import CommandResult, transport_for
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from .config import Settings
+    from .facts import NodeFacts
+
+log = logging.getLogger("imagesync")
+
+#: SendInventory(node, request, expires): queue one node's inventory task
+SendInventory = Callable[[str, str, float], None]
+
+
+# -- the agent's node --------------------------------------------------------------------------
+
+
+def agent_node(settings: Settings, name: str | None = None, environ: Mapping[str, str] | None = None,
+               **runtime: str | None) -> Node:
+    """The node an agent serves: ``name``, else ``NODE_NAME`` (the Kubernetes downward API),
+    else the host name; its runtime settings (``runtime``, ``endpoint``, ``namespace``,
+    ``hosts_dir``, ``image_fs``, ``platform``) as given, else the ``agent_*`` settings.
+    ConfigError, one line per problem, if that makes no valid node."""
+    environ = os.environ if environ is None else environ
+    chosen = name or environ.get("NODE_NAME") or socket.gethostname()
+    given = {key: value for key, value in runtime.items() if value is not None}
+    fields = {
+        "name": chosen, "transport": "local", "runtime": settings.agent_runtime,
+        "endpoint": settings.agent_endpoint, "namespace": settings.agent_namespace,
+        "hosts_dir": settings.agent_hosts_dir, "image_fs": settings.agent_image_fs, **given,
+    }
+    try:
+        node = Node.model_validate({key: value for key, value in fields.items() if value is not None})
+    except ValidationError as exc:
+        from .config.problems import _explain
+
+        raise ConfigError([f"agent node {_explain(error, {})}" for error in exc.errors(include_url=False)]) from None
+    if any(configured.name == node.name for configured in settings.nodes):
+        raise ConfigError([f"agent node name {node.name!r} is a node of the configuration ([[nodes]]) too: "
+                           "give the agent another name (--name, NODE_NAME), or remove that node from the file"])
+    return node
+
+
+def serving(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+    """``settings`` with the node of the agent this process works for (``imagesync agent``
+    passes it in the environment), so that its tasks find it like a configured node."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(AGENT_VARIABLE)
+    if not text:
+        return settings
+    node = Node.model_validate_json(text)
+    others = [other for other in settings.nodes if other.name != node.name]
+    return settings.model_copy(update={"nodes": [*others, node]})
+
+
+def environment_for(node: Node) -> dict[str, str]:
+    """What ``imagesync agent`` puts in its worker's environment (see :func:`serving`)."""
+    return {AGENT_VARIABLE: node.model_dump_json(exclude_defaults=True)}
+
+
+# -- registration and heartbeat ------------------------------------------------------------------
+
+
+def server_time(redis: Redis) -> float:
+    seconds, micros = redis.time()
+    return seconds + micros / 1e6
+
+
+@dataclass
+class Registration:
+    """What an agent said of its node, and when it was last heard from (Redis time)."""
+
+    name: str
+    node: Node
+    last_seen: float
+    host: str = ""
+    platform: str | None = None
+    runtime: str = ""
+    containerd: str | None = None
+    images: int | None = None
+    started: float | None = None
+
+    @classmethod
+    def from_hash(cls, name: str, data: Mapping[bytes, bytes], score: float) -> Registration | None:
+        text = {key.decode(): value.decode(errors="replace") for key, value in data.items()}
+        try:
+            node = Node.model_validate_json(text["node"])
+        except (KeyError, ValidationError):
+            return None
+        return cls(name=name, node=node, last_seen=score, host=text.get("host", ""),
+                   platform=text.get("platform") or None, runtime=text.get("runtime", node.runtime),
+                   containerd=text.get("containerd") or None,
+                   images=int(text["images"]) if text.get("images", "").isdigit() else None,
+                   started=float(text["started"]) if text.get("started") else None)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "host": self.host, "platform": self.platform, "runtime": self.runtime,
+                "containerd": self.containerd, "images": self.images, "last_seen": self.last_seen,
+                "started": self.started}
+
+
+def describe_facts(facts: NodeFacts, images: int) -> dict[Any, Any]:
+    return {"platform": facts.platform or "", "containerd": facts.containerd or "", "images": str(images)}
+
+
+def register(redis: Redis, node: Node, facts: NodeFacts | None, images: int | None, forget: int) -> float:
+    """Announce ``node``: its settings, platform, runtime and version, image count; a first heartbeat."""
+    now = server_time(redis)
+    record: dict[Any, Any] = {
+        "name": node.name, "node": node.model_dump_json(exclude_defaults=True), "host": socket.gethostname(),
+        "runtime": node.runtime, "started": repr(now), "last_seen": repr(now)}
+    if facts is not None and images is not None:
+        record |= describe_facts(facts, images)
+    with redis.pipeline() as pipe:
+        pipe.delete(keys.agent(node.name))
+        pipe.hset(keys.agent(node.name), mapping=record)
+        pipe.expire(keys.agent(node.name), forget)
+        pipe.zadd(keys.AGENTS, {node.name: now})
+        pipe.execute()
+    return now
+
+
+def heartbeat(redis: Redis, name: str, forget: int) -> float:
+    now = server_time(redis)
+    with redis.pipeline() as pipe:
+        pipe.zadd(keys.AGENTS, {name: now})
+        pipe.hset(keys.agent(name), "last_seen", repr(now))
+        pipe.expire(keys.agent(name), forget)
+        pipe.execute()
+    return now
+
+
+class Heartbeat:
+    """A thread of the agent's worker (its main process) that keeps the node registered."""
+
+    def __init__(self, connect: Callable[[], Redis], node: Node, interval: float, forget: int,
+                 examine_node: Callable[[], tuple[NodeFacts, int]]) -> None:
+        self.connect, self.node, self.interval, self.forget = connect, node, interval, forget
+        self.examine_node = examine_node
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat {node.name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _beat(self) -> None:
+        registered = False
+        while not self.stopped.is_set():
+            try:
+                redis = self.connect()
+                if not registered:
+                    facts, images = self._facts()
+                    register(redis, self.node, facts, images, self.forget)
+                    log.info("agent %s registered (%s, %s)", self.node.name, self.node.runtime,
+                             f"{images} images" if images is not None else "images unknown")
+                    registered = True
+                elif not redis.exists(keys.agent(self.node.name)):
+                    registered = False  # forgotten (or Redis lost it): announce the node again
+                    continue
+                else:
+                    heartbeat(redis, self.node.name, self.forget)
+            except Exception as exc:  # Redis down: the node lapses, and the next beat tries again
+                log.warning("agent %s: heartbeat failed: %s", self.node.name, one_line(str(exc)))
+            self.stopped.wait(self.interval)
+
+    def _facts(self) -> tuple[NodeFacts | None, int | None]:
+        try:
+            return self.examine_node()
+        except NodeError as exc:
+            log.warning("agent %s: cannot list the node's images yet: %s", self.node.name, exc.message)
+            return None, None
+
+
+def examine_self(settings: Settings, node: Node) -> tuple[NodeFacts, int]:
+    images, facts = examine(settings, node)
+    return facts, len(images)
+
+
+# -- the fleet ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """The agents alive, and the nodes whose agent lapsed (name -> why)."""
+
+    alive: list[Registration] = field(default_factory=list)
+    lapsed: dict[str, str] = field(default_factory=dict)
+    lapsed_since: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [agent.name for agent in self.alive]
+
+
+def registrations(redis: Redis) -> list[tuple[Registration, float]]:
+    """Every agent registered and not forgotten, with the Redis time now; forgotten ones are dropped."""
+    members: list[tuple[bytes, float]] = list(redis.zrange(keys.AGENTS, 0, -1, withscores=True))  # type: ignore[arg-type]
+    with redis.pipeline(transaction=False) as pipe:
+        for name, _ in members:
+            pipe.hgetall(keys.agent(as_text(name)))
+        records = pipe.execute()
+    found, gone = [], []
+    for (name, score), data in zip(members, records, strict=True):
+        registration = Registration.from_hash(as_text(name), data, float(score)) if data else None
+        if registration is None:
+            gone.append(name)
+        else:
+            found.append(registration)
+    if gone:
+        redis.zrem(keys.AGENTS, *gone)
+    now = server_time(redis)
+    return [(registration, now) for registration in found]
+
+
+def registered_names(redis: Redis) -> list[str]:
+    return [as_text(name) for name in redis.zrange(keys.AGENTS, 0, -1)]  # type: ignore[union-attr]
+
+
+def seen_at(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def fleet(settings: Settings, redis: Redis) -> Fleet:
+    """The registered agents: alive (heard from within ``agent_lapse``) or lapsed, with the reason."""
+    found = Fleet()
+    configured = {node.name for node in settings.nodes}
+    for registration, now in registrations(redis):
+        if registration.name in configured:
+            log.warning("agent %s ignored: a node of the configuration has that name", registration.name)
+            continue
+        ago = now - registration.last_seen
+        if ago <= settings.agent_lapse:
+            found.alive.append(registration)
+        else:
+            found.lapsed[registration.name] = (
+                f"its agent's heartbeat lapsed: last seen {seen_at(registration.last_seen)} ({ago:.0f} s ago); "
+                "check the imagesync agent on that node")
+            found.lapsed_since[registration.name] = registration.last_seen
+    return found
+
+
+def known_nodes(settings: Settings, redis: Redis | None) -> list[str]:
+    """Every node name a run may target: the configured ones, and the registered agents."""
+    names = [node.name for node in settings.nodes]
+    if settings.agents and redis is not None:
+        names += [name for name in registered_names(redis) if name not in names]
+    return names
+
+
+def check_targets(settings: Settings, redis: Redis | None, targets: Iterable[str]) -> None:
+    """ConfigError unless every name of ``targets`` is a configured node or a registered agent."""
+    if not settings.agents:
+        for name in targets:
+            settings.node(name)
+        return
+    known = known_nodes(settings, redis)
+    for name in targets:
+        if name not in known:
+            raise ConfigError([f"no node named {name!r}: neither in the configuration nor a registered agent; "
+                               f"known nodes: {', '.join(known) or '(none)'}"])
+
+
+# -- the inventory through the agents -----------------------------------------------------------
+
+
+def send_inventory(node: str, request: str, expires: float) -> None:
+    """Queue ``imagesync.inventory`` on ``node``'s queue; it is worth running for ``expires`` s."""
+    from .celery import app
+    from .celeryconfig import node_queue
+
+    app.send_task("imagesync.inventory", args=(request, node), queue=node_queue(node), expires=expires)
+
+
+def answer(settings: Settings, redis: Redis, request: str, name: str, keep: float) -> dict:
+    """On the agent: run the inventory command on the node, push the output for ``request``,
+    and refresh the node's registration with what it found."""
+    node = settings.node(name)
+    payload: dict = {"node": name}
+    try:
+        result = transport_for(settings, node).run(examine_command(node), timeout=LIST_TIMEOUT)
+        payload |= {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr}
+    except NodeError as exc:
+        payload["error"] = exc.message
+    key = keys.inventory_answers(request)
+    with redis.pipeline() as pipe:
+        pipe.rpush(key, json.dumps(payload))
+        pipe.expire(key, int(keep) + 1)
+        pipe.execute()
+    if "error" not in payload:
+        try:
+            images, facts = interpret(node, CommandResult(payload["stdout"], payload["stderr"], payload["exit_code"]))
+            redis.hset(keys.agent(name), mapping=describe_facts(facts, len(images)))
+        except NodeError:
+            pass
+    return payload
+
+
+def ask(settings: Settings, redis: Redis, agents: Iterable[Registration],
+        send: SendInventory = send_inventory, poll: float = 1.0) -> Inventory:
+    """The inventory of ``agents``' nodes: one task each on the node's queue, the answers
+    read until all are in or ``agent_inventory_timeout`` passed; a silent node is an error."""
+    agents = list(agents)
+    inventory = Inventory()
+    if not agents:
+        return inventory
+    timeout = settings.agent_inventory_timeout
+    request = uuid.uuid4().hex
+    key = keys.inventory_answers(request)
+    pending = {agent.name: agent for agent in agents}
+    for agent in agents:
+        send(agent.name, request, timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            popped = redis.blpop([key], timeout=min(poll, left))
+            if popped is None:
+                continue
+            found = json.loads(popped[1])
+            agent = pending.pop(str(found.get("node")), None)  # type: ignore[arg-type]
+            if agent is not None:
+                _take(inventory, agent, found)
+    finally:
+        redis.delete(key)
+    for name in pending:
+        inventory.errors[name] = NodeError(name, f"its agent did not answer within {timeout:g} s "
+                                                 "(agent_inventory_timeout): busy or stuck; skipped in this run")
+    return inventory
+
+
+def _take(inventory: Inventory, agent: Registration, found: Mapping) -> None:
+    name = agent.name
+    if "error" in found:
+        inventory.errors[name] = NodeError(name, str(found["error"]))
+        return
+    try:
+        result = CommandResult(str(found["stdout"]), str(found["stderr"]), int(found["exit_code"]))
+        inventory.images[name], inventory.facts[name] = interpret(agent.node, result, via_agent=True)
+    except NodeError as exc:
+        inventory.errors[name] = exc
+    except (KeyError, TypeError, ValueError) as exc:
+        inventory.errors[name] = NodeError(name, f"its agent's answer cannot be read ({one_line(str(exc))}): "
+                                                 "run the same imagesync version on every node")
+
+
+class NoAgentsKnown(ImagesyncError):
+    """agents = true, but Redis cannot be asked which agents are alive."""
+
+
+def survey(settings: Settings, redis: Redis | None) -> Inventory:
+    """Every node's inventory: over SSH for the configured nodes; with ``agents = true``, through
+    the agents for the registered ones (both at once), a lapsed agent's node being skipped."""
+    if not settings.agents:
+        return take_inventory(settings)
+    if redis is None:
+        raise NoAgentsKnown("agents = true, but Redis does not answer: the agents alive are not known; "
+                            "start redis-server or fix redis_url")
+    known = fleet(settings, redis)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        over_ssh = pool.submit(take_inventory, settings) if settings.nodes else None
+        inventory = ask(settings, redis, known.alive)
+        if over_ssh is not None:
+            ssh = over_ssh.result()
+            inventory.images |= ssh.images
+            inventory.facts |= ssh.facts
+            inventory.errors |= ssh.errors
+    for name, reason in known.lapsed.items():
+        inventory.errors[name] = NodeError(name, reason)
+    return inventory
+
+
+def kinds(settings: Settings, redis: Redis | None) -> dict[str, str]:
+    """node -> "ssh", "local" or "agent", for ``check`` and ``status``."""
+    found: dict[str, str] = {node.name: node.transport for node in settings.nodes}
+    if settings.agents and redis is not None:
+        for name in registered_names(redis):
+            found.setdefault(name, "agent")
+    return found
+
+
+def check_rows(settings: Settings, redis: Redis) -> list[tuple[dict[str, str], bool]]:
+    """``imagesync check``'s rows for the registered agents: what each said of its node,
+    and when it was last heard from; a lapsed agent fails the check."""
+    rows = []
+    known = fleet(settings, redis)
+    alive = {agent.name for agent in known.alive}
+    for registration, now in registrations(redis):
+        if registration.name not in alive and registration.name not in known.lapsed:
+            continue  # a configured node's name: fleet() said so
+        ok = registration.name in alive
+        detail = (f"heartbeat {now - registration.last_seen:.0f} s ago" if ok
+                  else known.lapsed[registration.name])
+        version = f" (containerd {registration.containerd})" if registration.containerd else ""
+        rows.append(({"node": registration.name, "via": "agent", "address": f"agent on {registration.host or '?'}",
+                      "ssh": "-", "runtime": f"{registration.runtime}{version}",
+                      "images": "?" if registration.images is None else str(registration.images),
+                      "platform": registration.platform or "unknown", "image fs": registration.node.image_fs,
+                      "detail": detail}, ok))
+    if not rows:
+        rows.append(({"node": "(agents)", "via": "agent", "address": "-", "ssh": "-", "runtime": "-", "images": "-",
+                      "platform": "-", "image fs": "-",
+                      "detail": "no agent has registered: start 'imagesync agent' on the nodes "
+                                "(deploy/kubernetes runs one per node)"}, False))
+    return rows
