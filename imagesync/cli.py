@@ -335,7 +335,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         results += check_rows(settings, _redis(settings))
     table = Table()
-    columns = ("node", "via", "address", "ssh", "runtime", "images", "platform", "image fs", "detail")
+    # how each node is reached, beside the nodes' names when agents are among them
+    columns = ("node", *(("via",) if settings.agents else ()), "address", "ssh", "runtime", "images", "platform",
+               "image fs", "detail")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row, ok in results:

@@ -224,6 +224,8 @@ class Cluster:
                 "user": node.ssh_user,
                 "key_file": str(node.key_file),
                 "runtime": runtime,
+                # each node's containerd root, as an operator with a non-default root sets it
+                "image_fs": str(node.workdir / "containerd" / "root"),
             }, nodes_extra.get(node.name, {})))
         return config
 

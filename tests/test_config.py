@@ -166,6 +166,16 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         transfer = false
         min_free = "50GiB"
         exclude = ["bcm11/scratch", "*/ci-*"]
+        agents = true
+        agent_heartbeat = 2.5
+        agent_lapse = 8
+        agent_inventory_timeout = 12
+        agent_forget = 3600
+        agent_runtime = "ctr"
+        agent_endpoint = "unix:///run/k3s/containerd/containerd.sock"
+        agent_namespace = "k8s.io"
+        agent_hosts_dir = "/etc/containerd/certs.d"
+        agent_image_fs = "/var/lib/rancher"
         [backup]
         registry = "harbor.local:8443/backup"
         username = "robot$backup"
@@ -225,6 +235,11 @@ def test_every_key_can_be_set_in_toml(tmp_path):
                                              password_file=key, images=["nvcr.io/nvidia"], insecure=True,
                                              insecure_sources=["registry.local:5000"])
     assert settings.min_free == "50GiB"
+    assert (settings.agents, settings.agent_heartbeat, settings.agent_lapse, settings.agent_inventory_timeout,
+            settings.agent_forget) == (True, 2.5, 8.0, 12.0, 3600)
+    assert (settings.agent_runtime, settings.agent_endpoint, settings.agent_namespace, settings.agent_hosts_dir,
+            settings.agent_image_fs) == ("ctr", "unix:///run/k3s/containerd/containerd.sock", "k8s.io",
+                                         "/etc/containerd/certs.d", "/var/lib/rancher")
     assert settings.redis_master_name == "mymaster"
     assert (settings.exporter_address, settings.exporter_port) == ("::1", 9100)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("::1", 9101, key)
@@ -311,7 +326,8 @@ def test_legacy_duplicate_and_missing_nodes(tmp_path):
         "NODE2: 'a' is the name of another node too: give each node its own name"
     ]
     assert problems(tmp_path, 'NODE1=""\nPREFIX1=x\n', "image-sync.conf") == [
-        "NODE1: no nodes are configured: list at least one worker node"
+        "NODE1: no nodes are configured: list at least one worker node, "
+        "or set agents = true for nodes that run imagesync agent"
     ]
     assert problems(tmp_path, "NODE1=a\n", "image-sync.conf") == [
         "PREFIX1: no prefixes and no images are configured: list at least one prefix or image to keep in sync"
@@ -438,11 +454,15 @@ def test_the_shape_of_the_document(tmp_path):
         "nodes: 'a' is not a list of nodes: write each node as a [[nodes]] table",
         f'unknown key "odd key": remove it (the keys here are {known})',
     ]
-    assert problems(tmp_path, 'prefixes = ["x"]\n') == [
-        "nodes: no nodes are configured: list at least one worker node in a [[nodes]] table"
-    ]
-    assert problems(tmp_path, 'prefixes = ["x"]\nnodes = []\n') == [
-        "nodes: no nodes are configured: list at least one worker node"
+    none = "nodes: no nodes are configured: list at least one worker node, or set agents = true for nodes that run " \
+        "imagesync agent"
+    assert problems(tmp_path, 'prefixes = ["x"]\n') == [none]
+    assert problems(tmp_path, 'prefixes = ["x"]\nnodes = []\n') == [none]
+    # agent mode: the nodes are the agents alive in Redis; the lapse must outlast a heartbeat
+    assert load(tmp_path, 'prefixes = ["x"]\nagents = true\n').nodes == []
+    assert problems(tmp_path, 'prefixes = ["x"]\nagents = true\nagent_heartbeat = 10\nagent_lapse = 5\n') == [
+        "agent_lapse: 5 s is not longer than agent_heartbeat (10 s): give an agent at least two heartbeats, "
+        "such as 3 x agent_heartbeat"
     ]
 
 
@@ -585,6 +605,17 @@ def test_every_override(tmp_path):
         "IMAGESYNC_BACKUP_IMAGES": "bcm11",
         "IMAGESYNC_BACKUP_INSECURE": "true",
         "IMAGESYNC_BACKUP_INSECURE_SOURCES": "registry.local:5000",
+        "IMAGESYNC_AGENTS": "true",
+        "IMAGESYNC_AGENT_HEARTBEAT": "3",
+        "IMAGESYNC_AGENT_LAPSE": "9.5",
+        "IMAGESYNC_AGENT_INVENTORY_TIMEOUT": "20",
+        "IMAGESYNC_AGENT_FORGET": "600",
+        "IMAGESYNC_AGENT_RUNTIME": "ctr",
+        "IMAGESYNC_AGENT_ENDPOINT": "/run/containerd/containerd.sock",
+        "IMAGESYNC_AGENT_NAMESPACE": "moby",
+        "IMAGESYNC_AGENT_HOSTS_DIR": "/etc/containerd/certs.d",
+        "IMAGESYNC_AGENT_IMAGE_FS": "/srv/containerd",
+        "IMAGESYNC_AGENT_NODE": '{"name": "not a setting: ignored"}',  # what `imagesync agent` hands its worker
         "PATH": "/usr/bin",  # not ours: ignored
     }
     settings = load(tmp_path, MINIMAL + "[ssh]\nuser = 'root'\n", **environ)
@@ -615,6 +646,11 @@ def test_every_override(tmp_path):
     assert settings.exclude == ["bcm11/scratch", "*/ci-*"]
     assert settings.backup == BackupSettings(registry="harbor.local/backup", username="robot", password_file=key,
                                              images=["bcm11"], insecure=True, insecure_sources=["registry.local:5000"])
+    assert (settings.agents, settings.agent_heartbeat, settings.agent_lapse, settings.agent_inventory_timeout,
+            settings.agent_forget) == (True, 3.0, 9.5, 20.0, 600)
+    assert (settings.agent_runtime, settings.agent_endpoint, settings.agent_namespace, settings.agent_hosts_dir,
+            settings.agent_image_fs) == ("ctr", "/run/containerd/containerd.sock", "moby",
+                                         "/etc/containerd/certs.d", "/srv/containerd")
     for variable, key_path in ENVIRONMENT.items():
         # one or the other: set below
         if variable not in ("IMAGESYNC_WEBHOOK_SECRET", "IMAGESYNC_BACKUP_PASSWORD"):

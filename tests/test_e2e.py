@@ -219,7 +219,7 @@ def test_check_reports_ssh_and_runtime_per_node(deploy):
     d.configure()
     d.cluster.node("node-2").regenerate_host_key()
     d.cluster.node("node-3").stop_sshd()
-    result = d.cli("check")
+    result = d.cli("check", env={"COLUMNS": "400"})  # one line per node
     assert result.returncode == 1
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
     assert "ok" in rows["node-1"] and "crictl ok" in rows["node-1"]
@@ -294,8 +294,9 @@ def test_a_registry_that_demands_a_login_gets_the_configured_one_and_nothing_sho
     d.cluster.seed({"node-1": ["bcm11/private:1"], "node-2": []})
     image = d.cluster.ref("bcm11/private:1")
     registry = d.cluster.registry_address
-    # first without the login: the registry's refusal is permanent, not retried
-    d.configure(runtime=runtime)
+    # first without the login: the registry's refusal is permanent, not retried (nor
+    # copied from node-1, which holds it: this is about the registry's answer)
+    d.configure(runtime=runtime, transfer=False)
     d.start()
     refused = d.cli("sync", "--wait")
     assert refused.returncode == 1

@@ -314,8 +314,8 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _some_nodes(self) -> Settings:
         if not self.nodes and not self.agents:
-            raise _invalid("no nodes are configured: list at least one worker node in a [[nodes]] table, "
-                           "or set agents = true", at=("nodes",))
+            raise _invalid("no nodes are configured: list at least one worker node, "
+                           "or set agents = true for nodes that run imagesync agent", at=("nodes",))
         if self.agent_lapse <= self.agent_heartbeat:
             raise _invalid(f"{self.agent_lapse:g} s is not longer than agent_heartbeat ({self.agent_heartbeat:g} s): "
                            "give an agent at least two heartbeats, such as 3 x agent_heartbeat", at=("agent_lapse",))

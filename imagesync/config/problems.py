@@ -30,8 +30,6 @@ def _explain(error: ErrorDetails, labels: Mapping[Location, str]) -> str:
     kind, value = error["type"], error.get("input")
     if kind == "imagesync":
         return f"{where}: {context['problem']}"
-    if kind == "missing" and location == ("nodes",):
-        return f"{where}: no nodes are configured: list at least one worker node in a [[nodes]] table"
     if kind == "missing" and location[-1] == "name":
         return f"{where} is missing: give every node a name (it becomes the node's Celery queue)"
     if kind == "missing":
