@@ -489,8 +489,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from .agents import check_targets
 
     settings = _settings()
-    redis = _redis(settings)
+    # a node name is checked first: against the configuration alone, unless agents
+    # announce nodes, which only Redis knows
+    redis = _redis(settings) if settings.agents else None
     check_targets(settings, redis, args.node or ())
+    redis = redis or _redis(settings)
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from . import keys

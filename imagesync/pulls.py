@@ -61,7 +61,7 @@ def needs_check(retries: int, redelivered: bool, run_started: float | None, now:
 
 
 #: seconds of the budget below which no further source is tried
-MIN_SECONDS = 5
+MIN_SECONDS = 1
 #: what a runtime says when an image has nothing for the node's platform
 NO_PLATFORM = re.compile(r"no match for platform", re.IGNORECASE)
 
@@ -94,6 +94,18 @@ class Attempt:
 
 #: a source: (outcome, whether a retry may help)
 Fetch = Callable[[Attempt], tuple[Outcome, bool]]
+#: the node's own trouble, whatever the source: a runtime that does not answer its
+#: own socket (containerd stopped or restarting), a full disk
+NODE_SIDE = re.compile(r"code = unavailable|no space left on device", re.IGNORECASE)
+
+
+class NodeFailed(Exception):
+    """A source failed because the node itself did: unreachable, no runtime, its runtime
+    down, the connection dropped. No other source can do better: the route ends there."""
+
+    def __init__(self, outcome: Outcome, transient: bool) -> None:
+        super().__init__(outcome.reason)
+        self.outcome, self.transient = outcome, transient
 
 
 def fetcher(source: str) -> Fetch:
@@ -116,9 +128,10 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
     whether retrying the task may help.
 
     A source that fails hands over to the next one if the failure is for good,
-    or if it might pass later but this is the task's last attempt. Timed out
-    and "not applicable" end the route: the budget is spent, or no source can
-    give the node an image that has nothing for its platform.
+    or if it might pass later but this is the task's last attempt. Timed out,
+    "not applicable" and a failure of the node itself (:class:`NodeFailed`) end
+    the route: the budget is spent, no source can give the node an image that
+    has nothing for its platform, or none can reach a node that is down.
     """
     tried: list[str] = []  # what each source that handed over answered
     outcome, transient = attempt.outcome(FAILED, "no source to try"), False
@@ -127,7 +140,11 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
             budget = f"time_out ({attempt.settings.time_out} s) spent before {source} could be tried"
             outcome, transient = attempt.outcome(TIMED_OUT, budget), False
             break
-        outcome, transient = fetcher(source)(attempt)
+        try:
+            outcome, transient = fetcher(source)(attempt)
+        except NodeFailed as exc:
+            outcome, transient = exc.outcome, exc.transient
+            break
         if outcome.status != FAILED or (transient and not attempt.last):
             break
         tried.append(f"{source}: {outcome.reason}")
@@ -143,11 +160,15 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
 
 def pull_image(settings: Settings, node: Node, image: str, check: bool = True) -> tuple[Outcome, bool]:
     """Pull ``image`` onto ``node`` from its registry; see :func:`from_registry`."""
-    return from_registry(Attempt(settings, node, image, check=check))
+    try:
+        return from_registry(Attempt(settings, node, image, check=check))
+    except NodeFailed as exc:
+        return exc.outcome, exc.transient
 
 
 def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
     """Pull the image from its registry; returns the outcome and whether a retry may help.
+    Raises :class:`NodeFailed` when the node, not the registry, is what failed.
 
     With ``check``, a node that already holds the image is reported "present"
     and nothing is pulled; without it, such a pull reports "pulled" (neither
@@ -182,7 +203,7 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
     except CommandTimedOut as exc:
         return outcome(TIMED_OUT, exc.message), False
     except NodeError as exc:
-        return outcome(FAILED, exc.message), exc.transient
+        raise NodeFailed(outcome(FAILED, exc.message), exc.transient) from exc
     if runtimes.found_present(result):
         return outcome(PRESENT), False
     if result.ok:
@@ -191,14 +212,16 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
         reason = f"pull did not finish within time_out ({settings.time_out} s); stopped on the node"
         return outcome(TIMED_OUT, reason), False
     if result.exit_code == runtimes.COMMAND_NOT_FOUND:
-        return outcome(FAILED, runtime_missing(node.name, runtime.name).message), False
+        raise NodeFailed(outcome(FAILED, runtime_missing(node.name, runtime.name).message), False)
     if result.exit_code < 0:
         # No exit status: over SSH (-1) the connection dropped under the pull or
         # the pull died of a signal; locally, -N is death by signal N. The
         # runtime said nothing, so only another attempt can tell more.
         reason = f"the pull on {node.name} ended without an exit status: the connection dropped or the node killed it"
-        return outcome(FAILED, reason), True
+        raise NodeFailed(outcome(FAILED, reason), True)
     reason = runtimes.failure_reason(result.stderr, result.stdout)
+    if NODE_SIDE.search(reason):
+        raise NodeFailed(outcome(FAILED, reason), runtimes.is_transient(reason))
     if NO_PLATFORM.search(reason):
         _keep_platform_verdict(attempt, reason)
         return outcome(NOT_APPLICABLE, reason), False

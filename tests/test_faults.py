@@ -469,7 +469,8 @@ def take_down(node):
 def test_a_registry_that_is_down_fails_pulls_fast_and_one_that_hangs_ends_them_at_time_out(deploy):
     d = deploy(nodes=2)
     d.cluster.seed({"node-1": ["bcm11/a:1", "bcm11/b:1"], "node-2": []})
-    d.configure(time_out=5, max_parallel=2, retries=2)
+    # the registry's own failures first: no copying from node-1, which holds both
+    d.configure(time_out=5, max_parallel=2, retries=2, transfer=False)
     d.start()
     node = d.cluster.node("node-2")
 
@@ -501,6 +502,21 @@ def test_a_registry_that_is_down_fails_pulls_fast_and_one_that_hangs_ends_them_a
     assert node.processes(r"\btimeout\b") == []
     assert d.held("node-2") == {}
 
+    # with transfer (the default), a registry still down after the retries hands over to node-1
+    d.cluster.proxy.passthrough()
+    d.cluster.registry.stop()
+    d.services.stop_all()
+    d.configure(time_out=20, max_parallel=2, retries=1, runtime="ctr")
+    d.start()
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = d.history(started_run(result))
+    assert run["counts"] == {"copied": 2}, run
+    for outcome in run["results"]:
+        assert outcome["attempts"] == 2 and outcome["source"] == "node-1", outcome
+        assert outcome["reason"].startswith("registry: ") and "502 Bad Gateway" in outcome["reason"], outcome
+    assert set(d.held("node-2")) == {d.cluster.ref("bcm11/a:1"), d.cluster.ref("bcm11/b:1")}
+
 
 # == 6. transient failures are retried with backoff, permanent ones are not ====================
 
@@ -509,7 +525,8 @@ def test_transient_registry_errors_are_retried_with_backoff_and_permanent_ones_a
     d = deploy(nodes=2)
     d.cluster.seed({"node-1": ["bcm11/flaky:1", "bcm11/gone:1"], "node-2": []})
     d.cluster.registry.delete_image("bcm11/gone", "1")
-    d.configure(time_out=10, max_parallel=2, retries=3)
+    # the registry's answers, not a copy from node-1, are what this is about
+    d.configure(time_out=10, max_parallel=2, retries=3, transfer=False)
     d.start()
     node = d.cluster.node("node-2")
     flaky = d.cluster.ref("bcm11/flaky:1")
@@ -986,7 +1003,8 @@ def test_a_node_whose_disk_is_full_fails_the_pull_with_the_runtimes_reason(deplo
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "imagesync-full-disk", str(root)], check=True)
     try:
         full.start_containerd()
-        d.configure(time_out=20, max_parallel=1)
+        # a disk the room check cannot see (its image_fs names no filesystem): the runtime finds it full
+        d.configure(time_out=20, max_parallel=1, nodes_extra={"node-2": {"image_fs": "/nonexistent"}})
         d.start()
         result = d.cli("sync", "--wait")
         assert result.returncode == 1

@@ -222,6 +222,21 @@ def test_every_source_failing_says_what_each_answered(sources, make_settings):
     assert (outcome.status, outcome.reason) == (FAILED, "registry: not found; backup: not in the backup")
 
 
+def test_a_node_that_failed_itself_ends_the_route(monkeypatch, make_settings):
+    asked = []
+
+    def fetcher(source):
+        def fetch(attempt):
+            asked.append(source)
+            raise pulls.NodeFailed(attempt.outcome(FAILED, "Cannot connect to b via SSH"), True)
+        return fetch
+
+    monkeypatch.setattr(pulls, "fetcher", fetcher)
+    outcome, transient = pulls.get_image(attempt(make_settings, Route((REGISTRY, PEERS), ("a",))))
+    assert (outcome.status, outcome.reason, transient, asked) == (FAILED, "Cannot connect to b via SSH", True,
+                                                                 [REGISTRY])
+
+
 @pytest.mark.parametrize("status", [PULLED, TIMED_OUT, NA_OUTCOME])
 def test_success_timeout_and_not_applicable_end_the_route(sources, make_settings, status):
     answers, asked = sources
