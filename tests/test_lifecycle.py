@@ -195,7 +195,8 @@ def test_a_registry_that_refuses_connections_fails_pulls_fast_after_the_retries(
         refs.append(f"{registry.address}/{repo}:1")
     for ref in refs:
         d.cluster.node("node-1").pull(ref)
-    d.configure(prefixes=[f"{registry.address}/bcm11"], time_out=45, max_parallel=2, retries=2)
+    # the registry's failure itself: no copy from node-1 (tests/test_faults.py has that)
+    d.configure(prefixes=[f"{registry.address}/bcm11"], time_out=45, max_parallel=2, retries=2, transfer=False)
     d.start()
     registry.stop()
     d.cluster.proxy.clear()
@@ -476,7 +477,7 @@ def test_concurrent_triggers_never_make_two_runs_overlap(deploy, tmp_path):
 
 _PULL_LINE = re.compile(
     r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d run=\S+ node=\S+ image=\S+ status=\S+ duration=[\d.]+s attempts=\d+'
-    r'( reason=".*")?$')
+    r'( source=\S+)?( reason=".*")?$')
 
 
 def test_pull_log_lines_have_the_documented_shape_and_the_run_one_summary(deploy):
@@ -484,7 +485,7 @@ def test_pull_log_lines_have_the_documented_shape_and_the_run_one_summary(deploy
     d.cluster.seed({"node-1": ["bcm11/kept:1", "bcm11/gone:1"], "node-2": []})
     d.cluster.registry.delete_image("bcm11/gone", "1")
     kept, gone = d.cluster.ref("bcm11/kept:1"), d.cluster.ref("bcm11/gone:1")
-    d.configure()
+    d.configure(transfer=False)  # a failed line: no copy of the lost image from node-1
     d.start()
     result = d.cli("sync", "--wait")
     assert result.returncode == 1, result.stdout + result.stderr
