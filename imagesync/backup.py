@@ -230,7 +230,7 @@ class Skopeo:
                                           f"docker://{reference}"])
         if code == 0:
             return HELD, "sha256:" + hashlib.sha256(stdout).hexdigest()
-        reason = one_line(stderr)
+        reason = skopeo_reason(stderr)
         return (MISSING if _NOT_THERE.search(reason) else UNKNOWN), reason
 
     def copy(self, source: str, target: str) -> tuple[bool, str]:
@@ -241,10 +241,10 @@ class Skopeo:
                                      *self._tls(src_host, "--src-tls-verify"),
                                      *self._tls(dst_host, "--dest-tls-verify"),
                                      *auth, f"docker://{source}", f"docker://{target}"])
-        return code == 0, one_line(stderr)
+        return code == 0, skopeo_reason(stderr)
 
 
-def one_line(stderr: str) -> str:
+def skopeo_reason(stderr: str) -> str:
     """skopeo's reason, without its log prefix."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     text = lines[-1] if lines else "no output"

@@ -37,7 +37,13 @@ PLATFORM = re.compile(r"[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?")
 
 
 def probes(node: Node) -> dict[str, str]:
-    """KEY -> a shell command whose first line of output is the fact's value."""
+    """KEY -> a shell command whose first line of output is the fact's value.
+
+    None may hold up the inventory: ``ctr version`` waits for a containerd that
+    does not answer (a socket elsewhere than it looks), so it gets 3 s at most,
+    and the node's own endpoint when one is set.
+    """
+    address = f" --address {shlex.quote(node.endpoint.removeprefix('unix://'))}" if node.endpoint else ""
     return {
         "machine": "uname -m",
         # transfer and backup pushes need containerd's own client on the node
@@ -45,7 +51,8 @@ def probes(node: Node) -> dict[str, str]:
         # the image filesystem: 1024-byte blocks, total and available
         "disk": f"df -Pk {shlex.quote(node.image_fs)} | awk 'NR==2 {{print $2, $4}}'",
         # containerd's version (the server's, else the binary's): pinning needs >= 1.7
-        "containerd": "{ ctr version 2>/dev/null | awk '/^Server:/ {s=1} s && $1 == \"Version:\" {print $2; exit}'; "
+        "containerd": f"{{ timeout 3 ctr{address} version 2>/dev/null"
+                      " | awk '/^Server:/ {s=1} s && $1 == \"Version:\" {print $2; exit}'; "
                       "containerd --version 2>/dev/null | awk '{print $3}'; }",
     }
 
