@@ -267,9 +267,8 @@ def facts_notes(node: Node, facts: NodeFacts, pinned: int = 0) -> list[str]:
         notes.append(f"cannot read the image filesystem at {node.image_fs}: set image_fs for this node "
                      "(until then, pulls to it are not checked for room)")
     if facts.can_pin is False:
-        notes.append(f"containerd {facts.containerd} cannot pin images (1.7 or later can): "
-                     "its image GC may remove any synced image"
-                     + (f"; the {pinned} declared with pin = true are pulled unpinned" if pinned else ""))
+        notes.append(f"containerd {facts.containerd} cannot pin images (1.7 or later can)"
+                     + (f": the {pinned} declared with pin = true are pulled unpinned" if pinned else ""))
     elif facts.can_pin is None:
         notes.append("containerd's version unknown (neither ctr version nor containerd --version answered): "
                      "whether images can be pinned is unknown")
