@@ -286,6 +286,7 @@ def test_entrypoint_runs_the_command(script, args, environ, expected, fake_path,
 def test_healthcheck_pings_the_name_the_cli_gives_the_worker(tmp_path, monkeypatch):
     """`imagesync worker` names its Celery node NODE@%h or control@%h: the healthcheck's names."""
     from imagesync import cli
+    from imagesync.cli import serve
 
     config = tmp_path / "imagesync.toml"
     config.write_text(f'prefixes = ["docker.io"]\nlog_dir = "{tmp_path}"\n[[nodes]]\nname = "k8s-worker1"\n')
@@ -293,7 +294,7 @@ def test_healthcheck_pings_the_name_the_cli_gives_the_worker(tmp_path, monkeypat
     for variable in [v for v in os.environ if v.startswith("IMAGESYNC_") and v != "IMAGESYNC_CONFIG"]:
         monkeypatch.delenv(variable)
     started = []
-    monkeypatch.setattr(cli, "_exec_celery", lambda argv: started.append(argv) or 0)
+    monkeypatch.setattr(serve, "_exec_celery", lambda argv: started.append(argv) or 0)
     cli.main(["worker", "--node", "k8s-worker1"])
     cli.main(["worker", "--control"])
     names = [argv[argv.index("-n") + 1] for argv in started]

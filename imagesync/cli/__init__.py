@@ -1,0 +1,218 @@
+"""The ``imagesync`` command.
+
+Every error an operator can cause ends in one line on stderr saying what is
+wrong and what to do, and a non-zero exit: 2 for configuration, 1 for
+failures, 3 when a run is already in progress.
+
+This module holds what every command shares (the consoles, the argument
+parser, the settings and Redis client, the exit codes); the commands
+themselves live beside it: ``inspect`` (config, check, plan, status), ``runs``
+(sync, cancel, history) and ``serve`` (worker, agent, beat, exporter, webhook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from ..config import Settings, load_settings, mask_url
+from ..errors import ConfigError, ImagesyncError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def say(message: str) -> None:
+    """One plain line on stderr: never wrapped, whatever the terminal's width."""
+    print(message, file=sys.stderr, flush=True)
+
+
+#: the distributions whose versions a bug report needs, as ``--version`` names them
+_VERSIONS = (("celery", "celery"), ("kombu", "kombu"), ("redis-py", "redis"), ("paramiko", "paramiko"))
+
+
+def version_line() -> str:
+    """imagesync's version and those of the libraries it stands on, in one line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    parts = []
+    for name, distribution in _VERSIONS:
+        try:
+            parts.append(f"{name} {version(distribution)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    return f"imagesync {__version__} ({', '.join(parts)}; Python {python})"
+
+
+class _Version(argparse.Action):
+    """``--version``: the line is made only when asked for (it reads package metadata)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of imagesync, Celery, kombu, redis-py and paramiko, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_line())
+        parser.exit()
+
+
+class CommandError(ImagesyncError):
+    """Ends a command with one line and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagesync",
+        description="Keep container images in sync across Kubernetes worker nodes.",
+    )
+    parser.add_argument("-c", "--config",
+                        help="configuration file (default: $IMAGESYNC_CONFIG or /etc/imagesync/imagesync.toml)")
+    parser.add_argument("--version", action=_Version)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="show the effective configuration")
+    config.add_argument("action", choices=["show"])
+
+    sub.add_parser("check", help="check the configuration and every node (SSH, runtime, image list)")
+
+    plan = sub.add_parser("plan", help="dry run: what a sync would pull where")
+    plan.add_argument("--node", action="append", metavar="NAME", help="only plan pulls onto this node (repeatable)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    status = sub.add_parser("status", help="node x image matrix of the matching images")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--backup", action="store_true",
+                        help="per wanted image, whether the backup registry holds the digest the nodes hold")
+
+    sync = sub.add_parser("sync", help="start a sync run through Celery")
+    sync.add_argument("--wait", action="store_true", help="follow the run to its end and print the summary")
+    sync.add_argument("--node", action="append", metavar="NAME", help="only pull onto this node (repeatable)")
+    sync.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                      help="how long to wait for a control worker to start the run (default 120)")
+
+    cancel = sub.add_parser("cancel", help="cancel a run: queued pulls are skipped, the lock is released at once")
+    cancel.add_argument("run", nargs="?", help="a run id (default: the run in progress)")
+    cancel.add_argument("--reason", default="", metavar="TEXT", help="why, kept in the run record")
+
+    history = sub.add_parser("history", help="recent runs, or one run in detail")
+    history.add_argument("run", nargs="?", help="a run id (default: list recent runs)")
+    history.add_argument("-n", "--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true")
+
+    worker = sub.add_parser("worker", help="start a Celery worker for one node, or the control worker")
+    which = worker.add_mutually_exclusive_group(required=True)
+    which.add_argument("--node", metavar="NAME", help="serve this node's pulls (concurrency max_parallel)")
+    which.add_argument("--control", action="store_true", help="serve sync and housekeeping tasks")
+    which.add_argument("--nodes", metavar="NAME,NAME", help="serve these nodes' pulls with one shared pool; "
+                       "each node still runs at most max_parallel (less memory, see README)")
+    which.add_argument("--all-nodes", action="store_true",
+                       help="serve the pulls of every node reached over SSH with one shared pool (as --nodes)")
+    worker.add_argument("--concurrency", type=int, metavar="N",
+                        help="with --nodes/--all-nodes: pulls at once over all its nodes "
+                        "(default: the larger of the node count and max_parallel)")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
+
+    agent = sub.add_parser("agent", help="run on a node: register it in Redis and serve its queue there, "
+                           "without SSH (agent mode, agents = true)")
+    agent.add_argument("--name", help="the node's name (default: $NODE_NAME, else the host name)")
+    for flag, what in (("runtime", "crictl or ctr"), ("endpoint", "the runtime's socket"),
+                       ("namespace", "containerd namespace"), ("hosts-dir", "registry hosts directory"),
+                       ("image-fs", "the image filesystem"), ("platform", "os/arch, when uname -m is wrong")):
+        agent.add_argument(f"--{flag}", help=f"{what} (default: agent_{flag.replace('-', '_')} of the configuration)"
+                           if flag != "platform" else what)
+    agent.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
+
+    beat = sub.add_parser("beat", help="start Celery beat (the schedule from the configuration)")
+    beat.add_argument("celery_args", nargs=argparse.REMAINDER)
+
+    exporter = sub.add_parser("exporter", help="serve Prometheus metrics: images per node, runs, lock, queues")
+    exporter.add_argument("--address", help="listen on this address (default: exporter_address)")
+    exporter.add_argument("--port", type=int, help="listen on this port (default: exporter_port)")
+
+    webhook = sub.add_parser("webhook", help="receive registry push notifications: sync each pushed image at once")
+    webhook.add_argument("--address", help="listen on this address (default: webhook_address)")
+    webhook.add_argument("--port", type=int, help="listen on this port (default: webhook_port)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.config:
+        os.environ["IMAGESYNC_CONFIG"] = args.config
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            say(f"imagesync: {problem}")
+        return EXIT_CONFIG
+    except CommandError as exc:
+        say(f"imagesync: {exc}")
+        return exc.code
+    except ImagesyncError as exc:
+        say(f"imagesync: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _redis(settings: Settings, ping: bool = True, socket_timeout: float = 30):
+    """A Redis client with timeouts; with ``ping``, one that answers, or one line and exit 1.
+
+    The long-running servers (exporter, webhook) do not ping: they start while
+    Redis is down and report it, rather than not start.
+    """
+    from redis.exceptions import RedisError
+
+    from ..redisclient import connect, error_line
+
+    client = connect(settings, socket_connect_timeout=5, socket_timeout=socket_timeout)
+    if not ping:
+        return client
+    try:
+        client.ping()
+    except RedisError as exc:
+        fix = "fix redis_url and redis_master_name" if settings.redis_master_name else "fix redis_url"
+        raise CommandError(
+            f"cannot reach Redis at {mask_url(settings.redis_url)} ({error_line(exc)}): start redis-server or {fix}"
+        ) from exc
+    return client
+
+
+# The commands use the names above, so they are imported once those exist.
+from .inspect import cmd_check, cmd_config, cmd_plan, cmd_status  # noqa: E402
+from .runs import cmd_cancel, cmd_history, cmd_sync  # noqa: E402
+from .runs import operator as operator  # noqa: E402  (imported from here by the tests)
+from .serve import cmd_agent, cmd_beat, cmd_exporter, cmd_webhook, cmd_worker  # noqa: E402
+from .serve import shared_worker_argv as shared_worker_argv  # noqa: E402  (imported from here by the tests)
+
+COMMANDS = {
+    "config": cmd_config,
+    "check": cmd_check,
+    "plan": cmd_plan,
+    "status": cmd_status,
+    "sync": cmd_sync,
+    "cancel": cmd_cancel,
+    "history": cmd_history,
+    "worker": cmd_worker,
+    "agent": cmd_agent,
+    "beat": cmd_beat,
+    "exporter": cmd_exporter,
+    "webhook": cmd_webhook,
+}

@@ -1,0 +1,185 @@
+"""The commands about runs: ``sync`` starts one (and with ``--wait`` follows it), ``cancel`` ends it,
+``history`` lists them or shows one.
+
+A run is started through Celery and recorded in Redis; these commands read the
+record to show progress and summaries. They print through the package's
+consoles, looked up when they print, so that a test can replace them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import cli as _cli
+from .. import logs
+from ..config import Settings
+from ..runs import Run
+from . import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, CommandError, _redis, _settings, say
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ..agents import check_targets
+
+    settings = _settings()
+    # a node name is checked first: against the configuration alone, unless agents
+    # announce nodes, which only Redis knows
+    redis = _redis(settings) if settings.agents else None
+    check_targets(settings, redis, args.node or ())
+    redis = redis or _redis(settings)
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from .. import keys
+    from ..celery import app
+    from ..celeryconfig import CONTROL_QUEUE, SYNC_TIME_LIMIT
+
+    result = app.send_task("imagesync.sync", kwargs={"trigger": "cli", "nodes": args.node}, queue=CONTROL_QUEUE)
+    try:
+        started = result.get(timeout=args.timeout, propagate=False)
+    except CeleryTimeout:
+        taken = redis.get(keys.sync_taken(result.id))
+        if taken is None:
+            result.revoke()
+            raise CommandError(
+                f"no control worker started the run within {args.timeout:g} s: start one with "
+                "'imagesync worker --control' (or check 'celery -A imagesync inspect ping')"
+            ) from None
+        # A control worker has it and is still listing the nodes: wait for it.
+        say(f"imagesync: {taken.decode(errors='replace')} took the run and is still listing images; waiting")
+        try:
+            started = result.get(timeout=SYNC_TIME_LIMIT, propagate=False)
+        except CeleryTimeout:
+            raise CommandError(f"the control worker did not start the run within {SYNC_TIME_LIMIT} s: "
+                               "see its log ('imagesync history' shows runs that did start)") from None
+    if result.failed():
+        raise CommandError(f"the sync task failed: {started}")
+    if started["status"] == "already-running":
+        say(f"imagesync: {started['message']}")
+        return EXIT_RUNNING
+    if started["status"] == "cancelled":
+        say(f"imagesync: {started['message']}")
+        return EXIT_FAILED
+    missed = started.get("missed") or {}
+    if missed:
+        say(f"imagesync: {started['message']}: bring those nodes back and sync again")
+    else:
+        _cli.out.print(started["message"])
+    if not args.wait:
+        if started["status"] == "nothing-to-do":
+            return EXIT_FAILED if missed else EXIT_OK
+        _cli.out.print(f"follow it with: imagesync history {started['run']}")
+        return EXIT_FAILED if missed else EXIT_OK
+    code = follow(settings, redis, started["run"])
+    return EXIT_FAILED if missed else code
+
+
+def follow(settings: Settings, redis, run_id: str) -> int:
+    """Show a progress bar until the run ends, then its summary; non-zero if any pull failed."""
+    from ..sync import run_store
+
+    store = run_store(settings, redis)
+    run = store.get(run_id, with_results=False)
+    if run is None:
+        raise CommandError(f"run {run_id} has no record in Redis")
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+    with Progress(*columns, console=_cli.err, transient=False) as progress:
+        bar = progress.add_task(f"run {run_id}", total=run.expected or 1, detail="")
+        while True:
+            run = store.get(run_id, with_results=False)
+            if run is None:
+                raise CommandError(f"run {run_id} vanished from Redis (restarted without persistence?)")
+            detail = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in run.counts.items())
+            progress.update(bar, completed=run.done if run.expected else 1, detail=detail)
+            if run.status != "running":
+                break
+            time.sleep(0.5)
+    run = store.get(run_id)
+    assert run is not None
+    print_run(run)
+    return EXIT_OK if run.status == "completed" and not run.failures else EXIT_FAILED
+
+
+def print_run(run: Run) -> None:
+    from ..runs import summary_lines
+
+    lines = summary_lines(run)
+    _cli.out.print(lines[0], markup=False)
+    for line in lines[1:]:
+        _cli.out.print("  " + line.split(": ", 1)[1], markup=False)
+
+
+def operator() -> str:
+    """Who runs this command, as user@host, for the record of what they did."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, no passwd entry (a container)
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from ..sync import NotCancelled, cancel_run, run_store
+
+    settings = _settings()
+    redis = _redis(settings)
+    # the summary goes where the workers write theirs: the day's image-sync.log
+    logs.setup(settings.log_dir, stderr=False)
+    try:
+        run_id = cancel_run(settings, redis, args.run, operator(), " ".join(args.reason.split()))
+    except NotCancelled as exc:
+        raise CommandError(str(exc)) from None
+    run = run_store(settings, redis).get(run_id)
+    if run is not None:
+        print_run(run)
+    _cli.out.print("the lock is released; pulls still running finish and report into the run "
+              f"('imagesync history {run_id}')", markup=False)
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from ..sync import run_store
+
+    settings = _settings()
+    store = run_store(settings, _redis(settings))
+    if args.run:
+        run = store.get(args.run)
+        if run is None:
+            raise CommandError(f"no run {args.run} in the history (see 'imagesync history')")
+        from ..backup import BackupStore
+        from ..backup import summary_lines as backup_lines
+
+        record = BackupStore(store.redis).get(args.run)
+        if args.json:
+            _cli.out.print_json(json.dumps(run.to_dict() | ({"backup": record} if record else {})))
+        else:
+            print_run(run)
+            for line in backup_lines(run.id, record) if record else ():
+                _cli.out.print("  " + line.split(": ", 1)[1], markup=False)
+        return EXIT_OK
+    runs = store.recent(args.limit)
+    if args.json:
+        _cli.out.print_json(json.dumps([run.to_dict() for run in runs]))
+        return EXIT_OK
+    from ..runs import SUCCESSES
+
+    table = Table(title="recent runs")
+    for column in ("run", "trigger", "status", "pulls", "ok", "failed", "not run", "skipped nodes", "took"):
+        table.add_column(column)
+    for run in runs:
+        ok = sum(run.counts.get(s, 0) for s in SUCCESSES)
+        # "not run": pulls that found their run already over (cancelled, abandoned) and were skipped
+        not_run = run.counts.get("skipped", 0)
+        status = {"cancelled": "[yellow]cancelled[/]", "abandoned": "[red]abandoned[/]"}.get(run.status, run.status)
+        table.add_row(run.id, run.trigger or "-", status, str(run.expected), str(ok), str(run.failures - not_run),
+                      str(not_run), ", ".join(run.skipped) or "-", f"{run.duration:.1f} s")
+    _cli.out.print(table)
+    return EXIT_OK
