@@ -1,20 +1,10 @@
-"""Transports: how a command reaches a node.
+"""Commands on a node over SSH (Fabric/paramiko): :class:`SSHTransport`.
 
-One small interface, :class:`Transport`, with two implementations chosen per
-node by configuration:
-
-* :class:`SSHTransport` (Fabric): one connection per node per process, opened
-  lazily, reopened when it drops; host keys checked against the configured
-  known_hosts file (unknown keys refused unless ``accept-new``). Host, port,
-  user, keys, known_hosts and the jump host (ProxyJump, one hop) are those of
-  ``Settings.ssh_target``: imagesync's settings, then the operator's OpenSSH
-  client configuration. A handshake sshd drops (past its MaxStartups, as when
-  every pool process connects at once) is retried with jittered backoff
-  within the connect timeout.
-* :class:`LocalTransport`: the worker runs on the node itself.
-
-Library errors (paramiko, socket) are translated here into
-:mod:`imagesync.errors`, so nothing above this module sees them.
+One connection per node per process, opened lazily, reopened when it drops;
+host keys checked against the configured known_hosts file (unknown keys refused
+unless ``accept-new``); a jump host (ProxyJump, one hop); a handshake that sshd
+drops retried with jittered backoff within the connect timeout. paramiko and
+socket errors become :mod:`imagesync.errors` here.
 """
 
 from __future__ import annotations
@@ -23,14 +13,10 @@ import logging
 import os
 import random
 import select
-import signal
 import socket
-import subprocess
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -38,7 +24,7 @@ import paramiko
 from fabric import Config, Connection
 from paramiko.ssh_exception import NoValidConnectionsError
 
-from .errors import (
+from ..errors import (
     AuthenticationFailed,
     CommandTimedOut,
     HostKeyChanged,
@@ -48,155 +34,10 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .config import Node, Settings, SSHTarget
+    pass
+from .base import CommandResult, Stream, Transport, _text
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    stdout: str
-    stderr: str
-    exit_code: int
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-
-class Transport(ABC):
-    """Runs shell commands on one node."""
-
-    node: str
-
-    @abstractmethod
-    def run(self, command: str, timeout: float) -> CommandResult:
-        """Run ``command`` (a shell command line) and wait at most ``timeout`` seconds.
-
-        Raises CommandTimedOut past the timeout and NodeUnreachable (or another
-        NodeError) when the node cannot be reached; a command that runs and
-        fails is a result with a non-zero exit code, not an exception.
-        """
-
-    def close(self) -> None:  # noqa: B027 (optional: a transport without a connection keeps nothing)
-        """Release the connection, if any."""
-
-    def open(self, command: str) -> Stream:
-        """Start ``command`` with its stdin and stdout left to the caller, to stream through.
-
-        Raises NodeUnreachable (or another NodeError) when the node cannot be
-        reached. The command runs until its output ends, :meth:`Stream.close`
-        stops it, or its node-side ``timeout`` does.
-        """
-        raise NodeError(self.node, f"{type(self).__name__} cannot stream a command")
-
-
-class Stream(ABC):
-    """A command running on a node whose input and output are streamed by this process.
-
-    Reads and writes block: a write waits while the node's side is full (the
-    SSH window, a pipe), which is what gives a copy its backpressure. Each
-    takes a ``timeout`` and raises CommandTimedOut past it; a stream whose
-    connection dropped or whose command ended raises NodeError on a write.
-    """
-
-    node: str
-
-    @abstractmethod
-    def read(self, size: int, timeout: float) -> bytes:
-        """Up to ``size`` bytes of the command's stdout; b"" once it has ended."""
-
-    @abstractmethod
-    def write(self, data: bytes, timeout: float) -> None:
-        """All of ``data`` to the command's stdin."""
-
-    @abstractmethod
-    def close_input(self) -> None:
-        """End the command's stdin (it reads EOF)."""
-
-    @abstractmethod
-    def wait(self, timeout: float) -> int:
-        """The command's exit status, once it has exited: -1 when the connection
-        dropped first (or the command was stopped), -N when signal N killed it
-        locally. Raises CommandTimedOut past ``timeout``."""
-
-    @abstractmethod
-    def stderr(self) -> str:
-        """What the command wrote to stderr so far."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop the command if it still runs, and release what the stream holds."""
-
-
-class _PipeStream(Stream):
-    """A local command's pipes. Its stderr is read by a thread, so it never fills up."""
-
-    def __init__(self, node: str, process: subprocess.Popen[bytes]) -> None:
-        self.node = node
-        self.process = process
-        self._stderr = bytearray()
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
-
-    def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        while chunk := self.process.stderr.read1(65536):  # type: ignore[attr-defined]
-            self._stderr += chunk
-
-    def _timed_out(self, timeout: float) -> CommandTimedOut:
-        return CommandTimedOut(self.node, f"stream made no progress within {timeout:g} s", timeout)
-
-    def read(self, size: int, timeout: float) -> bytes:
-        assert self.process.stdout is not None
-        poller = select.poll()
-        poller.register(self.process.stdout.fileno(), select.POLLIN)
-        if not poller.poll(max(0.0, timeout) * 1000):
-            raise self._timed_out(timeout)
-        return self.process.stdout.read1(size)  # type: ignore[attr-defined,no-any-return]
-
-    def write(self, data: bytes, timeout: float) -> None:
-        assert self.process.stdin is not None
-        fd = self.process.stdin.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        view = memoryview(data)
-        deadline = time.monotonic() + timeout
-        try:
-            while view:
-                if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-                    raise self._timed_out(timeout)
-                view = view[os.write(fd, view[:65536]):]
-        except OSError as exc:  # the command closed its stdin or ended
-            raise NodeError(self.node, f"the command stopped reading its input: {exc}") from exc
-
-    def close_input(self) -> None:
-        if self.process.stdin is not None and not self.process.stdin.closed:
-            try:
-                self.process.stdin.close()
-            except OSError:
-                pass
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise self._timed_out(timeout) from None
-
-    def stderr(self) -> str:
-        return _text(bytes(self._stderr))
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.close_input()
-        self.process.wait()
-        self._reader.join(timeout=5)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 class _ChannelStream(Stream):
@@ -255,46 +96,6 @@ class _ChannelStream(Stream):
 
     def close(self) -> None:
         self.channel.close()
-
-
-class LocalTransport(Transport):
-    """Runs commands on this machine, for a worker that runs on the node itself."""
-
-    def __init__(self, node: str, env: dict[str, str] | None = None) -> None:
-        self.node = node
-        self.env = {**os.environ, **(env or {})}
-
-    def run(self, command: str, timeout: float) -> CommandResult:
-        # A session of its own so that a timeout kills the whole pipeline.
-        process = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            start_new_session=True,
-            text=True,
-        )
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise CommandTimedOut(
-                self.node, f"command did not finish within {timeout:g} s", timeout
-            ) from None
-        return CommandResult(stdout, stderr, process.returncode)
-
-    def open(self, command: str) -> Stream:
-        process = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.PIPE,
-            env=self.env,
-            start_new_session=True,
-        )
-        return _PipeStream(self.node, process)
 
 
 class _QuickAckSocket:
@@ -393,10 +194,6 @@ def _execute(transport: paramiko.Transport | None, command: str, timeout: float)
         return bytes(stdout), bytes(stderr), channel.recv_exit_status()
     finally:
         channel.close()
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
 
 
 def _drain(read) -> bytes:  # type: ignore[no-untyped-def]
@@ -759,90 +556,3 @@ class SSHTransport(Transport):
             except Exception:  # closing a broken connection may fail; it is gone either way
                 pass
             self._connection = None
-
-
-_cache: dict[tuple[int, str], Transport] = {}
-_cache_lock = threading.Lock()
-# jump hosts' transports, shared by the nodes behind them in one process: one
-# connection to the jump host carries a channel per node
-_jumps: dict[tuple[object, ...], SSHTransport] = {}
-_jumps_lock = threading.Lock()
-
-
-def transport_for(settings: Settings, node: Node) -> Transport:
-    """The transport of ``node`` for this process, kept open between calls.
-
-    Keyed by process id as well, so that a prefork child never shares the
-    parent's SSH connection.
-    """
-    key = (os.getpid(), node.name)
-    with _cache_lock:
-        transport = _cache.get(key)
-        if transport is None:
-            transport = _cache[key] = make_transport(settings, node)
-        return transport
-
-
-def make_transport(settings: Settings, node: Node) -> Transport:
-    if node.transport == "local":
-        env = {}
-        if node.endpoint:
-            env = {
-                "CONTAINER_RUNTIME_ENDPOINT": node.endpoint,
-                "IMAGE_SERVICE_ENDPOINT": node.endpoint,
-                "CONTAINERD_ADDRESS": node.endpoint.removeprefix("unix://"),
-            }
-        return LocalTransport(node.name, env)
-    # host, port, user, keys, known_hosts, timeout and jump host as imagesync's
-    # settings and the OpenSSH client configuration give them (config.sshconfig)
-    target = settings.ssh_target(node)
-    return SSHTransport(
-        node.name,
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        key_file=target.key_files,
-        known_hosts=target.known_hosts,
-        host_key_policy=settings.ssh.host_key_policy,
-        connect_timeout=target.connect_timeout,
-        jump=_jump_transport(target.jump, settings.ssh.host_key_policy, node.name) if target.jump else None,
-    )
-
-
-def _jump_transport(jump: SSHTarget, host_key_policy: str, node: str) -> SSHTransport:
-    """The transport of a jump host, shared by the nodes behind it in this process."""
-    key = (os.getpid(), jump.host, jump.port, jump.user, jump.key_files, jump.known_hosts, host_key_policy,
-           jump.connect_timeout)
-    with _jumps_lock:
-        transport = _jumps.get(key)
-        if transport is None:
-            transport = _jumps[key] = SSHTransport(
-                node, host=jump.host, port=jump.port, user=jump.user, key_file=jump.key_files,
-                known_hosts=jump.known_hosts, host_key_policy=host_key_policy,
-                connect_timeout=jump.connect_timeout, role=f"jump host {jump.name}",
-            )
-        return transport
-
-
-def close_all() -> None:
-    with _cache_lock:
-        for transport in _cache.values():
-            transport.close()
-        _cache.clear()
-    with _jumps_lock:
-        for jump in _jumps.values():
-            jump.close()
-        _jumps.clear()
-
-
-__all__ = [
-    "CommandResult",
-    "LocalTransport",
-    "NodeError",
-    "SSHTransport",
-    "Stream",
-    "Transport",
-    "close_all",
-    "make_transport",
-    "transport_for",
-]
