@@ -43,7 +43,7 @@ SETTLE = 4.0
 BASELINE = "no-freeze,celery-cli"
 #: what-ifs, each undoing one change ("" = imagesync as shipped)
 VARIANTS = (BASELINE, "no-freeze", "celery-cli", "", "arenas2")
-#: today's figure the issue asks to halve (PSS per node at max_parallel 4, MiB)
+#: the figure before the memory work, to be halved (PSS per node at max_parallel 4, MiB)
 BEFORE_MIB = 200.0
 
 

@@ -65,7 +65,7 @@ COMPOSE = yaml.safe_load(COMPOSE_FILE.read_text())
 #: the file's worker services, one per node of imagesync.sample.toml; the cluster's nodes take their names
 WORKERS = sorted(name for name in COMPOSE["services"] if name.startswith("worker-"))
 NODES = [name.removeprefix("worker-") for name in WORKERS]
-#: what the issue asks to run: everything but the webhook receiver
+#: the stack under test: everything but the webhook receiver
 SERVICES = ["redis", "control", *WORKERS, "beat", "flower"]
 #: where the test runs the CLI while control restarts; the sync itself runs in control,
 #: as the README does (its IMAGESYNC_ROLE, for the entrypoint, is no setting to the CLI)
