@@ -156,6 +156,8 @@ class Plan:
     excluded: dict[str, dict[str, Exclusion]] = field(default_factory=dict)
     #: images known by the node they come from: reference -> size in bytes
     sizes: dict[str, int] = field(default_factory=dict)
+    #: what the plan could not do, said once: nodes that take no part in copies, and why
+    notes: list[str] = field(default_factory=list)
     #: (node, image) -> the reference the node pulls instead: its architecture's, of a per-architecture entry
     pull_as: dict[tuple[str, str], str] = field(default_factory=dict)
     #: node -> images it held at the end of the last run and lacks now (imagesync.room)
@@ -234,6 +236,7 @@ class Plan:
             "facts": {node: facts.to_dict() for node, facts in sorted(self.facts.items())},
             "drift": [{"reference": d.reference, "digests": dict(d.digests)} for d in self.drift],
             "refused": [r.__dict__ for r in self.refused],
+            "notes": self.notes,
         }
 
 
@@ -297,6 +300,22 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
             if route.sources != (REGISTRY,) or route.pull_as or route.pin:
                 chosen[(node, image)] = route
     return chosen
+
+
+def copy_notes(plan: Plan, policy: Policy) -> list[str]:
+    """Why some reachable nodes take no part in node-to-node copies, one line per reason."""
+    if not policy.transfer:
+        return []
+    no_ctr = [node for node, facts in sorted(plan.facts.items()) if not facts.ctr]
+    agents = [node for node, facts in sorted(plan.facts.items()) if facts.ctr and facts.via_agent]
+    notes = []
+    if no_ctr:
+        notes.append(f"no node-to-node copies to or from {', '.join(no_ctr)}: ctr is not on "
+                     f"{'it' if len(no_ctr) == 1 else 'them'} (install containerd's ctr, or set transfer = false)")
+    if agents:
+        notes.append(f"no node-to-node copies to or from {', '.join(agents)}: agent nodes run commands on their "
+                     "own node only")
+    return notes
 
 
 def _can_copy(plan: Plan, policy: Policy, node: str) -> bool:
@@ -465,6 +484,7 @@ def make_plan(
     for condition in policy.conditions:
         condition(plan)
     plan.routes = routes(plan, policy)
+    plan.notes = copy_notes(plan, policy)
     # a node's registry pulls go first: under peers-first, the copies other
     # nodes wait for never queue behind this node's own waiting copies
     for node, images in plan.missing.items():

@@ -178,6 +178,8 @@ def start_run(
         for refusal in plan.refused:
             log.warning("run %s: refused image name from %s: %r (%s)",
                         run_id, refusal.node, refusal.reference, refusal.reason)
+        for note in plan.notes:
+            log.info("run %s: %s", run_id, note)
         for line in room.evicted_lines(plan.evicted):
             log.warning("run %s: %s", run_id, line)
         room.remember(redis, plan, room.scope_for(settings, limited=images is not None))

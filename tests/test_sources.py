@@ -103,6 +103,10 @@ def test_a_node_without_ctr_neither_serves_nor_receives_a_copy():
     inventories = {"a": [image("registry.test/x:1")], "b": [], "c": []}
     plan = plan_of(inventories, Policy(), {"a": node_facts(ctr=False), "b": node_facts(), "c": node_facts()})
     assert plan.route("b", "registry.test/x:1") == DEFAULT_ROUTE
+    assert plan.notes == ["no node-to-node copies to or from a: ctr is not on it "
+                          "(install containerd's ctr, or set transfer = false)"]
+    assert plan_of(inventories, Policy(transfer=False), {"a": node_facts(ctr=False), "b": node_facts(),
+                                                          "c": node_facts()}).notes == []
     plan = plan_of(inventories, Policy(), {"a": node_facts(), "b": node_facts(ctr=False), "c": node_facts()})
     assert plan.route("b", "registry.test/x:1") == DEFAULT_ROUTE
     assert plan.route("c", "registry.test/x:1").sources == (REGISTRY, PEERS)

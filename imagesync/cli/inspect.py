@@ -216,6 +216,8 @@ def _print_notes(plan: Plan) -> None:
             say(f"{why.kind} on {node}: {image}: {why.reason}")
     for line in room.evicted_lines(plan.evicted):
         say(line)
+    for note in plan.notes:
+        say(note)
 
 
 def _memory(settings: Settings):
