@@ -29,6 +29,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from . import keys
+from .agents import known_nodes
 from .celeryconfig import node_queue
 from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES, as_text
 from .sync import stale_after
@@ -85,7 +86,7 @@ class ImagesyncCollector(Collector):
 
     def __init__(self, settings: Settings, redis: Redis) -> None:
         self.redis = redis
-        self.nodes = [node.name for node in settings.nodes]
+        self.settings = settings
         self.history = settings.history
         self.stale_bound = float(stale_after(settings))
         self.period = schedule_period(settings)
@@ -112,7 +113,9 @@ class ImagesyncCollector(Collector):
         pipe.lrange(keys.HISTORY, 0, self.history - 1)
         pipe.get(keys.LOCK)
         pipe.time()
-        for node in self.nodes:
+        # the configured nodes, and with agents = true the registered agents
+        nodes = known_nodes(self.settings, self.redis)
+        for node in nodes:
             pipe.llen(node_queue(node))
         history_raw, holder_raw, (seconds, micros), *depths = pipe.execute()
         now = seconds + micros / 1e6
@@ -142,7 +145,7 @@ class ImagesyncCollector(Collector):
                     if "nodes" in planned:
                         break
 
-        yield from self._node_metrics(planned, depths)
+        yield from self._node_metrics(planned, nodes, depths)
         yield from self._run_metrics(newest, now)
         yield from self._success_metric(summaries)
         yield from self._lock_metrics(holder, holder_times, now)
@@ -151,7 +154,7 @@ class ImagesyncCollector(Collector):
         yield _gauge("imagesync_schedule_period_seconds", "Seconds between two scheduled runs (the longest gap)",
                      self.period)
 
-    def _node_metrics(self, planned: dict[str, str], depths: list[int]) -> Iterator[Metric]:
+    def _node_metrics(self, planned: dict[str, str], nodes: list[str], depths: list[int]) -> Iterator[Metric]:
         counts: dict[str, dict[str, int]] = json.loads(planned.get("nodes", "{}"))
         skipped: dict[str, str] = json.loads(planned.get("skipped", "{}"))
         held = GaugeMetricFamily("imagesync_node_images_held", "Wanted images the node holds", labels=["node"])
@@ -171,7 +174,7 @@ class ImagesyncCollector(Collector):
                                       labels=["node"])
         depth = GaugeMetricFamily("imagesync_node_queue_depth", "Pulls waiting in the node's queue (LLEN node.NAME)",
                                   labels=["node"])
-        for node, length in zip(self.nodes, depths, strict=True):
+        for node, length in zip(nodes, depths, strict=True):
             depth.add_metric([node], length)
             if node in skipped:
                 reachable.add_metric([node], 0)

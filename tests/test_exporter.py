@@ -47,6 +47,22 @@ def test_node_counts_from_a_plan():
     assert counts["c"] == {"held": 0, "missing": 2, "excluded": 0, "drifted": 0, "evicted": 0}  # reached, not a target
 
 
+def test_registered_agents_have_their_node_metrics_too(redis_client):
+    settings = settings_for(["a"], agents=True)
+    redis_client.zadd(keys.AGENTS, {"edge-1": time.time()})
+    redis_client.lpush("node.edge-1", "m1")
+    run_store(settings, redis_client).create(
+        "20260101-000000-abcdef", trigger="test", pulls=[("edge-1", "img:1")], skipped={}, drift=[], refused=[],
+        wanted=1, nodes={"a": {"held": 1, "missing": 0, "drifted": 0}, "edge-1": {"held": 0, "missing": 1,
+                                                                             "drifted": 0}})
+    registry = registry_for(settings, redis_client)
+    assert value(registry, "imagesync_node_queue_depth", node="edge-1") == 1
+    assert value(registry, "imagesync_node_images_missing", node="edge-1") == 1
+    assert value(registry, "imagesync_node_images_held", node="a") == 1
+    # without agents = true, a registration is not a node
+    assert value(registry_for(settings_for(["a"]), redis_client), "imagesync_node_queue_depth", node="edge-1") is None
+
+
 def test_the_collector_follows_a_run(redis_client):
     settings = settings_for(["a", "b", "c"])
     store = run_store(settings, redis_client)
