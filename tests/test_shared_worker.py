@@ -183,8 +183,11 @@ def test_one_worker_converges_every_node_and_holds_max_parallel_per_node(shared)
     measured("slot holders at once per node (sampled)", dict(seen))
     requeued = d.services.log("shared").count("back in the queue")
     measured("makespan of 10 pulls, 3 s proxy delay", f"{took:.1f} s")
+    # how many waited longer than a slot's wait in the pool and went back to the
+    # queue depends on timing; that node-2's slots were full while 6 of its pulls
+    # were queued for 8 processes does not
     measured("pulls sent back to their queue while their node was full", requeued)
-    assert requeued >= 1
+    assert seen["node-2"] == 2
     assert concurrent["node-2"] == 2
     assert max(concurrent.values()) == 2
     assert max(seen.values()) == 2

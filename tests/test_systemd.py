@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import measured
 
 from testcluster.process import ServerProcess, free_port, port_open, tail
 
@@ -354,7 +355,6 @@ def test_two_beats_never_overlap_runs(deploy, tmp_path):
         argv = [sys.executable, "-m", "imagesync.cli", "beat", "--",
                 "-s", str(folder / "beat-schedule"), "--pidfile", str(folder / "beat.pid")]
         beats.append(ServerProcess(name, argv, folder / "beat.log", env=env))
-    began = time.time()
     try:
         for beat in beats:
             beat.start()
@@ -362,7 +362,6 @@ def test_two_beats_never_overlap_runs(deploy, tmp_path):
     finally:
         for beat in beats:
             beat.stop()
-    ended = time.time()
     d.cluster.proxy.passthrough()
     deadline = time.monotonic() + 60
     while any(run["status"] == "running" for run in d.history()) and time.monotonic() < deadline:
@@ -374,8 +373,10 @@ def test_two_beats_never_overlap_runs(deploy, tmp_path):
     assert runs, control
     for earlier, later in zip(runs, runs[1:], strict=False):
         assert earlier["finished"] is not None and earlier["finished"] <= later["started"], runs
-    # at most one run per tick of one beat; the other beat's triggers found the lock taken
-    assert len(runs) <= (ended - began) / 10 + 1
+    # never more runs than triggers, and some triggers found the lock taken (how many
+    # depends on how the two beats' ticks fall against the runs: not asserted)
+    measured("triggers sent, runs started", (sum(sent), len(runs)))
+    assert len(runs) < sum(sent)
     assert control.count("'status': 'already-running'") >= 1, control
     assert json.dumps(runs)  # the records are what `imagesync history --json` prints
 
