@@ -99,16 +99,7 @@ class LocalTransport(Transport):
         self.env = {**os.environ, **(env or {})}
 
     def run(self, command: str, timeout: float) -> CommandResult:
-        # A session of its own so that a timeout kills the whole pipeline.
-        process = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            start_new_session=True,
-            text=True,
-        )
+        process = self._spawn(command, stdin=subprocess.DEVNULL, text=True)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -120,12 +111,10 @@ class LocalTransport(Transport):
         return CommandResult(stdout, stderr, process.returncode)
 
     def open(self, command: str) -> Stream:
-        process = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.PIPE,
-            env=self.env,
-            start_new_session=True,
-        )
-        return _PipeStream(self.node, process)
+        return _PipeStream(self.node, self._spawn(command, stdin=subprocess.PIPE, text=False))
+
+    def _spawn(self, command: str, stdin: int, text: bool) -> subprocess.Popen:
+        """``command`` under ``/bin/sh``, in a session of its own so that stopping it
+        stops the whole pipeline."""
+        return subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=stdin, env=self.env, start_new_session=True, text=text)
