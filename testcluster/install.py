@@ -32,6 +32,13 @@ REQUIRED_COMMANDS = {
     "podman-compose": "podman-compose",
     "debootstrap": "debootstrap",
 }
+# file the cluster needs that is not a command -> the Debian package that ships it
+REQUIRED_FILES = {
+    # service-name DNS inside a podman (CNI) network: without it the compose file's
+    # containers cannot resolve "redis" ("Name or service not known"); podman does
+    # not depend on it
+    "/usr/lib/cni/dnsname": "golang-github-containernetworking-plugin-dnsname",
+}
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 
 
@@ -40,8 +47,10 @@ class InstallError(RuntimeError):
 
 
 def missing_packages() -> list[str]:
-    """Debian packages whose commands are not on this machine, sorted."""
-    return sorted({pkg for cmd, pkg in REQUIRED_COMMANDS.items() if shutil.which(cmd, path=_SEARCH_PATH) is None})
+    """Debian packages whose commands or files are not on this machine, sorted."""
+    missing = {pkg for cmd, pkg in REQUIRED_COMMANDS.items() if shutil.which(cmd, path=_SEARCH_PATH) is None}
+    missing |= {pkg for path, pkg in REQUIRED_FILES.items() if not os.path.exists(path)}
+    return sorted(missing)
 
 
 def ensure_system_packages() -> list[str]:
@@ -60,5 +69,5 @@ def ensure_system_packages() -> list[str]:
                    stdin=subprocess.DEVNULL)
     still = missing_packages()
     if still:
-        raise InstallError(f"installed {', '.join(missing)} but still missing commands from {', '.join(still)}")
+        raise InstallError(f"installed {', '.join(missing)} but still missing commands or files from {', '.join(still)}")
     return missing
