@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from imagesync.errors import (
     AuthenticationFailed,
@@ -110,14 +112,29 @@ def test_a_command_past_its_timeout_raises(node_cluster):
     assert transport.run("echo fine", timeout=10).stdout.strip() == "fine"
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live processes (zombies left out) of process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # the process ended meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            members.append(int(stat.parent.name))
+    return members
+
+
 def test_local_transport_runs_and_times_out_with_the_whole_pipeline(tmp_path):
     transport = LocalTransport("here", {"MARK": "x1"})
     result = transport.run("echo $MARK; exit 4", timeout=5)
     assert (result.stdout.strip(), result.exit_code) == ("x1", 4)
-    marker = tmp_path / "survivor"
+    group_file, marker = tmp_path / "group", tmp_path / "survivor"
+    # the shell leads a session of its own: its pid is the pipeline's process group
     with pytest.raises(CommandTimedOut):
-        transport.run(f"sleep 2 | sleep 2; touch {marker}", timeout=0.5)
-    time.sleep(2.5)
+        transport.run(f"echo $$ > {group_file}; sleep 60 | sleep 60; touch {marker}", timeout=2)
+    pgid = int(group_file.read_text())
+    wait_for(lambda: not _group_members(pgid), 10, f"the end of process group {pgid}")
     assert not marker.exists()
 
 
