@@ -7,6 +7,7 @@ import time
 
 import pytest
 import redis
+from helpers import wait_for
 
 from imagesync.semaphore import Semaphore
 
@@ -39,43 +40,56 @@ def test_release_of_a_holder_without_a_slot_changes_nothing(redis_client):
     assert not sem.acquire("b")
 
 
+def redis_ms(client) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
 def test_a_lease_that_runs_out_frees_its_slot(redis_client):
-    sem = Semaphore(redis_client, "sem", limit=1, ttl=0.3)
+    assert Semaphore(redis_client, "sem", limit=2, ttl=60).acquire("alive")  # keeps the key alive
+    sem = Semaphore(redis_client, "sem", limit=2, ttl=0.3)
+    before = redis_ms(redis_client)
     assert sem.acquire("dead")
-    assert not sem.acquire("b")
-    time.sleep(0.4)
-    assert sem.holders() == []
+    after = redis_ms(redis_client)
+    # the lease ends 0.3 s after it was taken, on the Redis clock
+    assert before + 300 <= redis_client.zscore("sem", "dead") <= after + 300
+    # the dead holder never gives it back: the slot frees itself
+    wait_for(lambda: sem.holders() == ["alive"], 10, "the lease to run out")
+    assert redis_ms(redis_client) >= before + 300
     assert sem.acquire("b")
     assert not sem.refresh("dead")
 
 
 def test_refresh_keeps_a_lease_past_its_ttl(redis_client):
-    sem = Semaphore(redis_client, "sem", limit=1, ttl=0.4)
-    assert sem.acquire("a")
-    for _ in range(4):
-        time.sleep(0.2)
-        assert sem.refresh("a")
-    assert sem.holders() == ["a"]  # 0.8 s after it was taken
-    assert not sem.acquire("b")
-    assert not sem.refresh("b")
-    assert sem.holders() == ["a"]
+    short, long = (Semaphore(redis_client, "sem", limit=1, ttl=ttl) for ttl in (1, 60))
+    assert short.acquire("a")
+    first_end = redis_client.zscore("sem", "a")
+    # a refresh extends the lease by the TTL from now (here a long one)
+    assert long.refresh("a")
+    assert redis_client.zscore("sem", "a") > first_end + 50_000
+    wait_for(lambda: redis_ms(redis_client) > first_end, 10, "the first lease's end to pass")
+    assert short.holders() == ["a"]  # past the end of the lease it was taken with
+    assert not short.acquire("b")
+    assert not short.refresh("b")
+    assert short.holders() == ["a"]
 
 
 def test_leases_run_on_the_redis_clock(redis_client):
     sem = Semaphore(redis_client, "sem", limit=3, ttl=60)
-    seconds, micros = redis_client.time()
+    before = redis_ms(redis_client)
     assert sem.acquire("a")
+    after = redis_ms(redis_client)
     [(member, score)] = redis_client.zrange("sem", 0, -1, withscores=True)
     assert member == b"a"
-    assert score / 1000 == pytest.approx(seconds + micros / 1e6 + 60, abs=1.0)
+    assert before + 60_000 <= score <= after + 60_000
 
 
 def test_an_idle_semaphore_leaves_no_key_behind(redis_client):
-    sem = Semaphore(redis_client, "sem", limit=2, ttl=0.3)
-    assert sem.acquire("a")
-    assert 0 < redis_client.pttl("sem") <= 300
-    time.sleep(0.45)
-    assert not redis_client.exists("sem")
+    assert Semaphore(redis_client, "sem", limit=2, ttl=30).acquire("a")
+    assert 0 < redis_client.pttl("sem") <= 30_000  # the key lives as long as its longest lease
+    assert Semaphore(redis_client, "short", limit=2, ttl=0.3).acquire("a")
+    assert redis_client.pttl("short") <= 300
+    wait_for(lambda: not redis_client.exists("short"), 10, "the idle semaphore's key to expire")
 
 
 def test_a_longer_lease_on_the_same_key_is_not_cut_short(redis_client):
@@ -90,19 +104,26 @@ def test_refuses_a_semaphore_that_could_never_be_held(redis_client, limit, ttl):
         Semaphore(redis_client, "sem", limit=limit, ttl=ttl)
 
 
-def _hammer(url: str, worker: int, limit: int, until: float) -> None:
-    """Take and give back slots as fast as possible; count who is inside in Redis."""
+ENTRIES = 300
+
+
+def _hammer(url: str, worker: int, limit: int, deadline: float) -> None:
+    """Take and give back slots until the race saw ENTRIES entries and a full house;
+    count who is inside in Redis."""
     client = redis.Redis.from_url(url)
     sem = Semaphore(client, "race", limit=limit, ttl=5)
     n = 0
-    while time.time() < until:
+    while time.time() < deadline and not (int(client.get("entries") or 0) >= ENTRIES and client.exists("full")):
         holder = f"{worker}:{n}"
         n += 1
         if not sem.acquire(holder):
             continue
         # inside: the counter goes up after the slot is taken and down before
         # it is given back, so it never exceeds the holders at any instant
-        client.rpush("inside-seen", client.incr("inside"))
+        inside = client.incr("inside")
+        client.rpush("inside-seen", inside)
+        if inside == limit:
+            client.set("full", 1)
         if n % 3 == 0:
             sem.refresh(holder)
         client.incr("entries")
@@ -113,16 +134,16 @@ def _hammer(url: str, worker: int, limit: int, until: float) -> None:
 
 def test_racing_processes_never_exceed_the_limit(redis_server, redis_client):
     limit, processes = 3, 8
-    until = time.time() + 2.0
+    deadline = time.time() + 60  # only if the race never fills the slots
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_hammer, args=(redis_server.url, i, limit, until)) for i in range(processes)]
+    workers = [ctx.Process(target=_hammer, args=(redis_server.url, i, limit, deadline)) for i in range(processes)]
     for w in workers:
         w.start()
     for w in workers:
-        w.join(30)
+        w.join(90)
         assert w.exitcode == 0
     seen = [int(v) for v in redis_client.lrange("inside-seen", 0, -1)]
-    assert int(redis_client.get("entries")) == len(seen) > 50  # thousands on an idle machine
+    assert int(redis_client.get("entries")) == len(seen) >= ENTRIES
     assert max(seen) == limit  # the slots were all taken at once, and never more
     assert int(redis_client.get("inside")) == 0
     assert Semaphore(redis_client, "race", limit=limit, ttl=5).holders() == []
