@@ -69,5 +69,6 @@ def ensure_system_packages() -> list[str]:
                    stdin=subprocess.DEVNULL)
     still = missing_packages()
     if still:
-        raise InstallError(f"installed {', '.join(missing)} but still missing commands or files from {', '.join(still)}")
+        raise InstallError(f"installed {', '.join(missing)} but still missing commands or files "
+                           f"from {', '.join(still)}")
     return missing

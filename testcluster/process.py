@@ -37,6 +37,8 @@ def _ephemeral_range() -> tuple[int, int]:
 # Not the global generator: tests seed that (hypothesis does), and processes
 # seeded alike would pick the same ports.
 _random = random.SystemRandom()
+#: set (by ``make unit``'s pytest run) where no server of the test cluster may start
+NO_SERVERS = "IMAGESYNC_TEST_NO_SERVERS"
 _handed_out: set[int] = set()
 
 
@@ -167,6 +169,9 @@ class ServerProcess:
     def start(self) -> None:
         if self.running:
             return
+        if os.environ.get(NO_SERVERS):
+            raise ClusterError(f"{self.name}: no server may start here ({NO_SERVERS} is set: "
+                               "a test that starts one is marked cluster)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(

@@ -5,6 +5,7 @@ rude at run time, and can see every request the nodes made::
 
     proxy.passthrough()         forward everything (the default)
     proxy.delay(2.0)            hold each layer GET 2 s before forwarding it
+    proxy.hold()                hold each layer GET until ``release()`` (or ``passthrough()``)
     proxy.hang()                read requests, never answer (until the client gives up)
     proxy.error(503)            answer with that status and a registry-style error body
     proxy.reset()               close connections at once (TCP RST), the open ones too
@@ -30,7 +31,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from select import select
 from typing import Any
@@ -73,11 +74,13 @@ class _Mode:
     match: str | None = None
     seconds: float = 0.0
     status: int = 0
+    #: "hold": set when the held requests may go on
+    gate: threading.Event = field(default_factory=threading.Event, compare=False)
 
     def applies_to(self, method: str, path: str, kind: str) -> bool:
         if self.name == "passthrough" or (self.match is not None and self.match not in path):
             return False
-        if self.name == "delay":  # only layer downloads, so a pull takes a known time
+        if self.name in ("delay", "hold"):  # only layer downloads, so a pull takes a known time
             return method == "GET" and kind == "layer"
         return True
 
@@ -133,6 +136,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if name == "delay" and proxy._stopping.wait(mode.seconds):
                     self.close_connection = True
                     return
+                if name == "hold" and not self._held(mode.gate):
+                    self.close_connection = True
+                    return
                 status = self._forward(body)
         finally:
             proxy._record(ProxyRequest(self.command, self.path, kind, self.client_address[1], name, status,
@@ -153,6 +159,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else None
+
+    def _held(self, gate: threading.Event) -> bool:
+        """Wait for ``gate``; False if the proxy stopped first."""
+        stopping = self.server.proxy._stopping
+        while not gate.wait(0.1):
+            if stopping.is_set():
+                return False
+        return True
 
     def _hang(self) -> None:
         """Answer nothing until the client closes or the proxy stops."""
@@ -315,8 +329,13 @@ class RegistryProxy:
 
     # -- modes -----------------------------------------------------------------------
 
+    def _switch(self, mode: _Mode) -> None:
+        """The new mode applies to new requests; those held by ``hold`` go on."""
+        held, self._mode = self._mode, mode
+        held.gate.set()
+
     def passthrough(self) -> None:
-        self._mode = _Mode()
+        self._switch(_Mode())
 
     def throttle(self, bytes_per_second: float | None) -> None:
         """Send response bodies at ``bytes_per_second`` in all, over every connection
@@ -338,17 +357,26 @@ class RegistryProxy:
             self._stopping.wait(start - now)
 
     def delay(self, seconds: float, match: str | None = None) -> None:
-        self._mode = _Mode("delay", match, seconds=seconds)
+        self._switch(_Mode("delay", match, seconds=seconds))
+
+    def hold(self, match: str | None = None) -> None:
+        """Hold each layer GET until ``release()``: pulls stay under way for as long as a test needs,
+        however fast or slow this machine is."""
+        self._switch(_Mode("hold", match))
+
+    def release(self) -> None:
+        """The held requests go on, and everything passes through from now."""
+        self.passthrough()
 
     def hang(self, match: str | None = None) -> None:
-        self._mode = _Mode("hang", match)
+        self._switch(_Mode("hang", match))
 
     def error(self, status: int = 503, match: str | None = None) -> None:
-        self._mode = _Mode("error", match, status=status)
+        self._switch(_Mode("error", match, status=status))
 
     def reset(self, match: str | None = None) -> None:
         """Reset new requests, and abort the connections open right now."""
-        self._mode = _Mode("reset", match)
+        self._switch(_Mode("reset", match))
         with self._lock:
             connections = list(self._connections)
         for conn in connections:

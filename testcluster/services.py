@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from pathlib import Path
 
 from .process import ServerProcess, free_port, port_open, tail
@@ -70,8 +71,39 @@ class Services:
         argv = self._imagesync("worker", "--control", "--", *QUICK_START, *celery_args)
         return self._start("control", argv, "ready.", wait=wait)
 
-    def start_beat(self) -> ServerProcess:
+    def start_beat(self, due: tuple[str, ...] = ()) -> ServerProcess:
+        """``imagesync beat``. ``due``: entries of its schedule (``"sync"``, ``"finalize-stale-runs"``)
+        that last ran long ago, as after a beat that was down for a while, so that beat sends them
+        at once rather than one period after it starts (Celery's rule for a new schedule)."""
+        if due:
+            self._date_back(due)
         return self._start("beat", self._imagesync("beat"), "beat: Starting...")
+
+    def _date_back(self, due: tuple[str, ...]) -> None:
+        """Write beat's schedule file (``log_dir/beat-schedule``) with ``due`` last run in 2000.
+        Beat keeps a stored entry's last run and takes everything else from the configuration."""
+        import shelve
+        from datetime import datetime
+
+        import celery
+        from celery.beat import ScheduleEntry
+        from celery.schedules import schedule
+
+        from imagesync.celeryconfig import celery_settings
+        from imagesync.config import load_settings
+
+        settings = load_settings(self.config_path)
+        schedule_file = settings.log_dir / "beat-schedule"
+        schedule_file.parent.mkdir(parents=True, exist_ok=True)
+        long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+        with shelve.open(str(schedule_file)) as store:
+            entries = store.get("entries", {})
+            for name in due:
+                entries[name] = ScheduleEntry(name=name, task="", last_run_at=long_ago,
+                                              schedule=schedule(60.0))
+            # what beat compares before it keeps a stored schedule (else it starts a new one)
+            store.update({"entries": entries, "__version__": celery.__version__,
+                          "tz": celery_settings(settings)["timezone"], "utc_enabled": True})
 
     def start_flower(self, user: str, password: str) -> ServerProcess:
         self.flower_port = free_port()

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from testcluster.process import NO_SERVERS
 from testcluster.redis import RedisServer
+
+#: fixtures that start servers: a test using one is a cluster test whatever its module says
+SERVER_FIXTURES = {"redis_server", "redis_client", "deploy"}
+
+
+def pytest_configure(config):
+    # `make unit` (-m 'not cluster') must need no server: starting one there is an error
+    # that names the unmarked test, rather than a slow unit run
+    if config.getoption("markexpr", "") == "not cluster":
+        os.environ[NO_SERVERS] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")

@@ -64,3 +64,16 @@ def wait_for_run_end(d, run_id: str, timeout: float):
     """The run record once the run is no longer running (polled in Redis, read with the CLI)."""
     wait_for(lambda: run_status(d, run_id) not in (None, "running"), timeout, f"end of run {run_id}")
     return d.history(run_id)
+
+
+def reported(d, run_id: str) -> int:
+    """How many pulls of the run have reported an outcome (read in Redis, no CLI started)."""
+    with d.cluster.redis.client() as client:
+        return int(client.hlen(keys.run_results(run_id)))
+
+
+def runs_with_status(d, status: str) -> list[str]:
+    """Ids of the runs in history with ``status``, newest first (read in Redis, no CLI started)."""
+    with d.cluster.redis.client() as client:
+        ids = [run_id.decode() for run_id in client.lrange(keys.HISTORY, 0, -1)]
+        return [run_id for run_id in ids if client.hget(keys.run(run_id), "status") == status.encode()]

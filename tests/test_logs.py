@@ -170,12 +170,14 @@ def test_beats_housekeeping_prunes_the_log_dir(deploy):
     kept = [make_day(log_dir, (today - timedelta(days=n)).isoformat()) for n in (1, 3)]
     (log_dir / "README").write_text("not a day folder")
     d.start()
-    d.services.start_beat()  # beat sends the housekeeping task every 30 s, the first 30 s after it starts
+    # beat sends the housekeeping task every 30 s; its last run dated back, it sends it at once
+    d.services.start_beat(due=("finalize-stale-runs",))
     deadline = time.monotonic() + 90
     while any(folder.exists() for folder in old):
         if time.monotonic() > deadline:
             pytest.fail(f"old day folders still there:\n{d.services.log('control')}")
         time.sleep(0.2)
+    assert "Sending due task finalize-stale-runs (imagesync.finalize)" in d.services.log("beat")
     assert all(folder.is_dir() for folder in kept)
     assert (log_dir / "README").read_text() == "not a day folder"
     assert (log_dir / "beat-schedule").exists() or any(log_dir.glob("beat-schedule*"))
