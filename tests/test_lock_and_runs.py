@@ -1,10 +1,10 @@
 """The single-run lock and run records, on a real redis-server."""
 
-import time
 from multiprocessing import Pool
 
 import pytest
 import redis as redis_py
+from helpers import wait_for
 
 from imagesync.lock import RunLock
 from imagesync.runs import ABANDONED, COMPLETED, RUNNING, Outcome, RunStore, summary_lines
@@ -41,15 +41,19 @@ def test_release_is_compare_and_delete(redis_client):
 
 
 def test_lock_expires_on_its_own_and_renewal_extends_it(redis_client):
-    lock = RunLock(redis_client, ttl=1)
-    lock.acquire("run-a")
-    time.sleep(0.6)
+    lock = RunLock(redis_client, ttl=60)
+    assert lock.acquire("run-a")
+    assert 0 < redis_client.pttl(lock.key) <= 60_000
+    redis_client.expire(lock.key, 5)  # as if 55 s had passed since
     assert lock.renew("run-a")
-    time.sleep(0.6)
-    assert lock.holder() == "run-a"
+    assert redis_client.pttl(lock.key) > 5_000  # its whole TTL again, from now
     assert not lock.renew("run-b")
-    time.sleep(1.2)
-    assert lock.holder() is None
+    assert lock.holder() == "run-a"
+    # nobody releases it: it expires on its own
+    short = RunLock(redis_client, ttl=1)
+    assert short.renew("run-a")
+    assert redis_client.pttl(lock.key) <= 1_000
+    wait_for(lambda: lock.holder() is None, 10, "the lock to expire")
     assert RunLock(redis_client, ttl=1).acquire("run-c")
 
 
@@ -81,16 +85,19 @@ def test_the_last_pull_completes_the_run_and_releases_its_lock(redis_client):
 
 
 def test_stale_runs_are_abandoned_with_their_lock_released(redis_client):
-    store = _store(redis_client, stale_after=1)
+    store = _store(redis_client, stale_after=60)
     lock = RunLock(redis_client, ttl=60)
     lock.acquire("r1")
     store.create("r1", trigger="test", pulls=[("w1", "a"), ("w2", "b")], skipped={}, drift=[], refused=[], wanted=1)
     store.record("r1", Outcome("w1", "a", "pulled"))
+    reported = store.now()  # the last progress was before this instant
     assert store.stale() == []
-    time.sleep(1.2)
-    assert store.stale() == ["r1"]
-    assert store.abandon("r1", "no progress")
-    assert not store.abandon("r1", "again")
+    assert store.stale(now=reported + 59) == []
+    # the clock moved on past stale_after without progress (no waiting)
+    later = reported + 61
+    assert store.stale(now=later) == ["r1"]
+    assert store.abandon("r1", "no progress", now=later)
+    assert not store.abandon("r1", "again", now=later)
     run = store.get("r1")
     assert run.status == ABANDONED
     assert run.unreported() == {"w2": 1}
@@ -135,40 +142,45 @@ def test_a_record_run_twice_with_the_same_report_answers_the_same(redis_client):
 
 
 def test_an_abandon_run_twice_answers_the_same_and_a_run_that_reported_is_not_abandoned(redis_client):
-    store = _two_pull_run(redis_client, stale_after=1)
-    # found stale, but a pull reports before the abandon: the run lives on
-    time.sleep(1.1)
-    assert store.stale() == ["r1"]
+    store = _two_pull_run(redis_client, stale_after=60)
+    # found stale (at an instant stale_after past the run's start), but a pull
+    # reports after that instant and before the abandon: the run lives on
+    found = store.now() + 60
+    assert store.stale(now=found) == ["r1"]
     store.record("r1", Outcome("w1", "a", "pulled"))
-    assert not store.abandon("r1", "no progress")
+    assert not store.abandon("r1", "no progress", now=found)
     assert store.status("r1") == RUNNING
     # the same call re-run (same token) answers 1 again
-    time.sleep(1.1)
-    args = ["r1", "", "no progress", "token-1", ""]
+    args = ["r1", repr(store.now() + 120), "no progress", "token-1", ""]
     keys = ["imagesync:run:r1", "imagesync:active", "imagesync:lock"]
     assert store._abandon(keys=keys, args=args) == 1
     assert store._abandon(keys=keys, args=args) == 1
-    assert store._abandon(keys=keys, args=["r1", "", "again", "token-2", ""]) == 0
+    assert store._abandon(keys=keys, args=["r1", args[1], "again", "token-2", ""]) == 0
     assert store.status("r1") == ABANDONED
 
 
 def test_a_retry_counts_as_progress_and_keeps_the_lock(redis_client):
-    store = _two_pull_run(redis_client, stale_after=2)
-    lock = RunLock(redis_client, ttl=2)
-    for _ in range(3):
-        time.sleep(0.8)
-        assert store.touch("r1")
-    assert store.stale() == []
-    assert lock.holder() == "r1" and redis_client.ttl(lock.key) > 1
+    store = _two_pull_run(redis_client, stale_after=60)
+    lock = RunLock(redis_client, ttl=60)
+    start = store.now()
+    redis_client.expire(lock.key, 5)  # the lock's TTL ran down since the run's last progress
+    # retries 50 s and 100 s into a run that has been silent otherwise
+    assert store.touch("r1", now=start + 50)
+    assert store.stale(now=start + 61) == []  # stale from its start, not since the retry
+    assert store.touch("r1", now=start + 100)
+    assert store.stale(now=start + 159) == []
+    assert store.stale(now=start + 161) == ["r1"]
+    assert lock.holder() == "r1" and redis_client.ttl(lock.key) > 5  # renewed to lock_ttl
     store.abandon("r1", "test", force=True)
     assert not store.touch("r1")
 
 
 def test_staleness_runs_on_redis_clock_not_the_hosts(redis_client):
+    before = _store(redis_client).now()
     store = _two_pull_run(redis_client, stale_after=60)
-    seconds, _ = redis_client.time()
+    after = store.now()
     score = redis_client.zscore("imagesync:active", "r1")
-    assert abs(score - (seconds + 60)) < 2
+    assert before + 60 <= score <= after + 60
     # a host clock an hour ahead changes nothing when no time is passed in
     assert store.stale() == []
     assert not store.abandon("r1", "host clock ahead")
@@ -213,3 +225,35 @@ def test_a_start_that_fails_releases_the_lock_even_when_recording_the_failure_fa
     with pytest.raises(redis_py.exceptions.ConnectionError):
         sync.start_run(settings, redis_client, lambda *args: None)
     assert RunLock(redis_client, ttl=60).holder() is None
+
+
+def test_a_new_trigger_ends_a_stale_run_and_starts_its_own(redis_client, redis_server, tmp_path, monkeypatch, caplog):
+    # README: a stuck run is marked abandoned by the stale-run check, "also every
+    # new trigger": the trigger does not wait for the next beat to find the lock free
+    from imagesync import sync
+    from imagesync.config import load_settings
+    from imagesync.plan import make_plan
+
+    config = tmp_path / "imagesync.toml"
+    config.write_text(f'redis_url = "{redis_server.url}"\nlog_dir = "{tmp_path}"\n'
+                      'prefixes = ["bcm11"]\n[[nodes]]\nname = "w1"\n')
+    settings = load_settings(config)
+    store = sync.run_store(settings, redis_client)
+    assert sync.run_lock(settings, redis_client).acquire("stuck")
+    # its last progress lies stale_after (and a second) in the past, on the Redis clock
+    store.create("stuck", trigger="schedule", pulls=[("w1", "bcm11/a:1")], skipped={}, drift=[], refused=[],
+                 wanted=1, now=store.now() - store.stale_after - 1)
+    assert store.stale() == ["stuck"]
+    monkeypatch.setattr(sync, "plan_now", lambda *_args, **_kwargs: make_plan({"w1": []}, settings.prefixes))
+
+    caplog.set_level("INFO", logger="imagesync")
+    started = sync.start_run(settings, redis_client, lambda *args: None, trigger="manual")
+    assert started.run_id not in (None, "stuck")
+    stuck = store.get("stuck")
+    assert stuck.status == ABANDONED and stuck.reason == f"no pull reported for {store.stale_after} s"
+    assert stuck.unreported() == {"w1": 1}
+    assert store.get(started.run_id).trigger == "manual"
+    assert store.get(started.run_id).status == COMPLETED  # every node already held every image
+    assert RunLock(redis_client, ttl=60).holder() is None
+    # the stuck run's summary was written
+    assert any(r.getMessage().startswith("run stuck abandoned") for r in caplog.records), caplog.text
