@@ -289,9 +289,15 @@ def fleet(settings: Settings, redis: Redis) -> Fleet:
 
 def known_nodes(settings: Settings, redis: Redis | None) -> list[str]:
     """Every node name a run may target: the configured ones, and the registered agents."""
+    return node_names(settings, registered_names(redis) if settings.agents and redis is not None else [])
+
+
+def node_names(settings: Settings, registered: list[str]) -> list[str]:
+    """The configured nodes, then the agents of ``registered`` that are not among them
+    (with ``agents = true``): for a caller that read the registrations itself, in a pipeline."""
     names = [node.name for node in settings.nodes]
-    if settings.agents and redis is not None:
-        names += [name for name in registered_names(redis) if name not in names]
+    if settings.agents:
+        names += [name for name in registered if name not in names]
     return names
 
 

@@ -29,7 +29,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from . import keys
-from .agents import known_nodes
+from .agents import node_names
 from .celeryconfig import node_queue
 from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES, as_text
 from .sync import stale_after
@@ -108,21 +108,22 @@ class ImagesyncCollector(Collector):
                      time.perf_counter() - began)
 
     def _collect(self) -> Iterator[Metric]:
-        # 1: what exists: the history, the lock, the queues, the clock
+        # 1: what exists: the history, the lock, the registered agents, the clock
         pipe = self.redis.pipeline(transaction=False)
         pipe.lrange(keys.HISTORY, 0, self.history - 1)
         pipe.get(keys.LOCK)
         pipe.time()
-        # the configured nodes, and with agents = true the registered agents
-        nodes = known_nodes(self.settings, self.redis)
-        for node in nodes:
-            pipe.llen(node_queue(node))
-        history_raw, holder_raw, (seconds, micros), *depths = pipe.execute()
+        if self.settings.agents:
+            pipe.zrange(keys.AGENTS, 0, -1)
+        history_raw, holder_raw, (seconds, micros), *agents = pipe.execute()
         now = seconds + micros / 1e6
         history = [as_text(r) or "" for r in history_raw]
         holder = as_text(holder_raw)
+        # the configured nodes, and with agents = true the registered agents
+        nodes = node_names(self.settings, [as_text(name) or "" for name in agents[0]] if agents else [])
 
-        # 2: the newest run in full, a summary of every run, the lock holder's times
+        # 2: the newest run in full, a summary of every run, the lock holder's times, the
+        # queues, and which of the runs before the newest planned per-node counts
         pipe = self.redis.pipeline(transaction=False)
         if history:
             pipe.hgetall(keys.run(history[0]))
@@ -130,20 +131,22 @@ class ImagesyncCollector(Collector):
             pipe.hmget(keys.run(run_id), _SUMMARY_FIELDS)
         if holder:
             pipe.hmget(keys.run(holder), ["started", "last_progress"])
+        for node in nodes:
+            pipe.llen(node_queue(node))
+        earlier = history[1:_NODES_LOOKBACK]
+        for run_id in earlier:
+            pipe.hexists(keys.run(run_id), "nodes")
         answers = pipe.execute()
         newest = _decode(answers.pop(0)) if history else {}
         summaries = [[as_text(v) for v in answers.pop(0)] for _ in history]
         holder_times = answers.pop(0) if holder else [None, None]
+        depths = [answers.pop(0) for _ in nodes]
+        counted = [run_id for run_id, has_nodes in zip(earlier, answers, strict=True) if has_nodes]
 
-        # 3 (rarely): the newest run that planned per-node counts, if not the newest
+        # 3 (rarely: after runs limited to some images): the newest run that planned per-node counts
         planned = newest
         if "nodes" not in planned:
-            planned = {}
-            for run_id, summary in list(zip(history, summaries, strict=True))[1:_NODES_LOOKBACK]:
-                if summary[2] is not None:  # "wanted": a run that planned
-                    planned = _decode(self.redis.hgetall(keys.run(run_id)))
-                    if "nodes" in planned:
-                        break
+            planned = _decode(self.redis.hgetall(keys.run(counted[0]))) if counted else {}
 
         yield from self._node_metrics(planned, nodes, depths)
         yield from self._run_metrics(newest, now)

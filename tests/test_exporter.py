@@ -4,6 +4,7 @@ alert rules with promtool, and a real Prometheus scraping the exporter during a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import measured
 
 from imagesync import keys
 from imagesync.config import Settings
@@ -138,11 +140,30 @@ def test_schedule_period():
     assert schedule_period(settings_for(["a"], schedule="0 9-17 * * mon-fri")) == (24 + 24 + 16) * 3600
 
 
-def test_a_scrape_with_100_nodes_is_cheap(redis_client):
-    """100 nodes x 50 pulls in the newest run, a full history of 200 runs."""
-    nodes = [f"node-{i:03}" for i in range(100)]
-    settings = settings_for(nodes)
-    store = run_store(settings, redis_client)
+def _counting_client(redis_server):
+    """A client of the test Redis and a list counting its round trips: each request the
+    connection sends, a pipeline's commands together or a single command, is one."""
+    from redis import ConnectionPool, Redis
+    from redis.connection import Connection
+
+    sent: list[int] = []
+
+    class Counting(Connection):
+        def send_packed_command(self, command, check_health=True):
+            sent.append(1)
+            return super().send_packed_command(command, check_health)
+
+    client = Redis(connection_pool=ConnectionPool(host="127.0.0.1", port=redis_server.port, socket_timeout=5,
+                                                  connection_class=Counting))
+    client.ping()  # the connection's own handshake is not a scrape's
+    sent.clear()
+    return client, sent
+
+
+def _fill_history(settings, client, nodes, newest_limited=0):
+    """100 nodes x 50 pulls in the newest full run, half reported, a history of 200 runs; then
+    ``newest_limited`` runs limited to some images (webhook runs), which plan no per-node counts."""
+    store = run_store(settings, client)
     for n in range(199):
         store.create(f"20260101-{n:06}-aaaaaa", trigger="test", pulls=[], skipped={}, drift=[], refused=[],
                      wanted=500, nodes={node: {"held": 500, "missing": 0, "drifted": 0} for node in nodes})
@@ -151,20 +172,39 @@ def test_a_scrape_with_100_nodes_is_cheap(redis_client):
                  wanted=500, nodes={node: {"held": 450, "missing": 50, "drifted": 2} for node in nodes})
     for node, image in pulls[::2]:
         store.record("20260102-000000-bbbbbb", Outcome(node, image, "pulled"))
+    for n in range(newest_limited):
+        store.create(f"20260103-{n:06}-cccccc", trigger="webhook", pulls=[], skipped={}, drift=[], refused=[],
+                     wanted=1)
     for node in nodes:
-        redis_client.rpush(f"node.{node}", *range(25))
-    registry = registry_for(settings, redis_client)
-    redis_client.config_resetstat()
-    timings = []
+        client.rpush(f"node.{node}", *range(25))
+
+
+@pytest.mark.parametrize(("agents", "newest_limited"), [(False, 0), (False, 6), (True, 6)],
+                         ids=["full-run", "after-webhook-runs", "agents"])
+def test_a_scrape_with_100_nodes_is_three_round_trips_at_most(redis_server, redis_client, agents, newest_limited):
+    """README: every scrape reads Redis in three pipelined round trips at most, whatever the
+    number of nodes; here 100 nodes (half of them registered agents), 200 runs of history."""
+    nodes = [f"node-{i:03}" for i in range(100)]
+    settings = settings_for(nodes[:50] if agents else nodes, agents=agents)
+    if agents:
+        redis_client.zadd(keys.AGENTS, {node: time.time() for node in nodes[50:]})
+    _fill_history(settings, redis_client, nodes, newest_limited)
+    client, sent = _counting_client(redis_server)
+    registry = registry_for(settings, client)
+    timings, trips = [], []
     for _ in range(5):
         began = time.perf_counter()
-        assert value(registry, "imagesync_node_images_missing", node="node-042") == 25
+        samples = {(s.name, s.labels.get("node")): s.value for m in registry.collect() for s in m.samples}
         timings.append(time.perf_counter() - began)
-    calls = int(redis_client.info("stats")["total_commands_processed"])
-    print(f"scrape with 100 nodes, 200 runs: best {min(timings) * 1000:.1f} ms, worst {max(timings) * 1000:.1f} ms; "
-          f"{calls / 5:.0f} Redis commands per scrape")
-    assert value(registry, "imagesync_node_queue_depth", node="node-099") == 25
-    assert min(timings) < 0.5
+        trips.append(len(sent))
+        sent.clear()
+    measured(f"scrape with 100 nodes, 200 runs ({'agents, ' if agents else ''}{newest_limited} webhook runs)",
+             f"best {min(timings) * 1000:.1f} ms, worst {max(timings) * 1000:.1f} ms, round trips {trips}")
+    assert samples[("imagesync_up", None)] == 1
+    assert samples[("imagesync_node_images_missing", "node-042")] == 25
+    assert samples[("imagesync_node_images_missing", "node-099")] == 25  # an agent's, with agents = true
+    assert samples[("imagesync_node_queue_depth", "node-099")] == 25
+    assert max(trips) <= 3, trips
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
@@ -176,6 +216,90 @@ def test_the_rules_check_and_their_tests_pass():
     unit = subprocess.run(["promtool", "test", "rules", "imagesync.rules.test.yml"], cwd=RULES_DIR,
                           capture_output=True, text=True)
     assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+def _scrape(settings, client) -> tuple[dict[str, float], set[str]]:
+    """The exporter's ``/metrics`` text (what Prometheus reads): its unlabelled samples by name,
+    and the names of all its samples."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(registry_for(settings, client)).decode()
+    samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    return {sample.name: sample.value for sample in samples if not sample.labels}, {s.name for s in samples}
+
+
+def _humanize_duration(seconds: float) -> str:
+    """Prometheus's ``humanizeDuration`` of a whole number of seconds (at least 60)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h {minutes}m {secs}s"
+    return f"{hours}h {minutes}m {secs}s" if hours else f"{minutes}m {secs}s"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+@pytest.mark.parametrize(("config", "stale_bound", "period"), [
+    ({}, 1865, 1800),  # the sample: time_out = 1800, schedule "*/30 * * * *"
+    ({"time_out": 600, "schedule": "0 2 * * *"}, 665, 86400),
+], ids=["sample", "nightly"])
+def test_the_alerts_compare_with_the_bounds_the_exporter_serves(redis_client, tmp_path, config, stale_bound, period):
+    """README: imagesync_stale_bound_seconds is time_out + 65 s and imagesync_schedule_period_seconds
+    the longest gap of schedule, "what the alerts compare with": the values the exporter serves,
+    fed to the rules file by promtool, fire ImagesyncLockHeldTooLong and ImagesyncNoSuccessfulRun
+    once past them, not before."""
+    import yaml
+
+    from imagesync.config import load_settings
+
+    settings = load_settings(RULES_DIR.parent.parent / "imagesync.sample.toml",
+                             environ={f"IMAGESYNC_{key.upper()}": str(value) for key, value in config.items()})
+    RunLock(redis_client, ttl=stale_after(settings)).acquire("20260101-000000-abcdef")
+    node = settings.nodes[0].name
+    run_store(settings, redis_client).create("20260101-000000-abcdef", trigger="test", pulls=[(node, "img:1")],
+                                             skipped={}, drift=[], refused=[], wanted=1,
+                                             nodes={node: {"held": 0, "missing": 1, "drifted": 0}})
+    redis_client.lpush(f"node.{node}", "m1")
+    served, names = _scrape(settings, redis_client)
+    assert (served["imagesync_stale_bound_seconds"], served["imagesync_schedule_period_seconds"]) == (
+        stale_bound, period)
+    # every imagesync metric the rules read is one the exporter serves
+    named = set(re.findall(r"\bimagesync_\w+", (RULES_DIR / "imagesync.rules.yml").read_text()))
+    assert named and named <= names, named - names
+
+    lock_fires = int(stale_bound // 60) + 2  # the lock ages 60 s a minute; past the bound, then for: 1m
+    success_fires = int(3 * period // 60) + 6  # no success since 0; past 3 periods, then for: 5m
+    horizon = max(lock_fires, success_fires) + 2
+    test = {"rule_files": [str(RULES_DIR / "imagesync.rules.yml")], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": "imagesync_stale_bound_seconds",
+             "values": f"{served['imagesync_stale_bound_seconds']:g}x{horizon}"},
+            {"series": "imagesync_lock_age_seconds", "values": f"0+60x{horizon}"},
+            {"series": "imagesync_schedule_period_seconds",
+             "values": f"{served['imagesync_schedule_period_seconds']:g}x{horizon}"},
+            {"series": "imagesync_last_success_timestamp_seconds", "values": f"0x{horizon}"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": f"{lock_fires - 1}m", "alertname": "ImagesyncLockHeldTooLong", "exp_alerts": []},
+            {"eval_time": f"{lock_fires}m", "alertname": "ImagesyncLockHeldTooLong", "exp_alerts": [{
+                "exp_labels": {"severity": "warning"},
+                "exp_annotations": {
+                    "summary": f"the imagesync lock has been held for {_humanize_duration(lock_fires * 60)}",
+                    "description": "See `imagesync history`; `imagesync cancel` ends the run."}}]},
+            {"eval_time": f"{success_fires - 1}m", "alertname": "ImagesyncNoSuccessfulRun", "exp_alerts": []},
+            {"eval_time": f"{success_fires}m", "alertname": "ImagesyncNoSuccessfulRun", "exp_alerts": [{
+                "exp_labels": {"severity": "critical"},
+                "exp_annotations": {
+                    "summary": f"no successful imagesync run for {_humanize_duration(success_fires * 60)}",
+                    "description": "See `imagesync history`: failed pulls, skipped nodes, abandoned or "
+                                   "cancelled runs."}}]},
+        ]}]}
+    (tmp_path / "bounds.test.yml").write_text(yaml.safe_dump(test))
+    result = subprocess.run(["promtool", "test", "rules", str(tmp_path / "bounds.test.yml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --- a real Prometheus on loopback, scraping the exporter during a real sync ---
@@ -243,7 +367,8 @@ def test_prometheus_sees_missing_images_fall_to_zero(deploy, tmp_path):
     _wait_for(prometheus_port, 'imagesync_node_queue_depth{node="node-2"}', 3)
     _wait_for(prometheus_port, 'imagesync_last_run_status{status="running"}', 1)
     _wait_for(prometheus_port, "imagesync_lock_held", 1)
-    assert _query(prometheus_port, 'up{job="imagesync"}') and _query(prometheus_port, "imagesync_up")
+    assert list(_query(prometheus_port, 'up{job="imagesync"}').values()) == [1]
+    assert list(_query(prometheus_port, "imagesync_up").values()) == [1]
 
     d.services.start_worker("node-2")
     drained = _wait_for(prometheus_port, 'imagesync_node_images_missing{node="node-2"}', 0)
