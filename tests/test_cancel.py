@@ -11,14 +11,17 @@ import io
 import logging
 import os
 import re
+import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
-from helpers import wait_for
+from helpers import finish, start_cli, wait_for
 from rich.console import Console
 
 from imagesync import keys
+from imagesync.celeryconfig import NODE_QUEUE_PREFIX
 from imagesync.cli import main, operator
 from imagesync.config import Settings
 from imagesync.lock import RunLock
@@ -153,26 +156,6 @@ def _plan(count):
     return make_plan({"w1": [], "w2": []}, [], declared=images)
 
 
-def test_a_run_cancelled_while_it_lists_images_sends_nothing(redis_server, redis_client, tmp_path):
-    settings = _settings(redis_server.url, tmp_path)
-    sent = []
-
-    def plan_while_cancelled(settings_, targets=None, redis=None):
-        holder = RunLock(redis_client, ttl=60).holder()
-        cancel_run(settings_, redis_client, None, "ops@head", "too early")
-        assert RunLock(redis_client, ttl=60).holder() is None
-        plan_while_cancelled.run = holder
-        return _plan(3)
-
-    with mock.patch("imagesync.sync.plan_now", plan_while_cancelled):
-        started = start_run(settings, redis_client, lambda *pull: sent.append(pull), trigger="cli")
-    assert (started.status, started.run_id) == ("cancelled", plan_while_cancelled.run)
-    assert "cancelled while it listed images" in started.message
-    assert sent == []
-    run = _store(redis_client).get(started.run_id)
-    assert (run.status, run.trigger, run.reason) == (CANCELLED, "cli", "too early")
-
-
 def test_a_run_cancelled_during_its_fan_out_stops_sending(redis_server, redis_client, tmp_path):
     settings = _settings(redis_server.url, tmp_path)
     sent = []
@@ -294,19 +277,19 @@ def _started(result):
 
 def test_a_cancelled_run_starts_no_more_pulls_and_frees_the_lock_at_once(deploy):
     d = deploy(nodes=2)
-    d.cluster.seed({"node-1": [f"bcm11/one{i}:1" for i in range(10)],
-                    "node-2": [f"nvidia/two{i}:1" for i in range(10)]})
+    per_node = 6  # each node pulls the other's images: per node, max_parallel running at the cancel, 4 queued
+    d.cluster.seed({"node-1": [f"bcm11/one{i}:1" for i in range(per_node)],
+                    "node-2": [f"nvidia/two{i}:1" for i in range(per_node)]})
     d.configure(max_parallel=2)
     d.start()
-    delay = 4.0
-    d.cluster.proxy.delay(delay)
-    result = d.cli("sync")
-    assert result.returncode == 0, result.stderr + result.stdout
-    run_id = _started(result)
+    d.cluster.proxy.hold()  # every pull stays under way until released
+    waiting = start_cli(d, "sync", "--wait")
     with d.cluster.redis.client() as client:
         store = RunStore(client, stale_after=600, lock_ttl=600)
-        # cancelled after the first few pulls, with the next ones running
-        wait_for(lambda: (store.get(run_id, with_results=False).done >= 2), 60, "the first pulls")
+        run_id = wait_for(lambda: client.get(keys.LOCK), 60, "the run's lock").decode()
+        # cancelled with every node's slots running a pull, and the other pulls queued
+        wait_for(lambda: all(sum(p.end is None for p in d.cluster.node(n).pulls()) == 2 for n in ("node-1", "node-2")),
+                 60, "two pulls running on each node")
         before = time.time()
         cancel = d.cli("cancel", "--reason", "test")
         cancelled_at = time.time()
@@ -320,21 +303,27 @@ def test_a_cancelled_run_starts_no_more_pulls_and_frees_the_lock_at_once(deploy)
         print(f"measured: cancel took {cancelled_at - before:.2f} s; at the cancel: {at_cancel.counts}, "
               f"{len(running)} pulls running on the nodes")
         assert at_cancel.status == CANCELLED and at_cancel.cancelled_by.endswith("@" + os.uname().nodename)
+        # the CLI that followed the run sees it end cancelled, and says so with exit 1
+        followed = finish(waiting)
+        assert followed.returncode == 1, followed.stdout + followed.stderr
+        assert f"run {run_id} started: {2 * per_node} pulls" in followed.stdout
+        assert f"run {run_id} cancelled in " in followed.stdout
 
         # a new run starts at once, on node-1 only: node-2 stays a clean witness
-        d.cluster.proxy.passthrough()
+        d.cluster.proxy.release()
         again = d.cli("sync", "--node", "node-1")
         assert again.returncode == 0, again.stderr + again.stdout
         second = _started(again)
 
         # every pull of the cancelled run reports: the running ones late, the queued ones skipped
-        wait_for(lambda: store.get(run_id, with_results=False).done == 20, 60, "every pull of the cancelled run")
+        wait_for(lambda: store.get(run_id, with_results=False).done == 2 * per_node, 60,
+                 "every pull of the cancelled run")
         wait_for(lambda: store.status(second) != RUNNING, 120, "the end of the second run")
         run = d.history(run_id)
         assert run["status"] == "cancelled" and run["reason"] == "test"
         assert set(run["counts"]) <= {"pulled", "skipped"}
         assert run["counts"]["skipped"] >= 1
-        assert sum(run["counts"].values()) == 20
+        assert sum(run["counts"].values()) == 2 * per_node
         # the pulls running at the cancel finished and were counted into the cancelled run
         assert run["counts"]["pulled"] >= at_cancel.counts.get("pulled", 0) + len(running) > 0
         for outcome in run["results"]:
@@ -366,7 +355,72 @@ def test_a_cancelled_run_starts_no_more_pulls_and_frees_the_lock_at_once(deploy)
     listing = d.cli("history", env={"COLUMNS": "200"})
     row = next(line for line in listing.stdout.splitlines() if run_id in line)
     cells = [cell.strip() for cell in row.split("│")[1:-1]]
-    assert cells[2:7] == ["cancelled", "20", str(run["counts"]["pulled"]), "0", str(run["counts"]["skipped"])]
+    assert cells[2:7] == ["cancelled", str(2 * per_node), str(run["counts"]["pulled"]), "0",
+                          str(run["counts"]["skipped"])]
     shown = d.cli("history", run_id, env={"COLUMNS": "200"}).stdout
     assert f"run {run_id} cancelled in" in shown and "(cancelled by " in shown and ": test)" in shown
     assert "pulls skipped: the run was cancelled before they started" in shown
+
+
+def hang_listing(node, flag):
+    """Put a wrapper in front of ``node``'s crictl: ``crictl images`` touches ``flag``.listing,
+    then waits while ``flag`` exists. Everything else goes to the real crictl."""
+    real = node.bin_dir / "crictl.real"
+    if not real.exists():
+        (node.bin_dir / "crictl").rename(real)
+    wrapper = node.bin_dir / "crictl"
+    wrapper.write_text(f"""#!{sys.executable}
+import os, sys, time
+args, real, flag = sys.argv[1:], {str(real)!r}, {str(flag)!r}
+if "images" in args:
+    open(flag + ".listing", "w").close()
+    while os.path.exists(flag):
+        time.sleep(0.1)
+os.execv(real, [real, *args])
+""")
+    wrapper.chmod(0o755)
+
+
+def queued(client) -> dict[str, int]:
+    """Messages waiting in each node's queue (a Redis list per queue and priority)."""
+    names = [name.decode() for name in client.scan_iter(match=f"{NODE_QUEUE_PREFIX}*")]
+    return {name: client.llen(name) for name in names if client.type(name) == b"list"}
+
+
+def test_a_run_cancelled_while_it_lists_images_sends_nothing_and_sync_wait_exits_1(deploy, tmp_path):
+    d = deploy(nodes=2)
+    d.cluster.seed({"node-1": ["bcm11/listed:1", "nvidia/listed:1"]})
+    d.configure()
+    # no node worker: a pull the run sent would wait in its node's queue, for all to see
+    d.start(nodes=[])
+    flag = tmp_path / "hang"
+    flag.touch()
+    hang_listing(d.cluster.node("node-1"), flag)
+    held_before = {n: d.cluster.node(n).images() for n in ("node-1", "node-2")}
+    d.cluster.proxy.clear()
+
+    sync = start_cli(d, "sync", "--wait")
+    try:
+        wait_for(lambda: Path(f"{flag}.listing").exists(), 60, "the run listing node-1's images")
+        with d.cluster.redis.client() as client:
+            run_id = client.get(keys.LOCK).decode()
+            assert not client.exists(keys.run(run_id))  # still listing: no record yet
+        cancel = d.cli("cancel", "--reason", "not now")
+        assert cancel.returncode == 0, cancel.stderr + cancel.stdout
+        assert cancel.stdout.startswith(f"run {run_id} cancelled in ")
+    finally:
+        flag.unlink()
+    result = finish(sync)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"run {run_id} was cancelled while it listed images; no pull was sent" in result.stderr
+    run = d.history(run_id)
+    assert (run["status"], run["trigger"], run["reason"], run["expected"]) == ("cancelled", "cli", "not now", 0)
+    assert run["results"] == []
+    with d.cluster.redis.client() as client:
+        assert client.get(keys.LOCK) is None
+        assert sum(queued(client).values()) == 0, queued(client)
+    # the planned pulls were onto node-2; neither node pulled anything, and no layer left the registry
+    assert {n: d.cluster.node(n).images() for n in ("node-1", "node-2")} == held_before
+    assert d.cluster.node("node-2").pulls() == []
+    assert [r.path for r in d.cluster.proxy.requests if r.is_layer_get] == []
