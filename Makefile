@@ -34,9 +34,13 @@ demo: deps
 demo-down: $(PYTHON)
 	$(PYTHON) -m testcluster down --dir $(DEMO_DIR)
 
-# Every test, the real-cluster ones included.
+# Every test, the real-cluster ones included. Four modules at a time (pytest-xdist):
+# a cluster test mostly waits on its servers, so four fit on two cores; a module's
+# tests stay together, in one process, and share its fixtures.
+TEST_PROCESSES ?= 4
 test: deps
-	$(PYTHON) -m pytest -p no:cacheprovider
+	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --no-loadscopereorder \
+		--durations=15
 
 # Only the tests that need no servers.
 unit: deps

@@ -38,7 +38,7 @@ def _ephemeral_range() -> tuple[int, int]:
 # seeded alike would pick the same ports.
 _random = random.SystemRandom()
 #: set (by ``make unit``'s pytest run) where no server of the test cluster may start
-NO_SERVERS = "IMAGESYNC_TEST_NO_SERVERS"
+NO_SERVERS = "TESTCLUSTER_NO_SERVERS"
 _handed_out: set[int] = set()
 
 

@@ -153,6 +153,18 @@ class Services:
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
             list(pool.map(self.stop, names))
 
+    def kill_all(self) -> None:
+        """SIGKILL every process group: for a cluster about to be thrown away, which needs no
+        warm shutdown (about 2 s a worker) and no acknowledgement of what the workers held."""
+        for name, process in list(self.processes.items()):
+            if process.pid:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.kill()
+            del self.processes[name]
+
     def __enter__(self) -> Services:
         return self
 

@@ -20,10 +20,19 @@ def pytest_configure(config):
         os.environ[NO_SERVERS] = "1"
 
 
+#: the modules that take longest, longest first: `make test` runs modules side by side
+#: (pytest-xdist, --dist loadfile), and starting these first keeps the last one from
+#: running alone at the end
+SLOWEST_MODULES = ["test_faults.py", "test_compose.py", "test_lifecycle.py", "test_e2e.py", "test_transfer.py",
+                   "test_cancel.py", "test_systemd.py", "test_backup.py", "test_shared_worker.py", "test_agents.py"]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+    rank = {name: position for position, name in enumerate(SLOWEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +114,8 @@ def deploy(tmp_path):
                                               redis_password=redis_password, registry_login=registry_login,
                                               registry_notify=registry_notify))
         deployment = Deployment(cluster, tmp_path)
-        stack.enter_context(deployment.services)
+        # the cluster goes with the test: its workers need no warm shutdown
+        stack.callback(deployment.services.kill_all)
         return deployment
 
     with stack:
