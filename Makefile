@@ -39,7 +39,7 @@ demo-down: $(PYTHON)
 # tests stay together, in one process, and share its fixtures.
 TEST_PROCESSES ?= 4
 test: deps
-	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --no-loadscopereorder \
+	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder \
 		--durations=15
 
 # Only the tests that need no servers.
