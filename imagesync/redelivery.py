@@ -47,6 +47,8 @@ def take_back(channel: Any, queues: Collection[str], before: float) -> list[str]
             continue
         # one transaction (WATCH on the hash): a message restored by someone
         # else in between is not restored twice
-        qos.restore_by_tag(tag, leftmost=True)
+        # kombu publishes with LPUSH and consumes with BRPOP: the right end is the
+        # head of the queue, where rpush (leftmost=False) puts the message
+        qos.restore_by_tag(tag, leftmost=False)
         restored.append(as_text(tag))
     return restored

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 from testcluster.measure import max_concurrency
 
@@ -157,7 +158,8 @@ def test_ten_concurrent_triggers_make_exactly_one_run(deploy):
     d.cluster.seed({"node-1": [f"bcm11/app{i}:1" for i in range(4)], "node-2": []})
     d.configure(max_parallel=1)
     d.start()
-    d.cluster.proxy.delay(1.5)
+    # the run's pulls wait until every trigger has been answered: none comes after the run ended
+    d.cluster.proxy.hold()
     env = {"IMAGESYNC_CONFIG": str(d.config_path)}
     outputs = []
 
@@ -178,9 +180,20 @@ def test_ten_concurrent_triggers_make_exactly_one_run(deploy):
         outputs.append(subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
                                       capture_output=True, text=True, timeout=150))
 
+    control_log = d.services.processes["control"].log_path
+    answers = ("'status': 'already-running'", "'status': 'started'")
+
+    def answered():
+        text = control_log.read_text(errors="replace")
+        return sum(text.count(answer) for answer in answers)
+
     threads = [threading.Thread(target=f) for f in [cli] * 4 + [celery_call] * 4 + [beat_like] * 2]
-    for t in threads:
-        t.start()
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: answered() >= 10, 120, "every sync task answered")
+    finally:
+        d.cluster.proxy.release()
     for t in threads:
         t.join()
     cli_results = [o for o in outputs if "imagesync.cli" in " ".join(o.args)]
@@ -188,13 +201,12 @@ def test_ten_concurrent_triggers_make_exactly_one_run(deploy):
     for o in cli_results:
         if o.returncode == 3:
             assert "already running" in o.stderr
-    time.sleep(1)
     runs = d.history()
     assert len(runs) == 1, runs
     # every sync task answered: one started, nine said already running
-    control_log = d.services.log("control")
-    assert control_log.count("'status': 'already-running'") == 9
-    assert control_log.count("'status': 'started'") == 1
+    text = control_log.read_text(errors="replace")
+    assert text.count(answers[0]) == 9
+    assert text.count(answers[1]) == 1
 
 
 def test_beat_alone_brings_a_new_image_to_every_node(deploy):
@@ -254,6 +266,7 @@ def test_a_node_served_by_a_worker_running_on_it_uses_the_local_transport(deploy
     d.configure(nodes_extra={"node-1": {"transport": "local", "endpoint": f"unix://{local.socket}"}})
     # the worker "on" node-1 finds that node's crictl on its PATH, as on a real node
     d.services.env["PATH"] = f"{local.bin_dir}:{os.environ['PATH']}"
+    local.stop_sshd()  # nothing reaches node-1 over SSH: only the local transport can
     d.start()
     result = d.cli("sync", "--wait", env={"PATH": d.services.env["PATH"]})
     assert result.returncode == 0, result.stderr + result.stdout

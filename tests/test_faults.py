@@ -250,13 +250,14 @@ def test_a_pull_whose_worker_process_is_killed_is_delivered_again_and_counted_on
 
 def test_a_worker_killed_outright_has_its_pull_taken_back_by_the_next_worker_of_its_node(deploy):
     d = deploy(nodes=2)
-    d.cluster.seed({"node-1": ["bcm11/a:1"], "node-2": []})
+    d.cluster.seed({"node-1": ["bcm11/a:1", "bcm11/b:1"], "node-2": []})
     d.configure(time_out=20, max_parallel=1)
     d.start()
     node, worker = d.cluster.node("node-2"), d.services.worker("node-2")
-    d.cluster.proxy.delay(3)
+    d.cluster.proxy.hold()
     run_id = started_run(d.cli("sync"))
-    wait_for(lambda: node.processes(r"crictl.* pull"), 30, "a pull on node-2")
+    pulling = wait_for(lambda: node.processes(r"crictl.* pull"), 30, "a pull on node-2")
+    taken_ref, queued_ref = sorted(d.cluster.digests, key=lambda ref: ref not in pulling[0].cmdline)
     pool = children(worker.pid)
     os.kill(worker.pid, signal.SIGKILL)
     # billiard's children die with their parent (PR_SET_PDEATHSIG): nothing acknowledges
@@ -266,9 +267,16 @@ def test_a_worker_killed_outright_has_its_pull_taken_back_by_the_next_worker_of_
     (tag, _delivered), = redis.zrange("unacked_index", 0, -1, withscores=True)
     message, _, queue = json.loads(redis.hget("unacked", tag))
     assert message["headers"]["task"] == "imagesync.pull" and queue == "node.node-2"
+    assert redis.llen("node.node-2") == 1  # the other pull, still queued behind it
     settings_ = load_settings(d.config_path)
     visibility = celery_settings(settings_)["broker_transport_options"]["visibility_timeout"]
     assert visibility == pull_time_limits(settings_)[1] + 300 > stale_after(settings_)
+
+    # The pull the dead worker held got as far as the node: the image is there now.
+    d.cluster.proxy.release()
+    wait_for(lambda: not node.processes(r"crictl.* pull"), 30, "the dead worker's pull over on node-2")
+    node.pull(taken_ref)
+    pulls_before = [p.ref for p in node.pulls()]
 
     # The visibility timeout would hand it out again after 6 minutes, past the
     # run's stale window. The node's next worker takes it back as it starts.
@@ -277,8 +285,13 @@ def test_a_worker_killed_outright_has_its_pull_taken_back_by_the_next_worker_of_
     run = wait_for_run_end(d, run_id, 60)
     measured("worker killed outright: restart -> run completed (s)", round(run["finished"] - restarted, 2))
     assert run["status"] == "completed"
-    assert [(r["status"] in ("pulled", "present"), r["attempts"]) for r in run["results"]] == [(True, 1)]
-    assert d.cluster.ref("bcm11/a:1") in d.held("node-2")
+    outcomes = {r["image"]: (r["status"], r["attempts"]) for r in run["results"]}
+    # taken back, it asked the node first: present, and no second crictl pull of it
+    assert outcomes == {taken_ref: ("present", 1), queued_ref: ("pulled", 1)}, outcomes
+    assert [p.ref for p in node.pulls()] == [*pulls_before, queued_ref]
+    # and it ran first, ahead of the pull that was still queued
+    assert received_ids(d.services.log("worker-node-2"))[0] == message["headers"]["id"]
+    assert set(d.cluster.digests) <= set(d.held("node-2"))
     assert not redis.hexists("unacked", tag)
     assert "took back 1 unacknowledged pulls of node.node-2" in d.services.log("worker-node-2")
     redis.close()
@@ -632,6 +645,24 @@ def pulled_repositories(d):
 def shown(name):
     """How a refused name is shown: cut at 80 characters."""
     return name if len(name) <= 80 else name[:77] + "..."
+
+
+def test_an_unexpected_error_listing_one_node_skips_that_node_and_the_others_converge(deploy):
+    d = deploy(nodes=3)
+    d.cluster.seed({"node-1": ["bcm11/a:1"], "node-2": ["nvidia/b:1"], "node-3": []})
+    # node-2's runtime answers with a listing whose entry is no image at all
+    tamper_crictl(d.cluster.node("node-2"), extra_images=["not an image"])
+    d.configure()
+    d.start()
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = d.history(started_run(result))
+    assert run["status"] == "completed" and list(run["skipped"]) == ["node-2"], run
+    assert run["skipped"]["node-2"].startswith("unexpected error listing images on node-2: AttributeError"), run
+    # the others converge; node-2's images are not wanted while its listing cannot be read
+    assert run["expected"] == 1 and run["counts"] == {"pulled": 1}, run
+    assert d.held("node-3") == d.held("node-1") == {d.cluster.ref("bcm11/a:1"): d.cluster.digests[
+        d.cluster.ref("bcm11/a:1")]}
 
 
 @pytest.mark.parametrize("runtime", ["crictl", "ctr"])
