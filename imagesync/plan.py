@@ -401,7 +401,9 @@ def holdings(
         for text in image.tags:
             kept = accept(text)
             if kept is not None:
-                held[kept[1]] = digests.get(kept[0].repository)
+                # a declared tag outside the prefixes: its repo digest was not kept by itself
+                digest = digests.get(kept[0].repository) or _digest_of_repository(image, kept[0].repository)
+                held[kept[1]] = digest
                 tagged = True
                 if image.size:
                     sizes[kept[1]] = image.size
@@ -411,6 +413,18 @@ def holdings(
                 if image.size:
                     sizes[name] = image.size
     return Holdings(node, held, tuple(refused), sizes)
+
+
+def _digest_of_repository(image: Image, repository: str) -> str | None:
+    """The digest of ``image``'s repo digest reference in ``repository``, if it has one."""
+    for text in image.digests:
+        try:
+            ref = references.parse(text)
+        except (RefusedReference, TypeError):
+            continue
+        if ref.repository == repository and ref.digest:
+            return ref.digest
+    return None
 
 
 def make_plan(

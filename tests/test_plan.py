@@ -135,3 +135,12 @@ def test_a_run_whose_targets_were_all_skipped_has_missed_them():
     assert missed_targets(plan, ["w1", "w2"], None) == {}  # one of two down: the run goes on
     everyone = {"w1": "refused", **down}
     assert missed_targets(make_plan({}, PREFIXES, unreachable=everyone), ["w1", "w2"], None) == everyone
+
+
+def test_a_declared_image_outside_the_prefixes_is_held_under_its_digest():
+    declared = "registry.other:5000/arm/tool:1"
+    plan = make_plan({"w1": [image(declared, D2)], "w2": [image(declared, D3)], "w3": []}, PREFIXES,
+                     declared=[declared])
+    assert plan.held("w1", declared) == (True, D2)
+    assert plan.missing == {"w3": [declared]}
+    assert [(drift.reference, drift.digests) for drift in plan.drift] == [(declared, {"w1": D2, "w2": D3})]
