@@ -1,12 +1,15 @@
 """Node-to-node transfer on the real cluster: ``ctr export`` on a node that holds an image,
 through imagesync, into ``ctr import`` on a node that lacks it.
 
-One 4-node cluster for the module. Every assertion on images asks the nodes'
-containerd directly.
+One 4-node cluster for the module. A test that needs other settings than the
+module's asks for them with :func:`use`, which restarts imagesync's processes only
+when the settings change, so that each test runs under its own settings in any
+order. Every assertion on images asks the nodes' containerd directly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +31,8 @@ from testcluster.image import build_image, write_oci_layout
 pytestmark = pytest.mark.cluster
 
 NODES = 4
+#: the module's settings; a test adds to them with use()
+SETTINGS = {"time_out": 30, "max_parallel": 2, "retries": 0}
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +48,22 @@ def d(tmp_path_factory):
     with Cluster(workdir / "cluster", nodes=NODES) as cluster:
         deployment = Deployment(cluster, workdir)
         with deployment.services:
-            deployment.configure(time_out=30, max_parallel=2, retries=0)
+            deployment.configure(**SETTINGS)
             deployment.start()
+            deployment.settings = SETTINGS
             measured("cluster and workers started (s)", round(time.monotonic() - began, 1))
             yield deployment
     close_all()
+
+
+def use(d, **overrides) -> None:
+    """Run imagesync with the module's settings and ``overrides``; restarted only if they change."""
+    wanted = {**SETTINGS, **overrides}
+    if d.settings != wanted:
+        d.services.stop_all()
+        d.configure(**wanted)
+        d.start()
+        d.settings = wanted
 
 
 def make_local_image(d, name: str, nodes: list[str], size: int = 1024 * 1024) -> str:
@@ -202,6 +218,7 @@ def test_a_missing_digest_is_refused_and_the_import_removed(d):
 
 
 def test_images_no_registry_serves_are_copied_from_the_node_that_holds_them(d):
+    use(d)
     # one built on node-1 alone, one node-1 pulled before the registry lost it
     local = make_local_image(d, "bcm11/built-here:1", ["node-1"])
     d.cluster.seed({"node-1": ["bcm11/lost:1"]})
@@ -231,9 +248,7 @@ def test_images_no_registry_serves_are_copied_from_the_node_that_holds_them(d):
 
 def test_peers_first_the_registry_serves_each_blob_once(d):
     ref = d.cluster.push("bcm11/wide", "1", size=4 * 1024 * 1024, layers=2)
-    d.services.stop_all()
-    d.configure(time_out=30, max_parallel=2, retries=0, source="peers-first", images=[ref])
-    d.start()
+    use(d, source="peers-first", images=[ref])
     plan = d.cli("plan", "--json")
     assert "nodes that hold it (after node-1)" in plan.stdout, plan.stdout
     # the plan judged the image's platforms once (its manifest and config, kept in Redis):
@@ -257,3 +272,35 @@ def test_peers_first_the_registry_serves_each_blob_once(d):
         measured(f"{node}: {outcome['status']} {outcome.get('source', '')}", f"{outcome['duration']} s")
     sources = Counter(results[(node, ref)].get("source") for node in ("node-2", "node-3", "node-4"))
     assert max(sources.values()) <= 2, sources  # the holders doubled: node-1 did not serve everyone
+
+
+def test_a_seed_that_fails_sends_the_nodes_waiting_for_it_to_the_registry(d):
+    ref = d.cluster.push("bcm11/seeded", "1")
+    use(d, source="peers-first", images=[ref])
+    plan = d.cli("plan", "--json")
+    assert plan.returncode == 0, plan.stderr
+    routes = {node: images[ref] for node, images in json.loads(plan.stdout)["routes"].items()}
+    (seed,) = {route["seed"] for route in routes.values() if "seed" in route}
+    waiting = sorted(node for node, route in routes.items() if route.get("seed") == seed)
+    assert len(waiting) == NODES - 1, routes
+    # the seed cannot reach the registry: its hosts.toml names a closed port
+    hosts = d.cluster.node(seed).workdir / "certs.d" / d.cluster.registry_address / "hosts.toml"
+    kept = hosts.read_text()
+    hosts.write_text('server = "http://127.0.0.1:1"\n\n[host."http://127.0.0.1:1"]\n'
+                     '  capabilities = ["pull", "resolve"]\n')
+    try:
+        result, run_id = sync(d)
+    finally:
+        hosts.write_text(kept)
+
+    assert result.returncode == 1, result.stdout + result.stderr  # the seed's pull failed
+    results = history_results(d, run_id)
+    assert results[(seed, ref)]["status"] == "failed", results[(seed, ref)]
+    assert digest_on(d, seed, ref) is None
+    # the others did not wait out time_out for a holder: the seed's failure sent them to the registry
+    for node in waiting:
+        outcome = results[(node, ref)]
+        assert outcome["status"] == "pulled", outcome
+        assert outcome["reason"].startswith(f"peers: no node holds it: {seed}, which was to get it from the "
+                                            "registry, failed: "), outcome
+        assert digest_on(d, node, ref) == d.cluster.digests[ref]
