@@ -1,7 +1,7 @@
 """Cancelling a run: the record and its Lua script, the run lifecycle, the CLI, and the real cluster.
 
 All of it needs a real redis-server (the Lua scripts run there), so all of it
-is ``cluster``; the last test deploys the whole test cluster.
+is ``cluster``; the last two tests deploy the whole test cluster.
 """
 
 from __future__ import annotations
