@@ -11,7 +11,6 @@ moved under that root.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import shlex
@@ -25,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import measured
+from helpers import measured, wait_for
 
 from testcluster.process import ServerProcess, free_port, port_open, tail
 
@@ -60,9 +59,11 @@ def unit(name: str) -> dict[str, list[str]]:
     return parse_unit((DEPLOY / "systemd" / name).read_text())
 
 
-def staged(text: str, root: Path) -> str:
+def staged(text: str, root: Path, own: Path | None = None) -> str:
+    """The unit's paths moved under ``root``; the configuration's and the logs' under ``own``
+    instead when given: a test's own, so that the installed tree stays as install.sh left it."""
     for path in PATHS:
-        text = text.replace(path, f"{root}{path}")
+        text = text.replace(path, f"{own if own is not None and path != '/opt/imagesync' else root}{path}")
     return text
 
 
@@ -249,8 +250,8 @@ def test_uninstall_refuses_unknown_arguments(tmp_path):
 class UnitProcess:
     """A unit's ExecStart run as systemd would: its environment, its own process group."""
 
-    def __init__(self, name: str, root: Path, workdir: Path, instance: str = "") -> None:
-        self.values = parse_unit(staged((DEPLOY / "systemd" / name).read_text(), root))
+    def __init__(self, name: str, root: Path, own: Path, workdir: Path, instance: str = "") -> None:
+        self.values = parse_unit(staged((DEPLOY / "systemd" / name).read_text(), root, own))
         self.env = service_env(self.values)
         self.label = name.replace("@.", f"@{instance}.")
         self.process = ServerProcess(self.label, command(self.values, "ExecStart", self.env, instance),
@@ -290,21 +291,24 @@ def _get(url: str, auth: str | None = None) -> int:
 @pytest.mark.cluster
 def test_unit_commands_serve_the_cluster(installed, deploy, tmp_path):
     root, _ = installed
+    own = tmp_path / "own"  # this test's /etc/imagesync and /var/log/imagesync
+    (own / "etc/imagesync").mkdir(parents=True)
     d = deploy(nodes=2)
     d.cluster.seed({"node-1": ["bcm11/app:1"], "node-2": ["nvidia/cuda:12"]})
-    config = root / "etc/imagesync/imagesync.toml"
-    log_dir = root / "var/log/imagesync"
+    config = own / "etc/imagesync/imagesync.toml"
+    log_dir = own / "var/log/imagesync"
+    log_dir.mkdir(parents=True)
     d.cluster.write_config(config, log_dir=str(log_dir))
     port = free_port()
-    (root / "etc/imagesync/imagesync.env").write_text(
+    (own / "etc/imagesync/imagesync.env").write_text(
         f"FLOWER_BASIC_AUTH=ops:s3cret\nFLOWER_PORT={port}\nFLOWER_ADDRESS=127.0.0.1\n")
     workdir = tmp_path / "units"
     workdir.mkdir()
-    units = [UnitProcess("imagesync-control.service", root, workdir),
-             UnitProcess("imagesync-worker@.service", root, workdir, "node-1"),
-             UnitProcess("imagesync-worker@.service", root, workdir, "node-2"),
-             UnitProcess("imagesync-beat.service", root, workdir),
-             UnitProcess("imagesync-flower.service", root, workdir)]
+    units = [UnitProcess("imagesync-control.service", root, own, workdir),
+             UnitProcess("imagesync-worker@.service", root, own, workdir, "node-1"),
+             UnitProcess("imagesync-worker@.service", root, own, workdir, "node-2"),
+             UnitProcess("imagesync-beat.service", root, own, workdir),
+             UnitProcess("imagesync-flower.service", root, own, workdir)]
     flower = units[-1]
     refused = subprocess.run(command(flower.values, "ExecStartPre", {**flower.env, "FLOWER_BASIC_AUTH": ""}),
                              env={**flower.env, "FLOWER_BASIC_AUTH": ""}, capture_output=True, text=True)
@@ -355,44 +359,80 @@ def test_two_beats_never_overlap_runs(deploy, tmp_path):
         argv = [sys.executable, "-m", "imagesync.cli", "beat", "--",
                 "-s", str(folder / "beat-schedule"), "--pidfile", str(folder / "beat.pid")]
         beats.append(ServerProcess(name, argv, folder / "beat.log", env=env))
+
+    def sent() -> list[int]:
+        return [beat.log_path.read_text(errors="replace").count("Sending due task sync") for beat in beats]
+
     try:
         for beat in beats:
             beat.start()
-        time.sleep(33)
+        # both beats triggered, each every 10 s, and a trigger found the lock taken
+        wait_for(lambda: min(sent()) >= 2 and "'status': 'already-running'" in d.services.log("control"),
+                 120, "two triggers of each beat, one answered already-running")
     finally:
         for beat in beats:
             beat.stop()
     d.cluster.proxy.passthrough()
-    deadline = time.monotonic() + 60
-    while any(run["status"] == "running" for run in d.history()) and time.monotonic() < deadline:
-        time.sleep(1)
-    runs = sorted((run for run in d.history() if run["trigger"] == "beat"), key=lambda run: run["started"])
-    sent = [beat.log_path.read_text().count("Sending due task sync") for beat in beats]
+    wait_for(lambda: d.history() and not any(run["status"] == "running" for run in d.history()), 120,
+             "the end of the beats' runs")
+    runs = sorted(d.history(), key=lambda run: run["started"])
+    triggers = sent()
     control = d.services.log("control")
-    assert all(n >= 2 for n in sent), sent  # both beats triggered, each every 10 s
     assert runs, control
+    # the records are what `imagesync history --json` prints: every run a beat's, completed,
+    # and node-2 got node-1's two images once
+    assert {(run["trigger"], run["status"]) for run in runs} == {("beat", "completed")}, runs
+    assert runs[0]["expected"] == 2 and runs[0]["expected_per_node"] == {"node-2": 2}, runs[0]
+    assert sum(run["counts"].get("pulled", 0) for run in runs) == 2, runs
+    assert not any(set(run["counts"]) - {"pulled", "present"} for run in runs), runs
+    assert {d.cluster.ref("bcm11/app:1"), d.cluster.ref("bcm11/lib:1")} <= set(d.held("node-2"))
     for earlier, later in zip(runs, runs[1:], strict=False):
         assert earlier["finished"] is not None and earlier["finished"] <= later["started"], runs
     # never more runs than triggers, and some triggers found the lock taken (how many
     # depends on how the two beats' ticks fall against the runs: not asserted)
-    measured("triggers sent, runs started", (sum(sent), len(runs)))
-    assert len(runs) < sum(sent)
-    assert control.count("'status': 'already-running'") >= 1, control
-    assert json.dumps(runs)  # the records are what `imagesync history --json` prints
+    measured("triggers sent, runs started", (sum(triggers), len(runs)))
+    assert len(runs) < sum(triggers)
 
 
-def test_install_again_keeps_the_config_and_follows_the_nodes(installed):
-    """Run again (an upgrade, or other nodes): the configuration stays, the workers follow it."""
-    root, _ = installed
-    config = root / "etc/imagesync/imagesync.toml"
+def test_install_again_where_systemd_is_not_pid_1_keeps_the_config_and_follows_the_nodes(
+        installed, systemd_analyze, tmp_path):
+    """README: run again (an upgrade, or other nodes), install.sh keeps the configuration and the
+    workers follow it; where systemd is not PID 1 it enables the units offline (symlinks) and
+    says that it skipped daemon-reload and start. As root and without DESTDIR, as an operator
+    runs it, in a mount namespace whose /etc, /opt and /var/log are overlays holding what the
+    first install left: what it writes lands in this test's folders, never in the machine's."""
+    assert not Path("/run/systemd/system").is_dir(), "systemd runs here: this is not the case tested"
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and a mount namespace (unshare -m)")
+    first = installed[0]
+    layers = {top: tmp_path / "upper" / top.strip("/") for top in ("/etc", "/opt", "/var/log")}
+    etc = layers["/etc"]
+    for top, upper in layers.items():
+        (tmp_path / "work" / top.strip("/")).mkdir(parents=True)
+        upper.parent.mkdir(parents=True, exist_ok=True)
+        # the venv too: pip, run again, writes /opt/imagesync/venv into its scripts
+        subprocess.run(["cp", "-a", first / top.strip("/"), upper], check=True)
+    config = etc / "imagesync/imagesync.toml"
     config.write_text((ROOT / "imagesync.sample.toml").read_text().replace('"k8s-worker2"', '"gpu-node.7"'))
     before = config.read_text()
-    result = subprocess.run([str(DEPLOY / "install.sh")], env={**os.environ, "DESTDIR": str(root)},
-                            capture_output=True, text=True, timeout=600)
+
+    mounts = " && ".join(f"mount -t overlay overlay -o lowerdir={top},upperdir={upper},"
+                         f"workdir={tmp_path / 'work' / top.strip('/')} {top}" for top, upper in layers.items())
+    env = {key: value for key, value in os.environ.items() if key != "DESTDIR"}
+    result = subprocess.run(["unshare", "-m", "sh", "-c", f'{mounts} && exec "$0"', str(DEPLOY / "install.sh")],
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert config.read_text() == before
-    wants = root / "etc/systemd/system/multi-user.target.wants"
-    assert sorted(p.name for p in wants.iterdir()) == [
-        "imagesync-beat.service", "imagesync-control.service", "imagesync-flower.service",
-        "imagesync-worker@gpu-node.7.service", "imagesync-worker@k8s-worker1.service"]
+    pid_1 = subprocess.run(["ps", "-o", "comm=", "-p", "1"], capture_output=True, text=True).stdout.strip()
+    assert (f"install.sh: systemd is not running (PID 1 is {pid_1}): enabling the units offline, as symlinks; "
+            "not starting anything") in result.stdout
+    assert "install.sh: skipped: systemctl daemon-reload and start (once systemd runs: systemctl start " \
+        in result.stdout
     assert "no longer configured: imagesync-worker@k8s-worker2.service" in result.stdout
+    assert config.read_text() == before
+    wants = etc / "systemd/system/multi-user.target.wants"
+    enabled = sorted(p.name for p in wants.iterdir() if p.name.startswith("imagesync-"))
+    assert enabled == ["imagesync-beat.service", "imagesync-control.service", "imagesync-flower.service",
+                       "imagesync-worker@gpu-node.7.service", "imagesync-worker@k8s-worker1.service"]
+    for name in enabled:  # systemd's own enablement symlinks, to the installed unit
+        assert os.readlink(wants / name) == f"/etc/systemd/system/{re.sub(r'@.*[.]', '@.', name)}"
+    assert not Path("/etc/imagesync").exists() and not Path("/opt/imagesync").exists()
