@@ -10,7 +10,6 @@ PyYAML is not an imagesync dependency; these tests use it where it is installed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import stat
@@ -283,22 +282,33 @@ def test_entrypoint_runs_the_command(script, args, environ, expected, fake_path,
     assert result.stdout.strip() == f"{expected}|role=unset node=unset"
 
 
-def test_healthcheck_pings_the_name_the_cli_gives_the_worker(tmp_path, monkeypatch):
-    """`imagesync worker` names its Celery node NODE@%h or control@%h: the healthcheck's names."""
-    from imagesync import cli
-    from imagesync.cli import serve
+def healthcheck(d, **environ: str) -> subprocess.CompletedProcess:
+    """``entrypoint.sh --healthcheck`` as the image's HEALTHCHECK runs it: in the container of a
+    worker, whose HOSTNAME is the %h in the worker's Celery name, with celery on PATH."""
+    import socket
+    import sys
 
-    config = tmp_path / "imagesync.toml"
-    config.write_text(f'prefixes = ["docker.io"]\nlog_dir = "{tmp_path}"\n[[nodes]]\nname = "k8s-worker1"\n')
-    monkeypatch.setenv("IMAGESYNC_CONFIG", str(config))
-    for variable in [v for v in os.environ if v.startswith("IMAGESYNC_") and v != "IMAGESYNC_CONFIG"]:
-        monkeypatch.delenv(variable)
-    started = []
-    monkeypatch.setattr(serve, "_exec_celery", lambda argv: started.append(argv) or 0)
-    cli.main(["worker", "--node", "k8s-worker1"])
-    cli.main(["worker", "--control"])
-    names = [argv[argv.index("-n") + 1] for argv in started]
-    assert names == ["k8s-worker1@%h", "control@%h"]
+    environ = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOSTNAME": socket.gethostname(),
+               "IMAGESYNC_CONFIG": str(d.config_path), **environ}
+    return subprocess.run(["/bin/sh", str(WORKER), "--healthcheck"], env=environ, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.cluster
+def test_healthcheck_is_healthy_with_a_live_worker_and_unhealthy_without(deploy):
+    """The HEALTHCHECK pings the name `imagesync worker` gives its Celery node (NODE@%h,
+    control@%h): 0 while that worker answers on the real cluster's Redis, 1 once it is gone."""
+    d = deploy(nodes=1)
+    d.configure()
+    d.start()
+    alive = healthcheck(d, IMAGESYNC_NODE="node-1")
+    assert alive.returncode == 0, alive.stdout + alive.stderr
+    assert "pong" in alive.stdout
+    control = healthcheck(d, IMAGESYNC_ROLE="control")
+    assert control.returncode == 0, control.stdout + control.stderr
+    d.services.stop("worker-node-1")
+    dead = healthcheck(d, IMAGESYNC_NODE="node-1")
+    assert dead.returncode == 1, dead.stdout + dead.stderr
 
 
 def test_the_webhook_receiver_runs_with_its_secret_and_listens_where_the_registry_reaches_it():
