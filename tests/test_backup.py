@@ -149,27 +149,62 @@ def test_node_commands_quote_names_and_check_the_digest():
         backup.push_command(node, bk, "reg.local/a:1;reboot", "bk.local/x:1", 30)
 
 
-def test_skopeo_gets_the_passwords_from_a_private_file_never_the_command_line(monkeypatch):
-    settings = Settings(nodes=[{"name": "w1"}], prefixes=["reg.local"],
-                        registries={"reg.local": {"username": "up", "password": "upstream secret"}},
-                        backup={"registry": "bk.local", "username": "u", "password": BACKUP_PASSWORD})
-    seen = []
+def _skopeo_raw(reference: str, login: tuple[str, str]) -> bytes:
+    """The exact bytes a registry serves for ``reference`` (a manifest or an index)."""
+    return subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false", "--creds", ":".join(login),
+                           f"docker://{reference}"], check=True, capture_output=True, timeout=60).stdout
 
-    def fake_run(argv, **_):
-        flag = "--authfile" if "--authfile" in argv else "--src-authfile"
-        authfile = argv[argv.index(flag) + 1]
-        seen.append((argv, json.loads(open(authfile).read()), stat.S_IMODE(os.stat(authfile).st_mode)))
-        return subprocess.CompletedProcess(argv, 0, b"{}", b"")
 
-    monkeypatch.setattr(backup.subprocess, "run", fake_run)
-    with backup.skopeo(settings) as tool:
-        assert tool.digest("bk.local/reg.local/a:1")[0] == backup.HELD
-        assert tool.copy("reg.local/a:1", "bk.local/reg.local/a:1") == (True, "no output")
-        path = tool.authfile
+def _digest_of(raw: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.cluster
+def test_skopeo_copies_between_two_logins_read_from_a_private_file_never_the_command_line(tmp_path, monkeypatch):
+    """Real skopeo, a real upstream and a real backup registry, each with its own login."""
+    from testcluster.install import ensure_system_packages
+    from testcluster.registry import Registry
+
+    ensure_system_packages()
+    up_login, bk_login = ("up", "upstream secret"), ("u", BACKUP_PASSWORD)
+    with Registry(tmp_path / "upstream", login=up_login) as upstream, \
+            Registry(tmp_path / "backup", login=bk_login) as bk:
+        settings = Settings(nodes=[{"name": "w1"}], prefixes=[upstream.address],
+                            registries={upstream.address: {"username": up_login[0], "password": up_login[1]}},
+                            backup={"registry": bk.address, "username": bk_login[0], "password": bk_login[1],
+                                    "insecure": True, "insecure_sources": [upstream.address]})
+        digest = upstream.push_image("bcm11/a", "1")
+        source, target = f"{upstream.address}/bcm11/a:1", f"{bk.address}/{upstream.address.replace(':', '_')}/bcm11/a:1"
+        seen = []
+        run = subprocess.run
+
+        def watched_run(argv, **kwargs):
+            flag = "--authfile" if "--authfile" in argv else "--src-authfile"
+            authfile = argv[argv.index(flag) + 1]
+            seen.append((argv, json.loads(open(authfile).read()), stat.S_IMODE(os.stat(authfile).st_mode)))
+            return run(argv, **kwargs)
+
+        monkeypatch.setattr(backup.subprocess, "run", watched_run)
+        with backup.skopeo(settings) as tool:
+            state, reason = tool.digest(target)
+            assert state == backup.MISSING, reason
+            assert tool.digest(f"{bk.address}/other/never:1")[0] == backup.MISSING
+            done, reason = tool.copy(source, target)
+            assert done, reason
+            assert tool.digest(target) == (backup.HELD, digest)
+            path = tool.authfile
+        assert bk.manifest_digest(f"{upstream.address.replace(':', '_')}/bcm11/a", "1") == digest
+        # without the logins, the registries refuse: the auth file is what let skopeo in
+        refused = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{source}"],
+                      capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "unauthorized" in refused.stderr.lower(), refused.stderr
     assert path is not None and not path.exists()
+    assert len(seen) == 4
     for argv, auths, mode in seen:
         assert not any(BACKUP_PASSWORD in arg or "upstream secret" in arg for arg in argv)
-        assert set(auths["auths"]) == {"reg.local", "bk.local"} and mode == 0o600
+        assert set(auths["auths"]) == {upstream.address, bk.address} and mode == 0o600
 
 
 # -- on a real cluster ----------------------------------------------------------------------------
