@@ -87,11 +87,26 @@ class Deployment:
         )
 
     def history(self, run_id=None):
+        """``imagesync history --json [RUN]``, run in this process: the command's own code
+        and output, without a Python start-up (most of a CLI call's CPU) on every look."""
+        import contextlib
+        import io
         import json
 
-        result = self.cli("history", "--json", *([run_id] if run_id else []))
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
+        from imagesync.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        saved = os.environ.get("IMAGESYNC_CONFIG")
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(["-c", str(self.config_path), "history", "--json", *([run_id] if run_id else [])])
+        finally:
+            if saved is None:
+                os.environ.pop("IMAGESYNC_CONFIG", None)
+            else:
+                os.environ["IMAGESYNC_CONFIG"] = saved
+        assert code == 0, err.getvalue()
+        return json.loads(out.getvalue())
 
     def held(self, node, under=("bcm11", "nvidia")):
         """Tag references a node's containerd holds under the test prefixes -> digest."""
