@@ -42,9 +42,9 @@ test: deps
 	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder \
 		--durations=15
 
-# Only the tests that need no servers.
+# Only the tests that need no servers (starting one there is an error), on both cores.
 unit: deps
-	$(PYTHON) -m pytest -p no:cacheprovider -m 'not cluster'
+	$(PYTHON) -m pytest -p no:cacheprovider -m 'not cluster' -n 2
 
 bench: deps
 	$(PYTHON) -m bench
