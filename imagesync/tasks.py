@@ -67,9 +67,9 @@ def redis() -> Redis:
 
 
 def backoff(retries: int) -> float:
-    """Bounded exponential backoff with full jitter around the nominal delay."""
+    """Exponential backoff with jitter around the nominal delay; the cap bounds the delay, jitter included."""
     nominal = min(BACKOFF_CAP, BACKOFF_BASE * 2**retries)
-    return round(nominal * random.uniform(0.5, 1.5), 2)
+    return round(min(BACKOFF_CAP, nominal * random.uniform(0.5, 1.5)), 2)
 
 
 def send_pull(node: str, image: str, run_id: str, expires: float, route: Route = DEFAULT_ROUTE) -> None:
