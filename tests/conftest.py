@@ -20,9 +20,8 @@ def pytest_configure(config):
         os.environ[NO_SERVERS] = "1"
 
 
-#: the modules that take longest, longest first: `make test` runs modules side by side
-#: (pytest-xdist, --dist loadfile), and starting these first keeps the last one from
-#: running alone at the end
+#: the modules that take longest, longest first: `make test` runs tests side by side
+#: (pytest-xdist), and starting these first keeps the last one from running alone at the end
 SLOWEST_MODULES = ["test_faults.py", "test_compose.py", "test_lifecycle.py", "test_e2e.py", "test_transfer.py",
                    "test_cancel.py", "test_systemd.py", "test_backup.py", "test_shared_worker.py", "test_agents.py"]
 
@@ -31,6 +30,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+        # `make test` (--dist loadgroup) hands each test to whichever process is free, but
+        # keeps a module's tests together where they share a module fixture (a cluster, a
+        # stack of containers): set up once, not once per process
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if fixtures is not None and any(definitions[-1].scope in ("module", "package", "class")
+                                        for definitions in fixtures.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     rank = {name: position for position, name in enumerate(SLOWEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
