@@ -34,16 +34,19 @@ def test_a_pull_that_may_be_stale_asks_first(retries, redelivered, started, now)
     assert pulls.needs_check(retries, redelivered, run_started=started, now=now)
 
 
-def countdowns(tmp_path, jitter: str) -> list[float]:
-    """The countdowns a pull task chooses for its retries 0 to 11, with the jitter at one end
-    (``jitter``: "low" or "high"). In a process of its own: importing the tasks reads a configuration."""
+def countdowns(tmp_path) -> dict[str, list[float]]:
+    """The countdowns a pull task chooses for its retries 0 to 11, with the jitter at its low and
+    at its high end. In a process of its own: importing the tasks reads a configuration."""
     config = tmp_path / "imagesync.toml"
     config.write_text(toml_dumps({"prefixes": ["registry.test"], "redis_url": "redis://127.0.0.1:1/0",
                                   "log_dir": str(tmp_path / "logs"), "nodes": [{"name": "n1", "transport": "local"}]}))
     code = ("import json, random\n"
-            f"random.uniform = lambda low, high: {jitter}\n"
             "from imagesync.tasks import backoff\n"
-            "print(json.dumps([backoff(retries) for retries in range(12)]))")
+            "found = {}\n"
+            "for end, name in enumerate(('low', 'high')):\n"
+            "    random.uniform = lambda low, high, end=end: (low, high)[end]\n"
+            "    found[name] = [backoff(retries) for retries in range(12)]\n"
+            "print(json.dumps(found))")
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "IMAGESYNC_CONFIG": str(config)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -51,7 +54,8 @@ def countdowns(tmp_path, jitter: str) -> list[float]:
 
 
 def test_retries_back_off_from_about_2_s_doubling_and_never_wait_more_than_60_s(tmp_path):
-    lowest, highest = countdowns(tmp_path, "low"), countdowns(tmp_path, "high")
+    found = countdowns(tmp_path)
+    lowest, highest = found["low"], found["high"]
     assert lowest[:4] == [1, 2, 4, 8] and highest[:4] == [3, 6, 12, 24]  # about 2, 4, 8, 16 s
     assert all(a <= b for a, b in zip(lowest, lowest[1:], strict=False))
     assert max(highest) == 60 and highest[-1] == 60  # the cap holds, jitter included
