@@ -271,18 +271,25 @@ def test_a_push_reaches_every_node_and_pushes_during_a_run_follow(deploy):
     latency = time.monotonic() - began
     print(f"push to every node of 3: {latency:.2f} s")
 
-    # a slow run; pushes while it runs wait for it, then run together
-    cluster.proxy.delay(3.0, match="/bcm11/slow/")
-    through_proxy.push_image("bcm11/slow", "1")
-    slow = f"{cluster.registry_address}/bcm11/slow:1"
-    _wait(lambda: d.cli("history", "--json").stdout.count("webhook: " + slow) >= 1, 15, "the slow run")
-    later = []
-    for name in ("late-a", "late-b"):
-        through_proxy.push_image(f"bcm11/{name}", "1")
-        later.append(f"{cluster.registry_address}/bcm11/{name}:1")
+    # a run held under way (the proxy holds its downloads); pushes while it runs
+    # wait for it, then run together
+    cluster.proxy.hold(match="/bcm11/slow/")
+    try:
+        through_proxy.push_image("bcm11/slow", "1")
+        slow = f"{cluster.registry_address}/bcm11/slow:1"
+        _wait(lambda: d.cli("history", "--json").stdout.count("webhook: " + slow) >= 1, 30, "the slow run")
+        later = []
+        for name in ("late-a", "late-b"):
+            through_proxy.push_image(f"bcm11/{name}", "1")
+            later.append(f"{cluster.registry_address}/bcm11/{name}:1")
+        with cluster.redis.client() as client:
+            _wait(lambda: {m.decode() for m in client.smembers(keys.WEBHOOK_PENDING)} >= set(later), 30,
+                  "both later pushes waiting for the slow run")
+            assert client.get(keys.LOCK) is not None  # the slow run still holds the lock
+    finally:
+        cluster.proxy.release()
     wanted = [ref, slow, *later]
-    _wait(lambda: all(set(wanted) <= set(d.held(node)) for node in nodes), 45, "every push on every node")
-    cluster.proxy.passthrough()
+    _wait(lambda: all(set(wanted) <= set(d.held(node)) for node in nodes), 60, "every push on every node")
 
     runs = [run for run in d.history() if run["trigger"].startswith("webhook")]
     triggers = sorted(run["trigger"] for run in runs)
