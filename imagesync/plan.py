@@ -69,7 +69,7 @@ class Route:
     sources: tuple[str, ...] = (REGISTRY,)
     #: nodes that hold the image under ``digest`` and can export it, best first
     peers: tuple[str, ...] = ()
-    #: the digest the peers hold: a copy must arrive under it
+    #: the digest the peers hold: a copy, or a restore from the backup, must arrive under it
     digest: str | None = None
     #: under ``peers-first``, the node that pulls the image from the registry
     #: for the others to copy (None when some node holds it already)
@@ -280,7 +280,9 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
             facts = plan.facts.get(node)
             platform = facts.platform if facts else None
             can_copy = policy.transfer and facts is not None and facts.can_copy
-            peers, digest = plan.holders(image, platform) if can_copy else ([], None)
+            # with a backup, the digest even without copies: a restore must arrive under it
+            peers, digest = plan.holders(image, platform) if can_copy or policy.backup else ([], None)
+            peers = peers if can_copy else []
             sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
             waits_for = None
             if can_copy and policy.source == "peers-first":

@@ -336,5 +336,56 @@ def test_a_backup_that_is_down_fails_its_copies_and_the_run_still_completes(bk):
         shown = d.cli("history", run_id, env={"COLUMNS": "1000"}).stdout
         assert f"backup of {c.ref('nvidia/fresh:1')} failed: cannot ask the backup registry" in shown
         assert "backup done" in d.services.log("control")
+        # status --backup: what the backup holds is unknown, with the reason, and it exits 1
+        status = d.cli("status", "--backup", "--json")
+        images = json.loads(status.stdout)["images"]
+        assert status.returncode == 1 and c.ref("nvidia/fresh:1") in {i["image"] for i in images}, status.stderr
+        assert {i["state"] for i in images} == {"unknown"}, images
+        assert all("connection refused" in i["reason"] for i in images), images
+        table = d.cli("status", "--backup", env={"COLUMNS": "1000"})
+        assert table.returncode == 1 and "unknown: " in table.stdout and "0 of " in table.stdout, table.stdout
     finally:
         d.backup.start()
+
+
+@pytest.mark.cluster
+def test_a_restore_refuses_a_backup_that_holds_another_digest_than_the_cluster_runs(bk):
+    """docs/configuration.md: the node "refuses it if it is not the digest the cluster runs"."""
+    d, c = bk, bk.cluster
+    c.seed({"node-1": ["bcm11/swapped:1"]})
+    ref = c.ref("bcm11/swapped:1")
+    _backup_done(d, started_run(d.cli("sync", "--node", "node-2", "--wait")))
+    other = d.backup.push_image(_bk_repo(d, "bcm11/swapped"), "1", size=2048)  # the backup's tag, elsewhere
+    c.registry.delete_image("bcm11/swapped", "1")
+    run_id = started_run(d.cli("sync", "--node", "node-3", "--wait"))
+    _backup_done(d, run_id)  # (it then pushes node-1's image back into the backup)
+    outcome = next(r for r in d.history(run_id)["results"] if r["image"] == ref)
+    assert outcome["status"] == "failed", outcome
+    assert f"the backup holds {other}, not the digest the cluster runs ({c.digests[ref]})" in outcome["reason"]
+    held = c.node("node-3").images()
+    assert ref not in held and not any(name.startswith(d.backup.address) for name in held)
+
+
+@pytest.mark.cluster
+def test_a_multi_platform_index_is_backed_up_whole(bk, tmp_path):
+    """docs/configuration.md: skopeo "keeps every platform of an index and its digest"."""
+    from testcluster.image import write_oci_index
+
+    d, c = bk, bk.cluster
+    layout = tmp_path / "index"
+    digest = write_oci_index(layout, "bcm11/multi", "1", ["linux/amd64", "linux/arm64", "linux/arm/v7"])
+    subprocess.run(["skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:1",
+                    f"docker://{c.registry_address}/bcm11/multi:1"], check=True, capture_output=True, timeout=60)
+    ref = c.ref("bcm11/multi:1")
+    c.node("node-1").pull(ref)  # the node takes its platform's manifest, and reports the index's digest
+    assert c.node("node-1").images()[ref] == digest
+    record = _backup_done(d, started_run(d.cli("sync", "--node", "node-2", "--wait")))
+    assert {r["image"]: r["status"] for r in record["results"]}.get(ref) == "backed-up", record
+    login = ("bkuser", BACKUP_PASSWORD)
+    backed_up = f"{d.backup.address}/{_bk_repo(d, 'bcm11/multi')}"
+    raw = _skopeo_raw(f"{backed_up}:1", login)
+    assert _digest_of(raw) == digest  # the index itself, byte for byte
+    upstream = json.loads((layout / "blobs/sha256" / digest.split(":")[1]).read_text())["manifests"]
+    assert json.loads(raw)["manifests"] == upstream
+    for entry in upstream:  # every platform's manifest, not only the nodes' own
+        assert _digest_of(_skopeo_raw(f"{backed_up}@{entry['digest']}", login)) == entry["digest"]
