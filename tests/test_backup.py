@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import measured, started_run, wait_for
@@ -389,3 +390,46 @@ def test_a_multi_platform_index_is_backed_up_whole(bk, tmp_path):
     assert json.loads(raw)["manifests"] == upstream
     for entry in upstream:  # every platform's manifest, not only the nodes' own
         assert _digest_of(_skopeo_raw(f"{backed_up}@{entry['digest']}", login)) == entry["digest"]
+
+
+@pytest.mark.cluster
+def test_on_a_crictl_only_node_the_backup_source_fails_with_its_reason(tmp_path):
+    """docs/configuration.md: a crictl-only node "could pull the backup name but the CRI has no
+    call that renames an image, so there the backup source fails with that reason". node-2 is
+    served by its agent, on the node, whose PATH has crictl and no ctr."""
+    from conftest import Deployment
+
+    from testcluster.cluster import Cluster
+    from testcluster.install import ensure_system_packages
+    from testcluster.registry import Registry
+
+    ensure_system_packages()
+    without_ctr = tmp_path / "bin-without-ctr"
+    without_ctr.mkdir()
+    for folder in ("/usr/sbin", "/usr/bin"):
+        for tool in sorted(Path(folder).iterdir()):
+            if tool.name != "ctr" and not (without_ctr / tool.name).exists():
+                (without_ctr / tool.name).symlink_to(tool)
+    with Cluster(tmp_path / "cluster", nodes=2) as cluster, Registry(tmp_path / "backup-registry") as registry:
+        cluster.seed({"node-1": ["bcm11/app:1"]})
+        ref = cluster.ref("bcm11/app:1")
+        node = cluster.node("node-2")
+        node.stop_sshd()  # the agent's node: no SSH
+        d = Deployment(cluster, tmp_path)
+        d.configure(nodes=["node-1"], agents=True, transfer=False, backup={
+            "registry": f"{registry.address}/bk", "insecure": True, "insecure_sources": [cluster.registry_address]})
+        environment = {**node.environment, "NODE_NAME": "node-2", "PATH": f"{node.bin_dir}:{without_ctr}"}
+        with d.services:
+            d.services.start_control(wait=False)
+            d.services.start_worker("node-1", wait=False)
+            d.services.start_agent("node-2", environment, "--endpoint", f"unix://{node.socket}", wait=False)
+            for name in ("control", "worker-node-1", "agent-node-2"):
+                d.services.wait_ready(name)
+            _backup_done(d, started_run(d.cli("sync", "--node", "node-1", "--wait")))
+            cluster.registry.delete_image("bcm11/app", "1")
+            run_id = started_run(d.cli("sync", "--node", "node-2", "--wait"))
+            outcome = next(r for r in d.history(run_id)["results"] if r["image"] == ref)
+            assert outcome["status"] == "failed", outcome
+            assert ("ctr is not installed on node-2: a crictl-only node can pull the backup name but cannot "
+                    "give the image its original name back; install containerd's ctr") in outcome["reason"]
+            assert ref not in node.images()
