@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 
 import fakeredis
 import pytest
@@ -204,6 +205,13 @@ def test_the_run_record_and_summary_say_what_was_evicted(redis_client):
 # -- on a real cluster -----------------------------------------------------------------------------
 
 TMPFS = 40 * MiB
+TIGHT = {"time_out": 30, "max_parallel": 2, "min_free": "20%"}
+
+
+def unique(name: str) -> str:
+    """An image name of one test alone, e.g. ``bcm11/evicted-3f9a1c:1``."""
+    repo, tag = name.split(":")
+    return f"{repo}-{uuid.uuid4().hex[:6]}:{tag}"
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +235,7 @@ def tight(tmp_path_factory):
             node.start_containerd()
             d = Deployment(cluster, workdir)
             with d.services:
-                d.configure(time_out=30, max_parallel=2, min_free="20%",
-                            nodes_extra={"node-2": {"image_fs": str(root)}})
+                d.configure(**TIGHT, nodes_extra={"node-2": {"image_fs": str(root)}})
                 d.start()
                 yield d
         finally:
@@ -254,14 +261,15 @@ def test_on_a_small_disk_what_fits_is_pulled_smallest_first_and_the_rest_is_skip
     assert result.returncode == 0, result.stdout + result.stderr  # skipping is not failing
     run = d.history(_run_id(result))
     assert run["status"] == "completed" and run["counts"] == {"pulled": 3}
-    skipped = run["excluded"]["node-2"]
+    # (images of other tests on this cluster left out)
+    skipped = {image: why for image, why in run["excluded"]["node-2"].items() if image in ref.values()}
     assert set(skipped) == {ref["bcm11/m3:1"], ref["bcm11/big:1"]}
     for why in skipped.values():
         assert why["kind"] == "skipped" and why["reason"].startswith("not enough room: needs ~")
         assert "free of 40.0 MiB" in why["reason"] and "min_free 20% = 8.0 MiB" in why["reason"]
     assert "promised to earlier pulls of this run" in skipped[ref["bcm11/m3:1"]]["reason"]
     assert f"{ref['bcm11/m3:1']} skipped: not enough room" in result.stdout + result.stderr
-    assert set(d.held("node-2")) == {ref["bcm11/small:1"], ref["bcm11/m1:1"], ref["bcm11/m2:1"]}
+    assert set(d.held("node-2")) & set(ref.values()) == {ref["bcm11/small:1"], ref["bcm11/m1:1"], ref["bcm11/m2:1"]}
     status = d.cli("status")
     assert status.returncode == 0 and "skipped" in status.stdout
     check = d.cli("check", env={"COLUMNS": "1000"})
@@ -272,8 +280,10 @@ def test_on_a_small_disk_what_fits_is_pulled_smallest_first_and_the_rest_is_skip
 def test_an_image_removed_behind_imagesyncs_back_is_reported_evicted(tight):
     d = tight
     node = d.cluster.node("node-2")
-    small = d.cluster.ref("bcm11/small:1")
-    assert small in d.held("node-2")  # the previous test's run left it there
+    [small] = d.cluster.seed({"node-1": [unique("bcm11/evicted:1")]})["node-1"]
+    first = d.cli("sync", "--wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert small in d.held("node-2")  # held at the end of a run
     node.run(["ctr", "-a", node.socket, "-n", "k8s.io", "images", "rm", small])
     status = d.cli("status", "--json")
     assert json.loads(status.stdout)["evicted"] == {"node-2": [small]}
@@ -290,6 +300,32 @@ def test_an_image_removed_behind_imagesyncs_back_is_reported_evicted(tight):
     why = run["excluded"]["node-2"][small]
     assert why["reason"].startswith("evicted by the node 2 times in a row")
     assert small not in d.held("node-2")
+
+
+@pytest.mark.cluster
+def test_check_says_when_a_nodes_image_filesystem_cannot_be_read_and_that_node_is_not_guarded(tight, tmp_path):
+    # README: "A node whose image filesystem cannot be read is not guarded (`imagesync check` says so)."
+    d = tight
+    [large] = d.cluster.seed({"node-1": [unique("bcm11/large:1")]}, size=12 * MiB)["node-1"]
+    guarded = json.loads(d.cli("plan", "--json").stdout)
+    assert guarded["excluded"]["node-2"][large]["reason"].startswith("not enough room")
+
+    unreadable = "/nonexistent/imagesync-image-fs"
+    config = d.cluster.write_config(tmp_path / "unreadable.toml", **TIGHT,
+                                    nodes_extra={"node-2": {"image_fs": unreadable}})
+    env = {"IMAGESYNC_CONFIG": str(config), "COLUMNS": "1000"}
+    check = d.cli("check", env=env)
+    rows = {line.split("│")[1].strip(): line for line in check.stdout.splitlines() if " crictl " in line}
+    row = rows["node-2"]
+    assert f"unknown ({unreadable})" in row, check.stdout
+    assert (f"cannot read the image filesystem at {unreadable}: set image_fs for this node (until then, pulls to "
+            "it are not checked for room)") in row, check.stdout
+    assert "cannot read the image filesystem" not in rows["node-1"]
+    # not guarded: the image that does not fit is planned for it all the same
+    unguarded = json.loads(d.cli("plan", "--json", env=env).stdout)
+    assert unguarded["facts"]["node-2"]["disk_total"] is None
+    assert large in unguarded["missing"]["node-2"]
+    assert large not in unguarded["excluded"].get("node-2", {})
 
 
 def _run_id(result: subprocess.CompletedProcess) -> str:
