@@ -76,6 +76,9 @@ class _PipeStream(Stream):
             raise self._timed_out(timeout) from None
 
     def stderr(self) -> str:
+        if self.process.poll() is not None:
+            # the command has ended, but its last words may still be in the pipe: read them all
+            self._reader.join(timeout=5)
         return _text(bytes(self._stderr))
 
     def close(self) -> None:
