@@ -314,6 +314,36 @@ def test_proxy_jump_reaches_a_node_only_the_jump_host_can_reach(cluster, tmp_pat
 
 
 @pytest.mark.cluster
+def test_without_config_file_the_users_ssh_config_then_the_systems_are_read(cluster, tmp_path, monkeypatch):
+    """README: with no ssh.config_file, imagesync reads ~/.ssh/config of the user it runs as,
+    then /etc/ssh/ssh_config (here a file of the test in its place); as ssh, the first value wins."""
+    from imagesync.config import sshconfig
+
+    one = cluster.nodes[0]
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    ssh_config(cluster, home / ".ssh" / "config")
+    system = tmp_path / "ssh_config"
+    system.write_text("Host k8s-worker1\n    Port 1\n    User nobody\nHost *\n    ConnectTimeout 7\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(sshconfig, "SYSTEM_CONFIG", system)
+    settings = load_settings(toml(tmp_path), {})
+    assert "config_file" not in settings.ssh.model_fields_set
+    found = target(settings)
+    # the user's file first: its Port and User; the system's for what the user's does not set
+    assert (found.host, found.port, found.user) == ("127.0.0.1", one.ssh_port, "root")
+    assert found.sources["port"] == "ssh config, Host k8s-worker1"
+    assert (found.connect_timeout, found.sources["connect_timeout"]) == (7.0, "ssh config, Host *")
+    node = settings.node("k8s-worker1")
+    transport = make_transport(settings, node)
+    try:
+        assert transport.run("echo $CONTAINERD_ADDRESS", timeout=10).stdout.strip() == one.socket
+    finally:
+        close_all()
+        transport.close()
+
+
+@pytest.mark.cluster
 def test_the_jump_hosts_own_host_key_is_checked(cluster, tmp_path):
     one, two = cluster.nodes
     known = tmp_path / "known_hosts"
