@@ -11,7 +11,9 @@ containerd.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
@@ -25,6 +27,7 @@ from imagesync.redisclient import connect
 from imagesync.runs import as_text
 from imagesync.sync import finalize_stale, stale_after
 from testcluster.cluster import Cluster
+from testcluster.process import free_port, port_open
 from testcluster.sentinel import SentinelGroup
 
 pytestmark = pytest.mark.cluster
@@ -32,6 +35,7 @@ pytestmark = pytest.mark.cluster
 MASTER_NAME = "imagesync-test"
 PASSWORD = "sentinel-Pw-7f3a"  # found nowhere in the logs, however the processes report Redis
 NODES = ("node-1", "node-2")
+WEBHOOK_SECRET = "sentinel-hook-4e1b"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,54 @@ def sentinel_deploy(tmp_path_factory):
         d.start()
         measured("sentinel group, cluster and workers started (s)", round(time.monotonic() - began, 1))
         yield d, group
+
+
+@pytest.fixture(scope="module")
+def front(sentinel_deploy):
+    """The exporter and the webhook receiver, on the sentinels too: their ports."""
+    d, _ = sentinel_deploy
+    exporter, webhook = free_port(), free_port()
+    d.services._start("exporter", d.services._imagesync("exporter", "--port", str(exporter)), None)
+    d.services._start("webhook", d.services._imagesync("webhook", "--address", "127.0.0.1", "--port", str(webhook)),
+                      None, env={"IMAGESYNC_WEBHOOK_SECRET": WEBHOOK_SECRET})
+    for name, port in (("exporter", exporter), ("webhook", webhook)):
+        d.services.processes[name].wait_ready(lambda port=port: port_open(port), 30)
+    return exporter, webhook
+
+
+def metrics(port) -> dict[str, float]:
+    """The exporter's samples: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def notify(port, ref):
+    """POST the registry's push notification of ``ref`` (host/repo:tag) to the webhook receiver."""
+    host, rest = ref.split("/", 1)
+    repo, tag = rest.rsplit(":", 1)
+    digest = "sha256:" + "0" * 64
+    payload = {"events": [{"id": "1", "action": "push", "request": {"host": host, "method": "PUT"},
+                           "target": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "repository": repo,
+                                      "tag": tag, "digest": digest, "size": 1,
+                                      "url": f"http://{host}/v2/{repo}/manifests/{digest}"}}]}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/", data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {WEBHOOK_SECRET}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, json.loads(response.read())
+
+
+def pushed_and_synced(d, webhook, name):
+    """Push ``name``, notify the webhook receiver, and wait for every node to hold it: the run's record."""
+    ref = d.cluster.push(*name.split(":"))
+    status, answer = notify(webhook, ref)
+    assert (status, answer["accepted"]) == (202, [ref]), answer
+    wait_for(lambda: every_node_holds(d, [ref]), 60, f"{ref} on every node")
+    return wait_for(lambda: [run for run in d.history()
+                             if run["trigger"] == f"webhook: {ref}" and run["status"] != "running"],
+                    30, f"the end of the run of {ref}")[0]
 
 
 @pytest.fixture
@@ -104,7 +156,23 @@ def test_the_cli_and_the_workers_reach_redis_through_the_sentinels(sentinel_depl
         wait_for(lambda: replica.hget(keys.run(run_id), "status") == b"completed", 10, "the run on the replica")
 
 
-def test_the_master_killed_mid_run_the_run_completes_or_the_next_one_converges(sentinel_deploy, redis):
+def test_the_exporter_and_the_webhook_reach_redis_through_the_sentinels(sentinel_deploy, redis, front):
+    # README: every Redis client of imagesync, the exporter's and the webhook receiver's among them,
+    # asks the sentinels where the master is
+    d, group = sentinel_deploy
+    exporter, webhook = front
+    run = pushed_and_synced(d, webhook, "bcm11/hooked:1")
+    assert run["status"] == "completed", run
+    assert run_status(redis, run["id"]) == "completed"
+    server = group.master if group.master_port() == group.master.port else group.replica
+    with server.client() as master:
+        assert master.hget(keys.run(run["id"]), "status") == b"completed"  # written on the master the sentinels name
+    sample = wait_for(lambda: (m := metrics(exporter)).get('imagesync_last_run_status{status="completed"}') == 1
+                      and m, 30, "the exporter to read the run")
+    assert sample["imagesync_up"] == 1
+
+
+def test_the_master_killed_mid_run_the_run_completes_or_the_next_one_converges(sentinel_deploy, redis, front):
     d, group = sentinel_deploy
     images = [f"bcm11/failover{i}:1" for i in range(6)]
     refs = d.cluster.seed({"node-1": images})["node-1"]
@@ -148,7 +216,13 @@ def test_the_master_killed_mid_run_the_run_completes_or_the_next_one_converges(s
     assert again.returncode == 0, again.stdout + again.stderr
     measured("the next run", again.stdout.splitlines()[0] if again.stdout else "")
     assert every_node_holds(d, refs), {name: sorted(d.held(name)) for name in NODES}
-    # The workers rode out the failover: none was restarted.
+    # The exporter and the webhook receiver lost the master too, and asked the sentinels again.
+    exporter, webhook = front
+    hooked = pushed_and_synced(d, webhook, "bcm11/after-failover:1")
+    assert hooked["status"] == "completed", hooked
+    wait_for(lambda: (m := metrics(exporter)).get("imagesync_up") == 1
+             and m.get('imagesync_last_run_status{status="completed"}') == 1, 30, "the exporter on the new master")
+    # The workers, the exporter and the webhook receiver rode out the failover: none was restarted.
     assert {name: d.services.processes[name].pid for name in d.services.processes} == workers
     assert all(d.services.processes[name].running for name in workers)
     # However Celery, kombu and imagesync reported losing the master, no log shows the password.
