@@ -61,7 +61,7 @@ def test_a_lease_that_runs_out_frees_its_slot(redis_client):
 
 
 def test_refresh_keeps_a_lease_past_its_ttl(redis_client):
-    short, long = (Semaphore(redis_client, "sem", limit=1, ttl=ttl) for ttl in (1, 60))
+    short, long = (Semaphore(redis_client, "sem", limit=1, ttl=ttl) for ttl in (2, 60))
     assert short.acquire("a")
     first_end = redis_client.zscore("sem", "a")
     # a refresh extends the lease by the TTL from now (here a long one)
