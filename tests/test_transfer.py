@@ -9,7 +9,6 @@ order. Every assertion on images asks the nodes' containerd directly.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from imagesync.config import load_settings
 from imagesync.plan import PEERS, Route
 from imagesync.pulls import Attempt
 from imagesync.runs import COPIED
+from imagesync.sync import plan_now
 from imagesync.transfer import copy, from_peers
 from imagesync.transport import close_all
 from testcluster.image import build_image, write_oci_layout
@@ -60,7 +60,7 @@ def use(d, **overrides) -> None:
     """Run imagesync with the module's settings and ``overrides``; restarted only if they change."""
     wanted = {**SETTINGS, **overrides}
     if d.settings != wanted:
-        d.services.stop_all()
+        d.services.kill_all()  # between tests no pull is under way: nothing to finish or hand back
         d.configure(**wanted)
         d.start()
         d.settings = wanted
@@ -277,11 +277,11 @@ def test_peers_first_the_registry_serves_each_blob_once(d):
 def test_a_seed_that_fails_sends_the_nodes_waiting_for_it_to_the_registry(d):
     ref = d.cluster.push("bcm11/seeded", "1")
     use(d, source="peers-first", images=[ref])
-    plan = d.cli("plan", "--json")
-    assert plan.returncode == 0, plan.stderr
-    routes = {node: images[ref] for node, images in json.loads(plan.stdout)["routes"].items()}
-    (seed,) = {route["seed"] for route in routes.values() if "seed" in route}
-    waiting = sorted(node for node, route in routes.items() if route.get("seed") == seed)
+    with d.cluster.redis.client() as client:
+        plan = plan_now(load_settings(d.config_path), redis=client)
+    routes = {node.name: plan.route(node.name, ref) for node in d.cluster.nodes}
+    (seed,) = {route.seed for route in routes.values() if route.seed}
+    waiting = sorted(node for node, route in routes.items() if route.seed == seed)
     assert len(waiting) == NODES - 1, routes
     # the seed cannot reach the registry: its hosts.toml names a closed port
     hosts = d.cluster.node(seed).workdir / "certs.d" / d.cluster.registry_address / "hosts.toml"
