@@ -6,8 +6,9 @@ so its pulls take the arm64 manifest (``ctr images pull --platform``). Indexes a
 built as OCI layouts and pushed with ``skopeo copy --all``. Every assertion on images
 asks the nodes' containerd directly.
 
-The module's cluster is set up once, up to the end of a first run (``d.first_plan``,
-``d.first``); each test reads that or sets up its own images, so none needs another.
+The module's cluster is set up once, up to the end of a first run (the plan before it,
+``d.first_plan``; the run, ``d.first`` and ``d.first_run``; the plan after it,
+``d.settled_plan``); each test reads that or sets up its own images, so none needs another.
 """
 
 from __future__ import annotations
