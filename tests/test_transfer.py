@@ -162,7 +162,7 @@ def test_a_source_killed_mid_stream_leaves_no_half_imported_image(d, what):
     try:
         worker.start()
         wait_for(flag.exists, 20, "the export stalled after its first MB")
-        assert target.processes(r"images import"), "the import runs on the target"
+        wait_for(lambda: target.processes(r"images import"), 20, "the import running on the target")
         kill_export(source, what)
         worker.join(30)
     finally:
