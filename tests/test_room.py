@@ -280,10 +280,11 @@ def test_on_a_small_disk_what_fits_is_pulled_smallest_first_and_the_rest_is_skip
 def test_an_image_removed_behind_imagesyncs_back_is_reported_evicted(tight):
     d = tight
     node = d.cluster.node("node-2")
-    [small] = d.cluster.seed({"node-1": [unique("bcm11/evicted:1")]})["node-1"]
-    first = d.cli("sync", "--wait")
+    name = unique("bcm11/evicted:1")
+    [small] = d.cluster.seed({"node-1": [name], "node-2": [name]})["node-2"]
+    first = d.cli("sync", "--wait")  # a run that finds node-2 holding it, and remembers so
     assert first.returncode == 0, first.stdout + first.stderr
-    assert small in d.held("node-2")  # held at the end of a run
+    assert small in d.held("node-2")
     node.run(["ctr", "-a", node.socket, "-n", "k8s.io", "images", "rm", small])
     status = d.cli("status", "--json")
     assert json.loads(status.stdout)["evicted"] == {"node-2": [small]}
