@@ -36,10 +36,11 @@ demo-down: $(PYTHON)
 
 # Every test, the real-cluster ones included. Four tests at a time (pytest-xdist): a
 # cluster test mostly waits on its servers, so four fit on two cores. The tests of a
-# module with a module fixture stay together, in one process (tests/conftest.py).
+# module with a module fixture stay together, in one process (tests/conftest.py); the
+# slowest go first.
 TEST_PROCESSES ?= 4
 test: deps
-	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadgroup --no-loadscope-reorder \
+	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
 		--durations=15
 
 # Only the tests that need no servers (starting one there is an error), on both cores.

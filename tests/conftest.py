@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -30,13 +31,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
-        # `make test` (--dist loadgroup) hands each test to whichever process is free, but
-        # keeps a module's tests together where they share a module fixture (a cluster, a
-        # stack of containers): set up once, not once per process
-        fixtures = getattr(item, "_fixtureinfo", None)
-        if fixtures is not None and any(definitions[-1].scope in ("module", "package", "class")
-                                        for definitions in fixtures.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
     rank = {name: position for position, name in enumerate(SLOWEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
@@ -55,6 +49,25 @@ def redis_client(redis_server):
     client.flushall()
     yield client
     client.close()
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` hands each test to whichever process is free, but keeps together the
+    tests of a module with a module fixture (a cluster, a stack of containers): it is set
+    up once, in one process. (xdist's own loadgroup cannot carry marks added at collection
+    on this pytest, whose node ids are no longer strings to append a group to.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    here = Path(__file__).parent
+    together = {f"{here.name}/{path.name}" for path in here.glob("test_*.py")
+                if 'scope="module"' in path.read_text()}
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if module in together else nodeid
+
+    return Scheduling(config, log)
 
 
 class Deployment:
