@@ -41,7 +41,7 @@ demo-down: $(PYTHON)
 TEST_PROCESSES ?= 4
 test: deps
 	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadscope --no-loadscope-reorder \
-		--durations=15
+		--durations=15 -rs
 
 # Only the tests that need no servers (starting one there is an error), on both cores.
 unit: deps
