@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from . import keys
+from .budgets import LIST_TIMEOUT
 from .config import Node
 from .config.sources import AGENT_VARIABLE
 from .errors import ConfigError, ImagesyncError, NodeError, one_line
-from .inventory import LIST_TIMEOUT, Inventory, examine, examine_command, interpret, take_inventory
+from .inventory import Inventory, examine, examine_command, interpret, take_inventory
 from .runs import as_text
 from .transport import CommandResult, transport_for
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import keys, logs, references, runtimes
+from .budgets import KILL_AFTER
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .runs import FAILED, RESTORED, TIMED_OUT, Outcome, as_text
 from .transport import transport_for
@@ -114,7 +115,7 @@ def restore_command(node: Node, backup: BackupSettings, image: str, name: str, s
         f"now=$({ctr} images ls {shlex.quote('name==' + image)} | awk 'NR==2 {{print $3}}')",
         f'echo "{RESTORED_MARKER} $got $now"',
     ])
-    return f"timeout -k {runtimes.KILL_AFTER} {int(seconds)} sh -c {shlex.quote(script)}"
+    return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(script)}"
 
 
 def from_backup(attempt: Attempt) -> tuple[Outcome, bool]:
@@ -143,7 +144,7 @@ def from_backup(attempt: Attempt) -> tuple[Outcome, bool]:
     seconds = max(1, min(settings.time_out, attempt.remaining()))
     command = restore_command(node, backup, image, name, seconds, attempt.route.digest)
     try:
-        result = transport_for(settings, node).run(command, timeout=seconds + runtimes.KILL_AFTER + 10)
+        result = transport_for(settings, node).run(command, timeout=seconds + KILL_AFTER + 10)
     except CommandTimedOut as exc:
         return outcome(TIMED_OUT, exc.message), False
     except NodeError as exc:
@@ -497,7 +498,7 @@ def push_command(node: Node, backup: BackupSettings, image: str, name: str, seco
     references.parse(image)
     references.parse(name)
     push = f"{_ctr(node)} images push{_ctr_registry_flags(backup)} {shlex.quote(name)} {shlex.quote(image)}"
-    return f"timeout -k {runtimes.KILL_AFTER} {int(seconds)} {push}"
+    return f"timeout -k {KILL_AFTER} {int(seconds)} {push}"
 
 
 def push_from_node(settings: Settings, redis: Redis, run_id: str, node: Node, image: str, name: str) -> BackupOutcome:
@@ -507,7 +508,7 @@ def push_from_node(settings: Settings, redis: Redis, run_id: str, node: Node, im
     status, reason = BACKED_UP, ""
     try:
         command = push_command(node, settings.backup, image, name, settings.time_out)
-        result = transport_for(settings, node).run(command, timeout=settings.time_out + runtimes.KILL_AFTER + 10)
+        result = transport_for(settings, node).run(command, timeout=settings.time_out + KILL_AFTER + 10)
         if result.exit_code in runtimes.TIMEOUT_EXIT_CODES:
             status, reason = BACKUP_FAILED, f"push did not finish within time_out ({settings.time_out} s)"
         elif not result.ok:

@@ -7,18 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 from celery.schedules import crontab
 
-from . import runtimes
-from .pulls import SSH_GRACE
+from .budgets import FINALIZE_EVERY, pull_time_limits
 from .redisclient import celery_url
 
 if TYPE_CHECKING:
     from .config import Settings
 
 CONTROL_QUEUE = "imagesync"
-#: seconds the sync task may take: inventory (bounded by its own timeout) and fan-out
-SYNC_TIME_LIMIT = 900
-#: how often beat looks for runs that stopped making progress
-FINALIZE_EVERY = 30.0
 
 
 #: every node's queue is this, then the node's name
@@ -28,12 +23,6 @@ NODE_QUEUE_PREFIX = "node."
 def node_queue(node: str) -> str:
     """Each node has its own queue, served by that node's worker alone."""
     return f"{NODE_QUEUE_PREFIX}{node}"
-
-
-def pull_time_limits(settings: Settings) -> tuple[int, int]:
-    """(soft, hard) limits of a pull task: after the node-side timeout and the SSH grace."""
-    soft = settings.time_out + runtimes.KILL_AFTER + SSH_GRACE + 5
-    return soft, soft + 15
 
 
 def schedule_of(settings: Settings):

@@ -30,9 +30,9 @@ from redis.exceptions import RedisError
 
 from . import keys
 from .agents import node_names
+from .budgets import stale_after
 from .celeryconfig import node_queue
 from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES, as_text
-from .sync import stale_after
 
 if TYPE_CHECKING:
     from .config import Settings

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import facts, runtimes
+from .budgets import LIST_TIMEOUT
 from .errors import NodeError, RuntimeMissing, one_line
 from .facts import NodeFacts
 from .runtimes import COMMAND_NOT_FOUND, Image
@@ -21,8 +22,6 @@ from .transport import CommandResult, transport_for
 if TYPE_CHECKING:
     from .config import Node, Settings
 
-#: seconds a node may take to list its images
-LIST_TIMEOUT = 60.0
 #: upper bound on simultaneous SSH handshakes from one process
 MAX_THREADS = 64
 

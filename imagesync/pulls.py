@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import references, runtimes
+from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
 from .plan import BACKUP, DEFAULT_ROUTE, PEERS, REGISTRY, Route
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 
     from .config import Node, Settings
 
-#: seconds the SSH command may run past the node-side timeout before we give up on it
-SSH_GRACE = 10
 #: seconds after its run started within which a first-delivery pull trusts the
 #: run's inventory and pulls without asking the node first
 FRESH_PLAN = 120.0
@@ -198,7 +197,7 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
                                        also_as=image if attempt.route.pull_as else None,
                                        pin=attempt.route.pin)
         result = transport_for(settings, node).run(
-            command.command, timeout=command.seconds + runtimes.KILL_AFTER + SSH_GRACE
+            command.command, timeout=command.seconds + KILL_AFTER + SSH_GRACE
         )
     except CommandTimedOut as exc:
         return outcome(TIMED_OUT, exc.message), False

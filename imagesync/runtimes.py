@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from . import references
+from .budgets import KILL_AFTER
 
 if TYPE_CHECKING:
     from .config import Node
     from .transport import CommandResult
 
-#: seconds between timeout's TERM and its KILL of a pull that ignores TERM
-KILL_AFTER = 5
 #: exit codes of coreutils ``timeout``: the command timed out, or was killed after it
 TIMEOUT_EXIT_CODES = {124, 137}
 #: exit code of a shell for a command that does not exist

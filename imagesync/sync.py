@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import backup, logs, room, runtimes, transfer
+from . import backup, logs, room, transfer
 from .agents import survey
+from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
 from .plan import Plan, Route, make_plan
@@ -33,18 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imagesync")
 
-#: seconds without any pull reporting after which a run counts as stuck, beyond time_out
-STALE_MARGIN = 60
 #: how often (in pulls sent) a long fan-out renews the lock
 RENEW_EVERY = 500
 
 #: send_pull(node, image, run_id, expires, route)
 SendPull = Callable[[str, str, str, float, Route], None]
-
-
-def stale_after(settings: Settings) -> int:
-    """Seconds a run may go without progress: one full pull, its kill grace and a margin."""
-    return int(settings.time_out + runtimes.KILL_AFTER + STALE_MARGIN)
 
 
 def run_store(settings: Settings, redis: Redis) -> RunStore:
@@ -54,16 +47,6 @@ def run_store(settings: Settings, redis: Redis) -> RunStore:
 
 def run_lock(settings: Settings, redis: Redis) -> RunLock:
     return RunLock(redis, ttl=stale_after(settings))
-
-
-def pull_expiry(settings: Settings, pulls_on_node: int) -> float:
-    """Seconds a queued pull stays worth running: the node's whole queue at worst, plus a margin.
-
-    Redis has no message TTL; without ``expires`` the pulls of a node whose
-    worker is gone would wait for it forever.
-    """
-    rounds = math.ceil(pulls_on_node / settings.max_parallel)
-    return rounds * (settings.time_out + runtimes.KILL_AFTER) + stale_after(settings)
 
 
 @dataclass

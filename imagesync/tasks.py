@@ -28,8 +28,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import agents, backup, keys, logs
+from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, refuse, settings
-from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, SYNC_TIME_LIMIT, node_queue, pull_time_limits
+from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, node_queue
 from .errors import ConfigError, one_line
 from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay, shares_pool
 from .plan import DEFAULT_ROUTE, Route

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import keys, references, runtimes
+from .budgets import KILL_AFTER, SSH_GRACE, stale_after
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .runs import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome, pull_key
 from .semaphore import Semaphore
@@ -60,8 +61,6 @@ SERVES = 1
 POLL = 0.5
 #: seconds a serving slot is held without being refreshed, should its copy die
 SERVE_LEASE = 30.0
-#: seconds the SSH side of a command may run past the node-side timeout
-SSH_GRACE = 10
 #: seconds of the budget below which no further holder is tried or waited for
 MIN_SECONDS = 5
 
@@ -216,8 +215,6 @@ def _serving(attempt: Attempt, source: str) -> Semaphore | None:
 
 def holders_ttl(settings: Settings) -> int:
     """Seconds a run's holder sets live: as long as the run may go without progress."""
-    from .sync import stale_after
-
     return stale_after(settings)
 
 
@@ -241,7 +238,7 @@ def copy(settings: Settings, source: Node, target: Node, image: str, digest: str
     """Stream ``image`` from ``source`` into ``target``; it must arrive under the digest
     the source holds it under (and under ``digest``, when the plan knew it)."""
     seconds = max(1, seconds)
-    deadline = time.monotonic() + seconds + runtimes.KILL_AFTER + SSH_GRACE
+    deadline = time.monotonic() + seconds + KILL_AFTER + SSH_GRACE
 
     def left() -> float:
         return max(0.001, deadline - time.monotonic())

@@ -16,13 +16,14 @@ import pytest
 from helpers import measured
 
 from imagesync import keys
+from imagesync.budgets import stale_after
 from imagesync.config import Settings
 from imagesync.exporter import registry_for, schedule_period
 from imagesync.lock import RunLock
 from imagesync.plan import make_plan
 from imagesync.runs import Outcome
 from imagesync.runtimes import Image
-from imagesync.sync import node_counts, run_store, stale_after
+from imagesync.sync import node_counts, run_store
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 

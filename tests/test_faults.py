@@ -45,10 +45,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imagesync import keys
-from imagesync.celeryconfig import celery_settings, pull_time_limits
+from imagesync.budgets import pull_expiry, pull_time_limits, stale_after
+from imagesync.celeryconfig import celery_settings
 from imagesync.cli import main
 from imagesync.config import load_settings
-from imagesync.sync import finalize_stale, pull_expiry, stale_after
+from imagesync.sync import finalize_stale
 from testcluster.cluster import toml_dumps
 from testcluster.process import ServerProcess, find_processes, free_port, port_open
 

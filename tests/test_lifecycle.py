@@ -26,8 +26,9 @@ import pytest
 from helpers import finish, measured, reported, started_run, wait_for
 
 from imagesync import keys
+from imagesync.budgets import stale_after
 from imagesync.config import load_settings
-from imagesync.sync import finalize_stale, stale_after
+from imagesync.sync import finalize_stale
 
 pytestmark = pytest.mark.cluster
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from imagesync import runtimes
+from imagesync.budgets import KILL_AFTER
 from imagesync.errors import RefusedReference
 
 DATA = Path(__file__).parent / "data"
@@ -44,7 +45,7 @@ def test_parses_ctr_images_ls_grouping_rows_by_digest():
 def test_pull_commands_run_under_the_nodes_timeout_and_quote_the_reference():
     command = runtimes.Crictl("unix:///run/k3s/containerd.sock").pull_command("nvcr.io/nvidia/pytorch:24.01-py3", 1800)
     words = shlex.split(command.command)
-    assert words[:5] == ["timeout", "-k", str(runtimes.KILL_AFTER), "1800", "crictl"]
+    assert words[:5] == ["timeout", "-k", str(KILL_AFTER), "1800", "crictl"]
     assert words[-2:] == ["pull", "nvcr.io/nvidia/pytorch:24.01-py3"]
     ctr = runtimes.Ctr("/run/containerd/containerd.sock", "k8s.io", "/etc/containerd/certs.d")
     words = shlex.split(ctr.pull_command("nginx", 60).command)

@@ -22,10 +22,11 @@ from conftest import Deployment
 from helpers import measured, started_run, wait_for
 
 from imagesync import keys
+from imagesync.budgets import stale_after
 from imagesync.config import load_settings
 from imagesync.redisclient import connect
 from imagesync.runs import as_text
-from imagesync.sync import finalize_stale, stale_after
+from imagesync.sync import finalize_stale
 from testcluster.cluster import Cluster
 from testcluster.process import free_port, port_open
 from testcluster.sentinel import SentinelGroup

@@ -152,7 +152,7 @@ def test_unit_restarts_reads_secrets_and_is_hardened(name):
 
 @pytest.mark.parametrize("name", UNITS)
 def test_stop_timeout_outlasts_a_pull(name):
-    from imagesync.celeryconfig import pull_time_limits
+    from imagesync.budgets import pull_time_limits
     from imagesync.config import load_settings
 
     settings = load_settings(ROOT / "imagesync.sample.toml", environ={})

@@ -35,8 +35,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from .. import keys
+    from ..budgets import SYNC_TIME_LIMIT
     from ..celery import app
-    from ..celeryconfig import CONTROL_QUEUE, SYNC_TIME_LIMIT
+    from ..celeryconfig import CONTROL_QUEUE
 
     result = app.send_task("imagesync.sync", kwargs={"trigger": "cli", "nodes": args.node}, queue=CONTROL_QUEUE)
     try:
