@@ -18,6 +18,7 @@ from imagesync.facts import NodeFacts
 from imagesync.plan import SKIPPED, Policy, make_plan
 from imagesync.runs import Outcome
 from imagesync.runtimes import Image
+from imagesync.sizes import MinFree
 
 MiB = 2**20
 REG = "registry.example:5000"
@@ -45,7 +46,7 @@ def plan_with(conditions, holder=(), empty_facts=None, declared=()):
     (4096, 1, 4096), ("1.5kib", 1, 1536),
 ])
 def test_min_free_is_a_share_or_a_size(text, total, keep):
-    assert room.MinFree.parse(text).bytes_of(total) == keep
+    assert MinFree.parse(text).bytes_of(total) == keep
 
 
 @pytest.mark.parametrize("text, says", [
@@ -54,7 +55,7 @@ def test_min_free_is_a_share_or_a_size(text, total, keep):
 ])
 def test_a_wrong_min_free_says_what_to_write(text, says):
     with pytest.raises(ValueError, match=says):
-        room.MinFree.parse(text)
+        MinFree.parse(text)
 
 
 def test_the_configuration_refuses_a_wrong_min_free_in_one_line(tmp_path):
@@ -74,7 +75,7 @@ def test_the_configuration_refuses_a_wrong_min_free_in_one_line(tmp_path):
 def test_pulls_get_room_smallest_first_and_what_does_not_fit_is_skipped_with_the_figures():
     # 100 MiB disk, 50 free, 20% = 20 MiB kept: 30 MiB to give; each pull costs 3x its size
     images = [image("bcm11/a:1", 2), image("bcm11/b:1", 4), image("bcm11/c:1", 5), image("bcm11/d:1", 20)]
-    plan = plan_with([room.room(room.MinFree.parse("20%"))], holder=images)
+    plan = plan_with([room.room(MinFree.parse("20%"))], holder=images)
     # a (6 MiB) and b (12 MiB) fit: 32 left; c (15 MiB) would leave 17 < 20; d (60) never fits
     assert plan.missing["empty"] == [f"{REG}/bcm11/a:1", f"{REG}/bcm11/b:1"]
     skipped = plan.excluded["empty"]
@@ -88,7 +89,7 @@ def test_pulls_get_room_smallest_first_and_what_does_not_fit_is_skipped_with_the
 
 def test_declared_images_get_room_before_the_union():
     images = [image("bcm11/a:1", 2), image("bcm11/big:1", 9)]
-    plan = plan_with([room.room(room.MinFree.parse("20%"), [f"{REG}/bcm11/big:1"])], holder=images)
+    plan = plan_with([room.room(MinFree.parse("20%"), [f"{REG}/bcm11/big:1"])], holder=images)
     # big (27 MiB) first: 23 left, 3 short of a's 6 MiB
     assert plan.missing["empty"] == [f"{REG}/bcm11/big:1"]
     assert f"{REG}/bcm11/a:1" in plan.excluded["empty"]
@@ -97,19 +98,19 @@ def test_declared_images_get_room_before_the_union():
 def test_an_image_of_unknown_size_goes_last_and_only_while_the_node_is_above_min_free():
     images = [image("bcm11/a:1", 2)]
     declared = [f"{REG}/bcm11/nobody:1"]
-    roomy = plan_with([room.room(room.MinFree.parse("20%"))], holder=images, declared=declared)
+    roomy = plan_with([room.room(MinFree.parse("20%"))], holder=images, declared=declared)
     assert roomy.missing["empty"] == [f"{REG}/bcm11/a:1", f"{REG}/bcm11/nobody:1"]
-    tight = plan_with([room.room(room.MinFree.parse("46%"))], holder=images, declared=declared)
+    tight = plan_with([room.room(MinFree.parse("46%"))], holder=images, declared=declared)
     # 50 free, 46 kept: a (6 MiB) does not fit; the unknown one still may (the node is above min_free)
     assert tight.missing["empty"] == [f"{REG}/bcm11/nobody:1"]
-    tight = plan_with([room.room(room.MinFree.parse("51%"))], holder=images, declared=declared)
+    tight = plan_with([room.room(MinFree.parse("51%"))], holder=images, declared=declared)
     # 50 free, 51 kept: the node is already below min_free
     assert "empty" not in tight.missing
     assert "size unknown" in tight.excluded["empty"][f"{REG}/bcm11/nobody:1"].reason
 
 
 def test_a_node_whose_disk_is_unknown_is_not_guarded():
-    plan = plan_with([room.room(room.MinFree.parse("99%"))], holder=[image("bcm11/a:1", 2)],
+    plan = plan_with([room.room(MinFree.parse("99%"))], holder=[image("bcm11/a:1", 2)],
                      empty_facts=NodeFacts(platform="linux/amd64"))
     assert plan.missing["empty"] == [f"{REG}/bcm11/a:1"] and not plan.excluded
 

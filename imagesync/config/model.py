@@ -34,6 +34,7 @@ from pydantic import (
 
 from imagesync.errors import ConfigError
 from imagesync.redisclient import is_sentinel
+from imagesync.sizes import MinFree
 
 from .backup import BackupSettings, Patterns
 from .checks import (
@@ -197,8 +198,6 @@ class Node(BaseModel):
 
 def _min_free(value: Any) -> str:
     """A percentage ("20%") or a size ("50GiB", or a number of bytes), kept as written."""
-    from imagesync.room import MinFree
-
     try:
         MinFree.parse(value)
     except ValueError as exc:
