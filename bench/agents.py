@@ -54,6 +54,7 @@ def run(report: Report, quick: bool = False) -> None:
                                           agent_heartbeat=2.0, agent_lapse=30.0, agent_inventory_timeout=60.0)
             os.environ["IMAGESYNC_CONFIG"] = str(config)  # the Celery app that sends the tasks reads it
             settings = load_settings(config)
+            from imagesync.tasks import send_inventory
             bin_dir = _wrapper(root, str(cluster.nodes[0].bin_dir / "crictl"))
             for node in cluster.nodes:
                 listing = node.workdir / "images.json"
@@ -83,11 +84,12 @@ def run(report: Report, quick: bool = False) -> None:
                     figures: dict[int, list[dict[str, float]]] = {}
                     for n in SIZES:
                         progress(f"agents: {lister} lister, {n} agents")
-                        agents.ask(settings, redis, alive[:n])  # the first task of a pool process imports more
+                        # the first task of a pool process imports more
+                        agents.ask(settings, redis, alive[:n], send_inventory)
                         figures[n] = []
                         for _ in range(3 if quick else 5):
                             machine, own, started = cpu_seconds_used(), process_cpu_seconds(), time.monotonic()
-                            inventory = agents.ask(settings, redis, alive[:n])
+                            inventory = agents.ask(settings, redis, alive[:n], send_inventory)
                             wall = time.monotonic() - started
                             if inventory.errors or len(inventory.images) != n:
                                 raise RuntimeError(f"inventory failed: {inventory.unreachable}")

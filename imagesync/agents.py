@@ -318,14 +318,6 @@ def check_targets(settings: Settings, redis: Redis | None, targets: Iterable[str
 # -- the inventory through the agents -----------------------------------------------------------
 
 
-def send_inventory(node: str, request: str, expires: float) -> None:
-    """Queue ``imagesync.inventory`` on ``node``'s queue; it is worth running for ``expires`` s."""
-    from .celery import app
-    from .celeryconfig import node_queue
-
-    app.send_task("imagesync.inventory", args=(request, node), queue=node_queue(node), expires=expires)
-
-
 def answer(settings: Settings, redis: Redis, request: str, name: str, keep: float) -> dict:
     """On the agent: run the inventory command on the node, push the output for ``request``,
     and refresh the node's registration with what it found."""
@@ -351,7 +343,7 @@ def answer(settings: Settings, redis: Redis, request: str, name: str, keep: floa
 
 
 def ask(settings: Settings, redis: Redis, agents: Iterable[Registration],
-        send: SendInventory = send_inventory, poll: float = 1.0) -> Inventory:
+        send: SendInventory, poll: float = 1.0) -> Inventory:
     """The inventory of ``agents``' nodes: one task each on the node's queue, the answers
     read until all are in or ``agent_inventory_timeout`` passed; a silent node is an error."""
     agents = list(agents)
@@ -404,18 +396,21 @@ class NoAgentsKnown(ImagesyncError):
     """agents = true, but Redis cannot be asked which agents are alive."""
 
 
-def survey(settings: Settings, redis: Redis | None) -> Inventory:
+def survey(settings: Settings, redis: Redis | None, send: SendInventory | None) -> Inventory:
     """Every node's inventory: over SSH for the configured nodes; with ``agents = true``, through
-    the agents for the registered ones (both at once), a lapsed agent's node being skipped."""
+    the agents for the registered ones (both at once, ``send`` queueing their tasks), a lapsed
+    agent's node being skipped."""
     if not settings.agents:
         return take_inventory(settings)
+    if send is None:
+        raise ValueError("agents = true: the inventory needs a sender of imagesync.inventory tasks")
     if redis is None:
         raise NoAgentsKnown("agents = true, but Redis does not answer: the agents alive are not known; "
                             "start redis-server or fix redis_url")
     known = fleet(settings, redis)
     with ThreadPoolExecutor(max_workers=1) as pool:
         over_ssh = pool.submit(take_inventory, settings) if settings.nodes else None
-        inventory = ask(settings, redis, known.alive)
+        inventory = ask(settings, redis, known.alive, send)
         if over_ssh is not None:
             ssh = over_ssh.result()
             inventory.images |= ssh.images

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from . import backup, logs, room, transfer
-from .agents import survey
+from .agents import SendInventory, survey
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
@@ -74,9 +74,11 @@ def missed_targets(plan: Plan, configured: Iterable[str], targets: Iterable[str]
     return {}
 
 
-def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None) -> Plan:
-    """Inventory every node and plan, without changing anything."""
-    inventory = survey(settings, redis)
+def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None,
+             send_inventory: SendInventory | None = None) -> Plan:
+    """Inventory every node and plan, without changing anything; ``send_inventory`` queues
+    the inventory tasks of agent nodes (needed with ``agents = true``)."""
+    inventory = survey(settings, redis, send_inventory)
     return make_plan(
         inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
         facts=inventory.facts, policy=policy_for(settings, redis), exclude=settings.exclude,
@@ -84,9 +86,9 @@ def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Re
 
 
 def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None,
-                redis: Redis | None = None) -> Plan:
+                redis: Redis | None = None, send_inventory: SendInventory | None = None) -> Plan:
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
-    inventory = survey(settings, redis)
+    inventory = survey(settings, redis, send_inventory)
     return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
                      facts=inventory.facts, policy=policy_for(settings, redis, limited=True),
                      exclude=settings.exclude)
@@ -119,8 +121,10 @@ def start_run(
     targets: Iterable[str] | None = None,
     images: Iterable[str] | None = None,
     claim_from: str | None = None,
+    send_inventory: SendInventory | None = None,
 ) -> Started:
-    """Start a run unless one is in progress; ``send_pull(node, image, run_id, expires)`` queues a pull.
+    """Start a run unless one is in progress; ``send_pull(node, image, run_id, expires)`` queues a pull,
+    ``send_inventory`` an agent node's inventory.
 
     With ``images``, the run wants exactly those images (every reachable node
     lacking one pulls it) and its trigger names them. With ``claim_from`` too
@@ -154,8 +158,8 @@ def start_run(
                 return Started("nothing-to-do", None, message)
         trigger = images_trigger(trigger, images)
     try:
-        plan = (plan_now(settings, targets, redis) if images is None
-                else plan_images(settings, images, targets, redis))
+        plan = (plan_now(settings, targets, redis, send_inventory) if images is None
+                else plan_images(settings, images, targets, redis, send_inventory))
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
         for refusal in plan.refused:

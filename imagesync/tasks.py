@@ -73,6 +73,11 @@ def backoff(retries: int) -> float:
     return round(min(BACKOFF_CAP, nominal * random.uniform(0.5, 1.5)), 2)
 
 
+def send_inventory(node: str, request: str, expires: float) -> None:
+    """Queue ``imagesync.inventory`` on ``node``'s queue; it is worth running for ``expires`` s."""
+    app.send_task("imagesync.inventory", args=(request, node), queue=node_queue(node), expires=expires)
+
+
 def send_pull(node: str, image: str, run_id: str, expires: float, route: Route = DEFAULT_ROUTE) -> None:
     """Queue one pull, worth running for ``expires`` seconds.
 
@@ -103,7 +108,7 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
         agents.check_targets(settings, redis(), nodes)
     claim_from = keys.WEBHOOK_PENDING if images else None
     started = start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes,
-                        images=images or None, claim_from=claim_from)
+                        images=images or None, claim_from=claim_from, send_inventory=send_inventory)
     if started.status == "nothing-to-do" and started.run_id:
         send_backup(started.run_id)  # a run with nothing to pull completes at once
     return started.to_dict()

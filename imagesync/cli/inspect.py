@@ -24,6 +24,7 @@ from ..plan import Plan
 from . import EXIT_FAILED, EXIT_OK, CommandError, _redis, _settings, say, version_line
 
 if TYPE_CHECKING:
+    from ..agents import SendInventory
     from ..facts import NodeFacts
 
 
@@ -175,6 +176,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _inventory_sender(settings: Settings) -> SendInventory | None:
+    """What queues an agent node's inventory task: only with ``agents = true``, so that
+    the other commands never load the Celery app."""
+    if not settings.agents:
+        return None
+    from ..tasks import send_inventory
+
+    return send_inventory
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..agents import check_targets
     from ..sync import plan_now
@@ -182,7 +193,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = _settings()
     memory = _memory(settings)
     check_targets(settings, memory, args.node or ())
-    plan = plan_now(settings, args.node, memory)
+    plan = plan_now(settings, args.node, memory, _inventory_sender(settings))
     if args.json:
         _cli.out.print_json(json.dumps(plan.to_dict()))
         return EXIT_OK
@@ -237,7 +248,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CommandError("no backup registry is configured: add a [backup] table with its registry "
                            "(see docs/configuration.md)")
     memory = _memory(settings)
-    plan = plan_now(settings, redis=memory)
+    plan = plan_now(settings, redis=memory, send_inventory=_inventory_sender(settings))
     if args.backup:
         return backup_status(settings, plan, args.json)
     if args.json:
