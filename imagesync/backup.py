@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import keys, logs, references, runtimes
+from .attempt import Attempt
 from .budgets import KILL_AFTER
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .runs import FAILED, RESTORED, TIMED_OUT, Outcome, as_text
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
     from .config import Node, Settings
     from .config.backup import BackupSettings
     from .plan import Plan
-    from .pulls import Attempt
 
 log = logging.getLogger("imagesync")
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from celery.schedules import crontab
 
 from .budgets import FINALIZE_EVERY, pull_time_limits
-from .redisclient import celery_url
+from .redisurl import celery_url
 
 if TYPE_CHECKING:
     from .config import Settings

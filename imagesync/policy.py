@@ -4,7 +4,7 @@ where a missing image comes from (see :class:`imagesync.plan.Policy`).
 This is the one place where the conditions (platform, room, ...) and the
 sources (registry, backup, peers) are put together from the settings. A new
 condition is a function of the plan added to the list; a new source is a name
-in the route and a fetcher in :func:`imagesync.pulls.fetcher`.
+in the route and a fetcher in :data:`imagesync.pulls.SOURCES`.
 """
 
 from __future__ import annotations

@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import references, runtimes
+from .attempt import Attempt, Fetch, NodeFailed
+from .backup import from_backup
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
-from .plan import BACKUP, DEFAULT_ROUTE, PEERS, REGISTRY, Route
+from .plan import BACKUP, PEERS, REGISTRY
 from .runs import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
+from .transfer import from_peers
 from .transport import transport_for
 
 if TYPE_CHECKING:
-    from redis import Redis
 
     from .config import Node, Settings
 
@@ -63,63 +63,17 @@ def needs_check(retries: int, redelivered: bool, run_started: float | None, now:
 MIN_SECONDS = 1
 #: what a runtime says when an image has nothing for the node's platform
 NO_PLATFORM = re.compile(r"no match for platform", re.IGNORECASE)
-
-
-@dataclass
-class Attempt:
-    """One attempt at getting ``image`` onto ``node``: what every source is given."""
-
-    settings: Settings
-    node: Node
-    image: str
-    route: Route = DEFAULT_ROUTE
-    run_id: str = ""
-    #: ask the node first whether it holds the image (see needs_check)
-    check: bool = True
-    #: whether the task may still retry: a source that may succeed later then retries rather than hand over
-    last: bool = True
-    #: this process's Redis client, for sources that coordinate (None in a test of one source)
-    redis: Redis | None = None
-    started: float = field(default_factory=time.monotonic)
-
-    def remaining(self) -> int:
-        """Whole seconds left of ``time_out`` for the sources still to try."""
-        return int(self.settings.time_out - (time.monotonic() - self.started))
-
-    def outcome(self, status: str, reason: str = "", source: str = "") -> Outcome:
-        return Outcome(self.node.name, self.image, status, round(time.monotonic() - self.started, 3),
-                       reason, source=source)
-
-
-#: a source: (outcome, whether a retry may help)
-Fetch = Callable[[Attempt], tuple[Outcome, bool]]
 #: the node's own trouble, whatever the source: a runtime that does not answer its
 #: own socket (containerd stopped or restarting), a full disk
 NODE_SIDE = re.compile(r"code = unavailable|no space left on device", re.IGNORECASE)
 
 
-class NodeFailed(Exception):
-    """A source failed because the node itself did: unreachable, no runtime, its runtime
-    down, the connection dropped. No other source can do better: the route ends there."""
-
-    def __init__(self, outcome: Outcome, transient: bool) -> None:
-        super().__init__(outcome.reason)
-        self.outcome, self.transient = outcome, transient
-
-
 def fetcher(source: str) -> Fetch:
     """The function that gets an image from ``source``."""
-    if source == REGISTRY:
-        return from_registry
-    if source == PEERS:
-        from .transfer import from_peers
-
-        return from_peers
-    if source == BACKUP:
-        from .backup import from_backup
-
-        return from_backup
-    raise ValueError(f"unknown source {source!r}")
+    try:
+        return SOURCES[source]
+    except KeyError:
+        raise ValueError(f"unknown source {source!r}") from None
 
 
 def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
@@ -225,6 +179,10 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
         _keep_platform_verdict(attempt, reason)
         return outcome(NOT_APPLICABLE, reason), False
     return outcome(FAILED, reason), runtimes.is_transient(reason)
+
+
+#: every source a route may name, and the function that gets an image from it
+SOURCES: dict[str, Fetch] = {REGISTRY: from_registry, BACKUP: from_backup, PEERS: from_peers}
 
 
 def _keep_platform_verdict(attempt: Attempt, reason: str) -> None:

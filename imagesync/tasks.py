@@ -28,13 +28,14 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import agents, backup, keys, logs
+from .attempt import Attempt
 from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, refuse, settings
 from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, node_queue
 from .errors import ConfigError, one_line
 from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay, shares_pool
 from .plan import DEFAULT_ROUTE, Route
-from .pulls import Attempt, get_image, needs_check
+from .pulls import get_image, needs_check
 from .redelivery import take_back
 from .redisclient import connect
 from .runs import EXPIRED, FAILED, RUNNING, SKIPPED, TIMED_OUT, Outcome

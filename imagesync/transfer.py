@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import keys, references, runtimes
+from .attempt import Attempt
 from .budgets import KILL_AFTER, SSH_GRACE, stale_after
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .runs import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome, pull_key
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from .config import Node, Settings
-    from .pulls import Attempt
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ from conftest import Deployment
 from helpers import measured, started_run, wait_for
 
 from imagesync import keys
+from imagesync.attempt import Attempt
 from imagesync.config import load_settings
 from imagesync.plan import REGISTRY, Route
 from imagesync.platforms import RegistryClient
-from imagesync.pulls import Attempt, from_registry
+from imagesync.pulls import from_registry
 from imagesync.runs import PULLED
 from imagesync.runtimes import PINNED_LABEL
 from testcluster.cluster import Cluster

@@ -18,15 +18,8 @@ from redis.sentinel import MasterNotFoundError, SentinelConnectionPool
 from imagesync.celeryconfig import celery_settings
 from imagesync.config import load_settings, mask_url
 from imagesync.errors import ConfigError
-from imagesync.redisclient import (
-    SENTINEL_TIMEOUT,
-    SentinelURL,
-    celery_url,
-    connect,
-    connect_url,
-    error_line,
-    parse_sentinel_url,
-)
+from imagesync.redisclient import SENTINEL_TIMEOUT, connect, connect_url, error_line
+from imagesync.redisurl import SentinelURL, celery_url, parse_sentinel_url
 from testcluster.process import free_port
 
 NODES = 'prefixes = ["bcm11"]\n[[nodes]]\nname = "k8s-worker1"\n'

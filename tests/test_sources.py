@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from imagesync import facts, pulls
+from imagesync.attempt import Attempt, NodeFailed
 from imagesync.config import Node, Settings
 from imagesync.facts import NodeFacts
 from imagesync.plan import (
@@ -198,7 +199,7 @@ def make_settings():
 
 def attempt(settings_factory, route, last=True):
     settings = settings_factory()
-    return pulls.Attempt(settings, settings.nodes[0], "registry.test/x:1", route, "r1", last=last)
+    return Attempt(settings, settings.nodes[0], "registry.test/x:1", route, "r1", last=last)
 
 
 def test_a_permanent_failure_hands_over_to_the_next_source(sources, make_settings):
@@ -232,7 +233,7 @@ def test_a_node_that_failed_itself_ends_the_route(monkeypatch, make_settings):
     def fetcher(source):
         def fetch(attempt):
             asked.append(source)
-            raise pulls.NodeFailed(attempt.outcome(FAILED, "Cannot connect to b via SSH"), True)
+            raise NodeFailed(attempt.outcome(FAILED, "Cannot connect to b via SSH"), True)
         return fetch
 
     monkeypatch.setattr(pulls, "fetcher", fetcher)

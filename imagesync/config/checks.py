@@ -26,7 +26,7 @@ from redis import ConnectionPool, RedisError
 
 from .. import references
 from ..errors import RefusedReference
-from ..redisclient import is_sentinel, parse_sentinel_url
+from ..redisurl import is_sentinel, parse_sentinel_url
 
 #: a place in the settings document, as pydantic gives it: ("nodes", 1, "port")
 Location = tuple[str | int, ...]

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from imagesync.errors import ConfigError
-from imagesync.redisclient import is_sentinel
+from imagesync.redisurl import is_sentinel
 from imagesync.sizes import MinFree
 
 from .backup import BackupSettings, Patterns
