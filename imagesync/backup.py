@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import keys, logs, references, runtimes
 from .attempt import Attempt
-from .budgets import KILL_AFTER
+from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .runs import FAILED, RESTORED, TIMED_OUT, Outcome, as_text
 from .transport import transport_for
@@ -144,7 +144,7 @@ def from_backup(attempt: Attempt) -> tuple[Outcome, bool]:
     seconds = max(1, min(settings.time_out, attempt.remaining()))
     command = restore_command(node, backup, image, name, seconds, attempt.route.digest)
     try:
-        result = transport_for(settings, node).run(command, timeout=seconds + KILL_AFTER + 10)
+        result = transport_for(settings, node).run(command, timeout=seconds + KILL_AFTER + SSH_GRACE)
     except CommandTimedOut as exc:
         return outcome(TIMED_OUT, exc.message), False
     except NodeError as exc:
@@ -508,7 +508,7 @@ def push_from_node(settings: Settings, redis: Redis, run_id: str, node: Node, im
     status, reason = BACKED_UP, ""
     try:
         command = push_command(node, settings.backup, image, name, settings.time_out)
-        result = transport_for(settings, node).run(command, timeout=settings.time_out + KILL_AFTER + 10)
+        result = transport_for(settings, node).run(command, timeout=settings.time_out + KILL_AFTER + SSH_GRACE)
         if result.exit_code in runtimes.TIMEOUT_EXIT_CODES:
             status, reason = BACKUP_FAILED, f"push did not finish within time_out ({settings.time_out} s)"
         elif not result.ok:

@@ -32,8 +32,9 @@ from .runtimes import Image
 
 #: the sources a node's missing image can come from
 REGISTRY, BACKUP, PEERS = "registry", "backup", "peers"
-#: kinds of exclusion: the image has nothing for the node's platform; it is not pulled there now
-NOT_APPLICABLE, SKIPPED = "n/a", "skipped"
+#: kinds of exclusion: the image is not for this node (nothing for its platform, shown "n/a");
+#: it would be, but is not pulled there now. A pull's outcome "not_applicable" is runs.NOT_APPLICABLE.
+NOT_FOR_NODE, SKIPPED = "n/a", "skipped"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, TypeVar
 from . import keys, references
 from .errors import RefusedReference
 from .facts import platform_of
-from .plan import NOT_APPLICABLE, SKIPPED, Drift, Plan, Refusal
+from .plan import NOT_FOR_NODE, SKIPPED, Drift, Plan, Refusal
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -385,7 +385,7 @@ def platform_condition(settings: Settings, redis: Redis | None, client: Registry
                 continue
             reason = judge(known.get(digest), plan.facts[node].platform or "")
             if reason:
-                plan.exclude(node, image, NOT_APPLICABLE, reason)
+                plan.exclude(node, image, NOT_FOR_NODE, reason)
 
     return condition
 
@@ -412,7 +412,7 @@ def per_architecture(entries: Mapping[str, Mapping[str, str]]):
                 lacks = image in plan.missing.get(node, [])
                 if arch not in by_arch:
                     if lacks:
-                        plan.exclude(node, image, NOT_APPLICABLE,
+                        plan.exclude(node, image, NOT_FOR_NODE,
                                      f"no reference for {arch}: the entry has {', '.join(sorted(by_arch))}")
                     continue
                 try:

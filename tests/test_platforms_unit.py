@@ -14,7 +14,7 @@ from imagesync import keys
 from imagesync.config import Node, Settings, load_settings
 from imagesync.errors import ConfigError
 from imagesync.facts import NodeFacts
-from imagesync.plan import NOT_APPLICABLE, Policy, make_plan
+from imagesync.plan import NOT_FOR_NODE, Policy, make_plan
 from imagesync.platforms import (
     LookupFailed,
     RegistryClient,
@@ -95,12 +95,12 @@ def test_an_image_without_the_nodes_platform_is_not_applicable_and_judged_once(r
     plan = plan_with(redis_client, registry, inventories)
     assert plan.missing == {}
     why = plan.excluded["amd"][ARM_ONLY]
-    assert (why.kind, why.reason) == (NOT_APPLICABLE, "no manifest for linux/amd64: the image has linux/arm64")
+    assert (why.kind, why.reason) == (NOT_FOR_NODE, "no manifest for linux/amd64: the image has linux/arm64")
     assert registry.asked == [D1]
     assert redis_client.ttl(keys.platforms(D1)) > 0
 
     again = plan_with(redis_client, registry, inventories)
-    assert again.excluded["amd"][ARM_ONLY].kind == NOT_APPLICABLE
+    assert again.excluded["amd"][ARM_ONLY].kind == NOT_FOR_NODE
     assert registry.asked == [D1]  # learned once: no second request
 
 

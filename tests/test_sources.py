@@ -14,7 +14,7 @@ from imagesync.facts import NodeFacts
 from imagesync.plan import (
     BACKUP,
     DEFAULT_ROUTE,
-    NOT_APPLICABLE,
+    NOT_FOR_NODE,
     PEERS,
     REGISTRY,
     Plan,
@@ -151,7 +151,7 @@ def test_peers_first_pulls_each_new_image_once_and_spreads_the_seeds():
 
 def test_a_condition_excludes_a_pull_with_its_kind_and_reason():
     def no_x_on_b(plan: Plan) -> None:
-        plan.exclude("b", "registry.test/x:1", NOT_APPLICABLE, "no linux/amd64 manifest")
+        plan.exclude("b", "registry.test/x:1", NOT_FOR_NODE, "no linux/amd64 manifest")
 
     plan = plan_of({"a": [image("registry.test/x:1"), image("registry.test/y:1")], "b": []},
                    Policy(conditions=[no_x_on_b]))
