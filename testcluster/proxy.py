@@ -162,11 +162,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _held(self, gate: threading.Event) -> bool:
         """Wait for ``gate``; False if the proxy stopped first."""
-        stopping = self.server.proxy._stopping
-        while not gate.wait(0.1):
-            if stopping.is_set():
-                return False
-        return True
+        proxy = self.server.proxy
+        with proxy._lock:
+            proxy._held_now += 1
+        try:
+            while not gate.wait(0.1):
+                if proxy._stopping.is_set():
+                    return False
+            return True
+        finally:
+            with proxy._lock:
+                proxy._held_now -= 1
 
     def _hang(self) -> None:
         """Answer nothing until the client closes or the proxy stops."""
@@ -265,6 +271,7 @@ class RegistryProxy:
         self._connections: set[socket.socket] = set()
         self._configs: set[str] = set()  # config blob digests, learnt from manifests
         self._stopping = threading.Event()
+        self._held_now = 0
         #: bytes of response bodies sent so far (see ``throttle``)
         self.bytes_sent = 0
         self._rate: float | None = None
@@ -397,6 +404,12 @@ class RegistryProxy:
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
+
+    @property
+    def held(self) -> int:
+        """Requests waiting at the proxy right now for ``release()`` (see ``hold``)."""
+        with self._lock:
+            return self._held_now
 
     @property
     def open_connections(self) -> int:

@@ -190,18 +190,7 @@ def test_proxy_delay_makes_each_pull_take_at_least_the_delay(cluster: Cluster) -
     assert len(node_pulls) == 3 and all(p.end is not None and p.end - p.start >= 1.0 for p in node_pulls)
 
 
-def test_held_pulls_show_their_concurrency_at_the_proxy_and_on_the_node(
-        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    from testcluster import proxy
-
-    held: list[str] = []
-    hold = proxy._Handler._held
-
-    def counted(handler: Any, gate: Any) -> bool:
-        held.append(handler.path)  # the request is under way, waiting at the proxy
-        return hold(handler, gate)
-
-    monkeypatch.setattr(proxy._Handler, "_held", counted)
+def test_held_pulls_show_their_concurrency_at_the_proxy_and_on_the_node(cluster: Cluster) -> None:
     refs = [cluster.push("bcm11/held", str(i)) for i in range(3)]
     cluster.proxy.clear()
     cluster.proxy.hold()
@@ -209,7 +198,7 @@ def test_held_pulls_show_their_concurrency_at_the_proxy_and_on_the_node(
                               stderr=subprocess.PIPE, text=True)
              for node, ref in zip([cluster.nodes[0], cluster.nodes[1], cluster.nodes[0]], refs, strict=True)]
     # every layer download has begun before any may end: they all overlap
-    wait_until(lambda: len(held) == 3, 30, "the three layer downloads to reach the proxy")
+    wait_until(lambda: cluster.proxy.held == 3, 30, "the three layer downloads to reach the proxy")
     cluster.proxy.release()
     for p in pulls:
         assert p.wait(30) == 0, p.stderr.read() if p.stderr else ""

@@ -497,7 +497,7 @@ def test_restarting_the_control_container_mid_run_loses_no_outcome(stack, cluste
         assert result.returncode == 0, result.stdout + result.stderr
         run_id = started_run(result)
         # restart once pulls are running, so that the run ends while control is down or starting
-        wait_for(lambda: cluster.proxy.open_connections, 30, "a pull under way", interval=0.1)
+        wait_for(lambda: cluster.proxy.held, 30, "a pull under way", interval=0.1)
         before = stack.podman("inspect", "--format", "{{.State.StartedAt}}", stack.container("control")).stdout
         stack.podman("restart", stack.container("control"), timeout=90)
         after = stack.podman("inspect", "--format", "{{.State.StartedAt}}", stack.container("control")).stdout
