@@ -50,6 +50,7 @@ from . import keys, logs, references, runtimes
 from .attempt import Attempt
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
+from .plan import most_held
 from .runs import FAILED, RESTORED, TIMED_OUT, Outcome, as_text
 from .transport import transport_for
 
@@ -181,12 +182,8 @@ def candidates(settings: Settings, plan: Plan) -> dict[str, dict[str, Any]]:
         name = references.backup_name(backup.registry, image)
         if name is None or not backup.wants(image):
             continue
-        by_digest: dict[str, list[str]] = {}
-        for node in sorted(plan.holdings):
-            held, digest = plan.held(node, image)
-            if held and digest:
-                by_digest.setdefault(digest, []).append(node)
-        digest = max(sorted(by_digest), key=lambda d: len(by_digest[d])) if by_digest else None
+        by_digest = plan.by_digest(image)
+        digest = most_held(by_digest) if by_digest else None
         holders = [node for node in by_digest.get(digest or "", [])
                    if node in plan.facts and plan.facts[node].ctr]
         chosen[image] = {"name": name, "digest": digest, "holders": holders}

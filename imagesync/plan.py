@@ -204,24 +204,25 @@ class Plan:
         only holders of that platform count: a node keeps only its own
         platform's layers of a multi-platform image.
         """
-        by_digest: dict[str, list[str]] = {}
-        unknown: list[str] = []  # holders whose runtime names no digest (an image imported with ctr)
-        for node in sorted(self.holdings):
-            facts = self.facts.get(node)
-            if facts is None or not facts.can_copy:
-                continue
-            if platform and facts.platform and facts.platform != platform:
-                continue
+        candidates = [node for node, facts in self.facts.items() if facts.can_copy
+                      and not (platform and facts.platform and facts.platform != platform)]
+        by_digest = self.by_digest(image, candidates)
+        if not by_digest:
+            # holders whose runtime names no digest (an image imported with ctr):
+            # the copy then checks against the digest the source exports
+            return [node for node in sorted(set(candidates) & set(self.holdings)) if self.held(node, image)[0]], None
+        digest = most_held(by_digest)
+        return by_digest[digest], digest
+
+    def by_digest(self, image: str, nodes: Iterable[str] | None = None) -> dict[str, list[str]]:
+        """digest -> the nodes (of ``nodes``, every node by default) holding ``image`` under it, sorted.
+        A holder whose runtime names no digest for it is not counted."""
+        found: dict[str, list[str]] = {}
+        for node in sorted(self.holdings if nodes is None else set(nodes) & set(self.holdings)):
             held, digest = self.held(node, image)
             if held and digest:
-                by_digest.setdefault(digest, []).append(node)
-            elif held:
-                unknown.append(node)
-        if not by_digest:
-            # the copy then checks against the digest the source exports
-            return unknown, None
-        digest = max(sorted(by_digest), key=lambda d: len(by_digest[d]))
-        return by_digest[digest], digest
+                found.setdefault(digest, []).append(node)
+        return found
 
     def to_dict(self) -> dict:
         return {
@@ -428,6 +429,11 @@ def _digest_of_repository(image: Image, repository: str) -> str | None:
         if ref.repository == repository and ref.digest:
             return ref.digest
     return None
+
+
+def most_held(by_digest: Mapping[str, Sequence[str]]) -> str:
+    """The digest most holders hold (of a tie, the first in order): what the cluster mostly runs."""
+    return max(sorted(by_digest), key=lambda digest: len(by_digest[digest]))
 
 
 def make_plan(

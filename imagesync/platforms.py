@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, TypeVar
 from . import keys, references
 from .errors import RefusedReference
 from .facts import platform_of
-from .plan import NOT_FOR_NODE, SKIPPED, Drift, Plan, Refusal
+from .plan import NOT_FOR_NODE, SKIPPED, Drift, Plan, Refusal, most_held
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -334,12 +334,8 @@ def _ask_all(calls: Mapping[str, tuple[str, Callable[[], T]]], budget: float, wh
 
 def held_digest(plan: Plan, image: str) -> str | None:
     """The digest most nodes that hold ``image`` hold it under."""
-    counts: dict[str, int] = {}
-    for node in plan.holdings:
-        held, digest = plan.held(node, image)
-        if held and digest:
-            counts[digest] = counts.get(digest, 0) + 1
-    return max(sorted(counts), key=counts.__getitem__) if counts else None
+    by_digest = plan.by_digest(image)
+    return most_held(by_digest) if by_digest else None
 
 
 def platform_condition(settings: Settings, redis: Redis | None, client: RegistryClient | None = None):
