@@ -9,6 +9,7 @@ in the route and a fetcher in :data:`imagesync.pulls.SOURCES`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import platforms, room
@@ -20,15 +21,17 @@ if TYPE_CHECKING:
     from .config import Settings
 
 
-def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False) -> Policy:
-    """The policy of ``settings``; ``redis`` holds what earlier runs learned
-    (conditions that need it do without, and say so, when it is None).
-    ``limited``: the run wants only some images (it cannot tell about the others)."""
+def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False,
+               nodes: Iterable[str] = ()) -> Policy:
+    """The policy of ``settings``; ``redis`` holds what earlier runs learned of ``nodes``
+    (every node a run may target; conditions that need Redis do without, and say so,
+    when it is None). ``limited``: the run wants only some images (it cannot tell about
+    the others)."""
     conditions: list[Condition] = []
     conditions.append(platforms.per_architecture(settings.per_architecture()))
     conditions.append(platforms.platform_condition(settings, redis))
     # evicted images first, so that the room check promises nothing to them
-    conditions += room.conditions_for(settings, redis, limited)
+    conditions += room.conditions_for(settings, redis, limited, nodes)
     return Policy(
         source=settings.source,
         transfer=settings.transfer,

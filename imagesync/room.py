@@ -194,13 +194,13 @@ def scope_for(settings: Settings, limited: bool = False) -> Callable[[Plan, str]
     return only_wanted if limited else configured(settings.prefixes, settings.declared_images())
 
 
-def conditions_for(settings: Settings, redis: Redis | None, limited: bool = False) -> list[Callable[[Plan], None]]:
-    """The disk guard's conditions: evictions (with what Redis remembers), then room."""
+def conditions_for(settings: Settings, redis: Redis | None, limited: bool = False,
+                   nodes: Iterable[str] = ()) -> list[Callable[[Plan], None]]:
+    """The disk guard's conditions: evictions (with what Redis remembers of ``nodes``,
+    every node a run may target), then room."""
     found: list[Callable[[Plan], None]] = []
     if redis is not None:
-        from .agents import known_nodes
-
-        memory = Memory.load(redis, known_nodes(settings, redis))
+        memory = Memory.load(redis, list(nodes))
         found.append(evictions(memory, scope_for(settings, limited)))
     found.append(room(MinFree.parse(settings.min_free), settings.declared_images()))
     return found

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from . import backup, logs, room, transfer
-from .agents import SendInventory, survey
+from .agents import SendInventory, known_nodes, survey
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
@@ -74,6 +74,11 @@ def missed_targets(plan: Plan, configured: Iterable[str], targets: Iterable[str]
     return {}
 
 
+def _known(settings: Settings, redis: Redis | None) -> list[str]:
+    """Every node a run may target, for the conditions that remember what nodes held."""
+    return known_nodes(settings, redis) if redis is not None else []
+
+
 def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None,
              send_inventory: SendInventory | None = None) -> Plan:
     """Inventory every node and plan, without changing anything; ``send_inventory`` queues
@@ -81,7 +86,8 @@ def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Re
     inventory = survey(settings, redis, send_inventory)
     return make_plan(
         inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
-        facts=inventory.facts, policy=policy_for(settings, redis), exclude=settings.exclude,
+        facts=inventory.facts, policy=policy_for(settings, redis, nodes=_known(settings, redis)),
+        exclude=settings.exclude,
     )
 
 
@@ -90,7 +96,8 @@ def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
     inventory = survey(settings, redis, send_inventory)
     return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
-                     facts=inventory.facts, policy=policy_for(settings, redis, limited=True),
+                     facts=inventory.facts,
+                     policy=policy_for(settings, redis, limited=True, nodes=_known(settings, redis)),
                      exclude=settings.exclude)
 
 
