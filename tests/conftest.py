@@ -51,6 +51,7 @@ def redis_client(redis_server):
     client.close()
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config, log):
     """`make test` hands each test to whichever process is free, but keeps together the
     tests of a module with a module fixture (a cluster, a stack of containers): it is set
