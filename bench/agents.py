@@ -1,4 +1,4 @@
-"""Inventory through agents: ``imagesync.agents.ask`` over 1, 10 and 50 agent nodes.
+"""Inventory through agents: ``imagesync.survey.ask`` over 1, 10 and 50 agent nodes.
 
 Fifty ``imagesync agent`` processes (real Celery workers, ``max_parallel = 1``:
 a main process and one pool process each), ten on each of five real
@@ -38,7 +38,7 @@ def _wrapper(root: Any, real: str) -> Any:
 
 
 def run(report: Report, quick: bool = False) -> None:
-    from imagesync import agents
+    from imagesync import agents, survey
     from imagesync.config import load_settings
     from imagesync.redisclient import connect
     from testcluster.cluster import Cluster
@@ -85,11 +85,11 @@ def run(report: Report, quick: bool = False) -> None:
                     for n in SIZES:
                         progress(f"agents: {lister} lister, {n} agents")
                         # the first task of a pool process imports more
-                        agents.ask(settings, redis, alive[:n], send_inventory)
+                        survey.ask(settings, redis, alive[:n], send_inventory)
                         figures[n] = []
                         for _ in range(3 if quick else 5):
                             machine, own, started = cpu_seconds_used(), process_cpu_seconds(), time.monotonic()
-                            inventory = agents.ask(settings, redis, alive[:n], send_inventory)
+                            inventory = survey.ask(settings, redis, alive[:n], send_inventory)
                             wall = time.monotonic() - started
                             if inventory.errors or len(inventory.images) != n:
                                 raise RuntimeError(f"inventory failed: {inventory.unreachable}")

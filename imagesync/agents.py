@@ -1,4 +1,4 @@
-"""Agent mode: a worker on every node that announces itself, and the inventory through it.
+"""Agent mode: a worker on every node that announces itself, and its side of the inventory.
 
 ``imagesync agent`` runs on a node (a DaemonSet pod, or a systemd unit) and is
 the node's worker: it consumes the node's queue (``node.<name>``) and runs the
@@ -13,9 +13,8 @@ seconds after that.
 The inventory of agent nodes is a task per node on the node's queue
 (``imagesync.inventory``): each agent runs the very command the SSH path runs
 (:func:`imagesync.inventory.examine_command`) and pushes its output onto one
-Redis list per request; the run reads the list until every agent answered or
-``agent_inventory_timeout`` passed, and parses each answer as the SSH path does
-(:func:`imagesync.inventory.interpret`). A silent node is skipped, never waited for.
+Redis list per request (:func:`answer`); the run reads the list
+(:func:`imagesync.survey.ask`).
 
 Every time here is Redis's (``TIME``), never a host's: the agents' clocks and
 the control worker's need not agree.
@@ -29,9 +28,7 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +38,8 @@ from . import keys
 from .budgets import LIST_TIMEOUT
 from .config import Node
 from .config.sources import AGENT_VARIABLE
-from .errors import ConfigError, ImagesyncError, NodeError, one_line
-from .inventory import Inventory, examine, examine_command, interpret, take_inventory
+from .errors import ConfigError, NodeError, one_line
+from .inventory import examine, examine_command, interpret
 from .runs import as_text
 from .transport import CommandResult, transport_for
 
@@ -53,9 +50,6 @@ if TYPE_CHECKING:
     from .facts import NodeFacts
 
 log = logging.getLogger("imagesync")
-
-#: SendInventory(node, request, expires): queue one node's inventory task
-SendInventory = Callable[[str, str, float], None]
 
 
 # -- the agent's node --------------------------------------------------------------------------
@@ -340,85 +334,6 @@ def answer(settings: Settings, redis: Redis, request: str, name: str, keep: floa
         except NodeError:
             pass
     return payload
-
-
-def ask(settings: Settings, redis: Redis, agents: Iterable[Registration],
-        send: SendInventory, poll: float = 1.0) -> Inventory:
-    """The inventory of ``agents``' nodes: one task each on the node's queue, the answers
-    read until all are in or ``agent_inventory_timeout`` passed; a silent node is an error."""
-    agents = list(agents)
-    inventory = Inventory()
-    if not agents:
-        return inventory
-    timeout = settings.agent_inventory_timeout
-    request = uuid.uuid4().hex
-    key = keys.inventory_answers(request)
-    pending = {agent.name: agent for agent in agents}
-    for agent in agents:
-        send(agent.name, request, timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            popped = redis.blpop([key], timeout=min(poll, left))
-            if popped is None:
-                continue
-            found = json.loads(popped[1])
-            agent = pending.pop(str(found.get("node")), None)  # type: ignore[arg-type]
-            if agent is not None:
-                _take(inventory, agent, found)
-    finally:
-        redis.delete(key)
-    for name in pending:
-        inventory.errors[name] = NodeError(name, f"its agent did not answer within {timeout:g} s "
-                                                 "(agent_inventory_timeout): busy or stuck; skipped in this run")
-    return inventory
-
-
-def _take(inventory: Inventory, agent: Registration, found: Mapping) -> None:
-    name = agent.name
-    if "error" in found:
-        inventory.errors[name] = NodeError(name, str(found["error"]))
-        return
-    try:
-        result = CommandResult(str(found["stdout"]), str(found["stderr"]), int(found["exit_code"]))
-        inventory.images[name], inventory.facts[name] = interpret(agent.node, result, via_agent=True)
-    except NodeError as exc:
-        inventory.errors[name] = exc
-    except (KeyError, TypeError, ValueError) as exc:
-        inventory.errors[name] = NodeError(name, f"its agent's answer cannot be read ({one_line(str(exc))}): "
-                                                 "run the same imagesync version on every node")
-
-
-class NoAgentsKnown(ImagesyncError):
-    """agents = true, but Redis cannot be asked which agents are alive."""
-
-
-def survey(settings: Settings, redis: Redis | None, send: SendInventory | None) -> Inventory:
-    """Every node's inventory: over SSH for the configured nodes; with ``agents = true``, through
-    the agents for the registered ones (both at once, ``send`` queueing their tasks), a lapsed
-    agent's node being skipped."""
-    if not settings.agents:
-        return take_inventory(settings)
-    if send is None:
-        raise ValueError("agents = true: the inventory needs a sender of imagesync.inventory tasks")
-    if redis is None:
-        raise NoAgentsKnown("agents = true, but Redis does not answer: the agents alive are not known; "
-                            "start redis-server or fix redis_url")
-    known = fleet(settings, redis)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        over_ssh = pool.submit(take_inventory, settings) if settings.nodes else None
-        inventory = ask(settings, redis, known.alive, send)
-        if over_ssh is not None:
-            ssh = over_ssh.result()
-            inventory.images |= ssh.images
-            inventory.facts |= ssh.facts
-            inventory.errors |= ssh.errors
-    for name, reason in known.lapsed.items():
-        inventory.errors[name] = NodeError(name, reason)
-    return inventory
 
 
 def kinds(settings: Settings, redis: Redis | None) -> dict[str, str]:

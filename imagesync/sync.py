@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from . import backup, logs, room, transfer
-from .agents import SendInventory, known_nodes, survey
+from .agents import known_nodes
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
 from .plan import Plan, Route, make_plan
 from .policy import policy_for
 from .runs import CANCELLED, Outcome, RunCancelled, RunStore, new_run_id, summary_lines
+from .survey import SendInventory, survey
 
 if TYPE_CHECKING:
     from .config import Settings

@@ -24,8 +24,8 @@ from ..plan import Plan
 from . import EXIT_FAILED, EXIT_OK, CommandError, _redis, _settings, say, version_line
 
 if TYPE_CHECKING:
-    from ..agents import SendInventory
     from ..facts import NodeFacts
+    from ..survey import SendInventory
 
 
 def cmd_config(args: argparse.Namespace) -> int:
