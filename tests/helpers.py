@@ -13,6 +13,7 @@ from typing import TypeVar
 import pytest
 
 from imagesync import keys
+from imagesync.runs import as_text
 
 T = TypeVar("T")
 
@@ -75,5 +76,5 @@ def reported(d, run_id: str) -> int:
 def runs_with_status(d, status: str) -> list[str]:
     """Ids of the runs in history with ``status``, newest first (read in Redis, no CLI started)."""
     with d.cluster.redis.client() as client:
-        ids = [run_id.decode() for run_id in client.lrange(keys.HISTORY, 0, -1)]
-        return [run_id for run_id in ids if client.hget(keys.run(run_id), "status") == status.encode()]
+        ids = [as_text(run_id) for run_id in client.lrange(keys.HISTORY, 0, -1)]
+        return [run_id for run_id in ids if as_text(client.hget(keys.run(run_id), "status")) == status]

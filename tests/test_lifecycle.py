@@ -28,7 +28,7 @@ from helpers import finish, measured, reported, started_run, wait_for
 from imagesync import keys
 from imagesync.budgets import stale_after
 from imagesync.config import load_settings
-from imagesync.sync import finalize_stale
+from imagesync.sync import finalize_stale, run_store
 
 pytestmark = pytest.mark.cluster
 
@@ -248,7 +248,7 @@ def test_beat_alone_abandons_a_run_whose_node_worker_was_killed_and_frees_the_lo
     with d.cluster.redis.client() as client:
         deadline = client.zscore(keys.ACTIVE, run_id)
         assert client.llen("node.node-2") == 1  # the second pull, still queued
-        now = (lambda seconds, micros: seconds + micros / 1e6)(*client.time())
+        now = run_store(settings_, client).now()  # the Redis clock the scores are on
     assert deadline is not None and lock_holder(d) == run_id
     # the run turns stale stale_after after its last sign of life, and not before
     assert now < deadline <= now + stale, (deadline - now)
