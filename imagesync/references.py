@@ -137,6 +137,18 @@ def normalize(text: str) -> str:
     return str(parse(text))
 
 
+_DIGEST_ONLY = re.compile(_DIGEST, re.ASCII)
+
+
+def parse_digest(text: object) -> str:
+    """``text`` as a content digest (``algorithm:hex``, lowercased); RefusedReference unless it is one."""
+    if not isinstance(text, str):
+        raise _refuse(repr(text), "not a string")
+    if len(text) > MAX_REFERENCE_LENGTH or _DIGEST_ONLY.fullmatch(text) is None:
+        raise _refuse(text, "not a content digest (algorithm:hex, e.g. sha256:...)")
+    return text.lower()
+
+
 def is_valid(text: str) -> bool:
     try:
         parse(text)
