@@ -40,7 +40,7 @@ from .config import Node
 from .config.sources import AGENT_VARIABLE
 from .errors import ConfigError, NodeError, one_line
 from .inventory import examine, examine_command, interpret
-from .runs import as_text
+from .redisvalues import as_text, server_time
 from .transport import CommandResult, transport_for
 
 if TYPE_CHECKING:
@@ -99,11 +99,6 @@ def environment_for(node: Node) -> dict[str, str]:
 
 
 # -- registration and heartbeat ------------------------------------------------------------------
-
-
-def server_time(redis: Redis) -> float:
-    seconds, micros = redis.time()
-    return seconds + micros / 1e6
 
 
 @dataclass

@@ -32,7 +32,8 @@ from . import keys
 from .agents import node_names
 from .budgets import stale_after
 from .celeryconfig import node_queue
-from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES, as_text
+from .redisvalues import as_text, seconds_of
+from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -115,8 +116,8 @@ class ImagesyncCollector(Collector):
         pipe.time()
         if self.settings.agents:
             pipe.zrange(keys.AGENTS, 0, -1)
-        history_raw, holder_raw, (seconds, micros), *agents = pipe.execute()
-        now = seconds + micros / 1e6
+        history_raw, holder_raw, clock, *agents = pipe.execute()
+        now = seconds_of(clock)
         history = [as_text(r) or "" for r in history_raw]
         holder = as_text(holder_raw)
         # the configured nodes, and with agents = true the registered agents

@@ -13,6 +13,7 @@ from __future__ import annotations
 from redis import Redis
 
 from . import keys
+from .redisvalues import as_text
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -44,8 +45,7 @@ class RunLock:
         return bool(self.redis.set(self.key, run_id, nx=True, ex=self.ttl))
 
     def holder(self) -> str | None:
-        value = self.redis.get(self.key)
-        return value.decode() if isinstance(value, bytes) else value
+        return as_text(self.redis.get(self.key))
 
     def renew(self, run_id: str) -> bool:
         """Extend the lock by its TTL, if ``run_id`` still holds it."""

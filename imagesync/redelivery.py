@@ -21,7 +21,7 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from .runs import as_text
+from .redisvalues import as_text
 
 log = logging.getLogger("imagesync")
 

@@ -23,6 +23,7 @@ from redis.exceptions import WatchError
 
 from . import keys
 from .errors import ImagesyncError
+from .redisvalues import as_text, server_time
 
 RUNNING, COMPLETED, ABANDONED, CANCELLED = "running", "completed", "abandoned", "cancelled"
 
@@ -361,8 +362,7 @@ class RunStore:
 
     def now(self) -> float:
         """Redis's clock: the one clock every host of a deployment shares."""
-        seconds, micros = self.redis.time()
-        return seconds + micros / 1e6
+        return server_time(self.redis)
 
     def stale(self, now: float | None = None) -> list[str]:
         """Runs in progress that have made no progress for ``stale_after`` seconds."""
@@ -431,11 +431,6 @@ class RunStore:
 def _given(now: float | None) -> str:
     """A time for a script: empty means Redis's own clock."""
     return "" if now is None else repr(now)
-
-
-def as_text(value: Any) -> Any:
-    """A value read from Redis as text (redis-py gives bytes)."""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def summary_lines(run: Run) -> list[str]:

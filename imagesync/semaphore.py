@@ -20,6 +20,8 @@ import math
 
 from redis import Redis
 
+from .redisvalues import as_text
+
 # KEYS[1] the set; ARGV[1] holder, ARGV[2] limit, ARGV[3] lease in ms.
 # A holder that already holds a slot keeps it and its lease is renewed.
 # The key expires with its longest lease, so an idle semaphore leaves nothing.
@@ -93,4 +95,4 @@ class Semaphore:
 
     def holders(self) -> list[str]:
         """Who holds a slot now, leases that ran out left out."""
-        return [h.decode() if isinstance(h, bytes) else h for h in self._holders(keys=[self.key])]
+        return [as_text(h) for h in self._holders(keys=[self.key])]
