@@ -51,7 +51,8 @@ from .attempt import Attempt
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .plan import most_held
-from .runs import FAILED, RESTORED, TIMED_OUT, Outcome, as_text
+from .redisvalues import as_text
+from .runs import FAILED, RESTORED, TIMED_OUT, Outcome
 from .transport import transport_for
 
 if TYPE_CHECKING:
