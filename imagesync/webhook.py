@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 
 from . import keys, references
 from .errors import RefusedReference
-from .runs import as_text
+from .redisvalues import as_text
 
 if TYPE_CHECKING:
     from .config import Settings
