@@ -13,7 +13,7 @@ from typing import TypeVar
 import pytest
 
 from imagesync import keys
-from imagesync.runs import as_text
+from imagesync.redisvalues import as_text
 
 T = TypeVar("T")
 

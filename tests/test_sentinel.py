@@ -25,7 +25,7 @@ from imagesync import keys
 from imagesync.budgets import stale_after
 from imagesync.config import load_settings
 from imagesync.redisclient import connect
-from imagesync.runs import as_text
+from imagesync.redisvalues import as_text
 from imagesync.sync import finalize_stale
 from testcluster.cluster import Cluster
 from testcluster.process import free_port, port_open
