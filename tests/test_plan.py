@@ -1,4 +1,4 @@
-from imagesync.plan import make_plan
+from imagesync.planning.planner import make_plan
 from imagesync.runtimes import Image
 
 D1 = "sha256:" + "1" * 64
@@ -92,7 +92,7 @@ def test_a_name_judged_once_is_refused_on_every_node_that_reports_it():
 
 
 def test_holdings_with_a_shared_memo_match_holdings_without():
-    from imagesync.plan import holdings
+    from imagesync.planning.holdings import holdings
 
     images = [image("nvcr.io/nvidia/a:1"), image(None, D2, repo="nvcr.io/nvidia/b"), image("other.io/c:1", D3),
               Image(id=D1, tags=("nvcr.io/nvidia/$(id):1",), digests=())]

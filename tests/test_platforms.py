@@ -25,9 +25,9 @@ from helpers import measured, started_run, wait_for
 from imagesync import keys
 from imagesync.attempt import Attempt
 from imagesync.config import load_settings
-from imagesync.plan import REGISTRY, Route
-from imagesync.platforms import RegistryClient
+from imagesync.planning.plan import REGISTRY, Route
 from imagesync.pulls import from_registry
+from imagesync.registry import RegistryClient
 from imagesync.runs import PULLED
 from imagesync.runtimes import PINNED_LABEL
 from testcluster.cluster import Cluster

@@ -14,19 +14,18 @@ from imagesync import keys
 from imagesync.config import Node, Settings, load_settings
 from imagesync.errors import ConfigError
 from imagesync.facts import NodeFacts
-from imagesync.plan import NOT_FOR_NODE, Policy, make_plan
-from imagesync.platforms import (
-    LookupFailed,
-    RegistryClient,
+from imagesync.planning.plan import NOT_FOR_NODE, Policy
+from imagesync.planning.planner import make_plan
+from imagesync.planning.platforms import (
     Verdicts,
     arch_references,
     judge,
-    look_up,
     matches,
     per_architecture,
     platform_condition,
     record_failed_pull,
 )
+from imagesync.registry import LookupFailed, RegistryClient, look_up
 from imagesync.runtimes import Crictl, Ctr, Image
 
 D1 = "sha256:" + "1" * 64

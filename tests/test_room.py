@@ -13,9 +13,11 @@ import uuid
 import fakeredis
 import pytest
 
-from imagesync import keys, room
+from imagesync import keys
 from imagesync.facts import NodeFacts
-from imagesync.plan import SKIPPED, Policy, make_plan
+from imagesync.planning import room
+from imagesync.planning.plan import SKIPPED, Policy
+from imagesync.planning.planner import make_plan
 from imagesync.runs import Outcome
 from imagesync.runtimes import Image
 from imagesync.sizes import MinFree

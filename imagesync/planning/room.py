@@ -36,16 +36,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import keys, references
-from .errors import RefusedReference
+from .. import keys, references
+from ..errors import RefusedReference
+from ..redisvalues import as_text
+from ..sizes import MinFree, human
 from .plan import SKIPPED, Plan
-from .sizes import MinFree, human
 
 if TYPE_CHECKING:
     from redis import Redis
 
-    from .config import Settings
-    from .runs import Outcome
+    from ..config import Settings
+    from ..runs import Outcome
 
 #: bytes a pull costs on the node's disk, per byte of the image's reported (content) size
 ON_DISK = 3
@@ -127,8 +128,8 @@ class Memory:
             answers = pipe.execute()
         memory = cls()
         for node, held, evicted in zip(nodes, answers[::2], answers[1::2], strict=True):
-            memory.held[node] = {_text(ref) for ref in held}
-            memory.evictions[node] = {_text(ref): json.loads(_text(value)) for ref, value in evicted.items()}
+            memory.held[node] = {as_text(ref) for ref in held}
+            memory.evictions[node] = {as_text(ref): json.loads(as_text(value)) for ref, value in evicted.items()}
         return memory
 
 
@@ -245,10 +246,6 @@ def _normalized(images: Iterable[str]) -> list[str]:
         except RefusedReference:
             continue  # the plan reports it
     return names
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def evicted_lines(evicted: Mapping[str, Iterable[str]]) -> list[str]:

@@ -1,5 +1,5 @@
 """The planner's policy for this configuration: what belongs on which node, and
-where a missing image comes from (see :class:`imagesync.plan.Policy`).
+where a missing image comes from (see :class:`imagesync.planning.plan.Policy`).
 
 This is the one place where the conditions (platform, room, ...) and the
 sources (registry, backup, peers) are put together from the settings. A new
@@ -18,7 +18,7 @@ from .plan import Condition, Policy
 if TYPE_CHECKING:
     from redis import Redis
 
-    from .config import Settings
+    from ..config import Settings
 
 
 def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False,
@@ -36,7 +36,7 @@ def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = F
         source=settings.source,
         transfer=settings.transfer,
         # with a backup configured, a pull the registry cannot serve is restored
-        # from it: registry, then backup, then peers (plan.routes)
+        # from it: registry, then backup, then peers (planning.routes)
         backup=settings.backup is not None,
         conditions=tuple(conditions),
         watch=platforms.arch_references(settings.per_architecture()),

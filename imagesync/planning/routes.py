@@ -1,0 +1,82 @@
+"""Where each pull of a plan comes from: the sources in order (the registry, the
+backup registry, nodes that hold the image), and what each needs. The pull path
+(:mod:`imagesync.pulls`) follows the route. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+from .plan import BACKUP, PEERS, REGISTRY, Plan, Policy, Route
+
+
+def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
+    """Where each pull of ``plan`` comes from, under ``policy``.
+
+    The registry comes first, then the backup, then the nodes that hold the
+    image. Under ``peers-first`` the holders come first; an image no node
+    holds yet is pulled from the registry by one node (its *seed*; seeds are
+    spread over the nodes), and the others copy it from whoever holds it.
+    """
+    chosen: dict[tuple[str, str], Route] = {}
+    load: Counter[str] = Counter()  # images each node seeds
+    for image, lacking in _by_image(plan.missing).items():
+        seed = None
+        for node in lacking:
+            facts = plan.facts.get(node)
+            platform = facts.platform if facts else None
+            can_copy = policy.transfer and facts is not None and facts.can_copy
+            # with a backup, the digest even without copies: a restore must arrive under it
+            peers, digest = plan.holders(image, platform) if can_copy or policy.backup else ([], None)
+            peers = peers if can_copy else []
+            sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
+            waits_for = None
+            if can_copy and policy.source == "peers-first":
+                if not peers and seed is None:
+                    # nobody holds it: the least loaded node that lacks it fetches it for the others
+                    seed = min((n for n in lacking if _can_copy(plan, policy, n)), key=lambda n: (load[n], n))
+                    load[seed] += 1
+                if peers or node != seed:
+                    sources.insert(0, PEERS)
+                    waits_for = None if peers else seed
+                else:
+                    sources.append(PEERS)
+            elif peers:
+                sources.append(PEERS)
+            route = Route(tuple(sources), tuple(peers), digest, waits_for, platform if can_copy else None,
+                          plan.pull_as.get((node, image)), pin=image in policy.pinned and bool(facts and facts.can_pin))
+            if route.sources != (REGISTRY,) or route.pull_as or route.pin:
+                chosen[(node, image)] = route
+    return chosen
+
+
+def copy_notes(plan: Plan, policy: Policy) -> list[str]:
+    """Why some reachable nodes take no part in node-to-node copies, one line per reason."""
+    if not policy.transfer:
+        return []
+    no_ctr = [node for node, facts in sorted(plan.facts.items()) if not facts.ctr]
+    agents = [node for node, facts in sorted(plan.facts.items()) if facts.ctr and facts.via_agent]
+    notes = []
+    if no_ctr:
+        notes.append(f"no node-to-node copies to or from {', '.join(no_ctr)}: ctr is not on "
+                     f"{'it' if len(no_ctr) == 1 else 'them'} (install containerd's ctr, or set transfer = false)")
+    if agents:
+        notes.append(f"no node-to-node copies to or from {', '.join(agents)}: agent nodes run commands on their "
+                     "own node only")
+    return notes
+
+
+def _can_copy(plan: Plan, policy: Policy, node: str) -> bool:
+    facts = plan.facts.get(node)
+    return policy.transfer and facts is not None and facts.can_copy
+
+
+def _by_image(missing: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """image -> the nodes that lack it, in name order; images in name order."""
+    by_image: dict[str, list[str]] = {}
+    for node in sorted(missing):
+        for image in missing[node]:
+            by_image.setdefault(image, []).append(node)
+    return dict(sorted(by_image.items()))
+
