@@ -32,7 +32,7 @@ from .backup import from_backup
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
-from .plan import BACKUP, PEERS, REGISTRY
+from .planning.plan import BACKUP, PEERS, REGISTRY
 from .runs import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
 from .transfer import from_peers
 from .transport import transport_for
@@ -189,7 +189,7 @@ def _keep_platform_verdict(attempt: Attempt, reason: str) -> None:
     """Remember that the digest this pull judged has nothing for the node's platform, so
     that the next plan leaves it off such nodes (imagesync.platforms). The platform is
     the route's or the node's setting, else one ``uname -m`` on the node: this is rare."""
-    from .platforms import node_platform, record_failed_pull
+    from .planning.platforms import node_platform, record_failed_pull
 
     platform = attempt.route.platform or attempt.node.platform
     if platform is None and attempt.redis is not None:
