@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import backup, logs, room, transfer
+from . import backup, logs, transfer
 from .agents import known_nodes
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
-from .plan import Plan, Route, make_plan
-from .policy import policy_for
+from .planning import room
+from .planning.plan import Plan, Route
+from .planning.planner import make_plan
+from .planning.policy import policy_for
 from .runs import CANCELLED, Outcome, RunCancelled, RunStore, new_run_id, summary_lines
 from .survey import SendInventory, survey
 
