@@ -17,10 +17,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import cli as _cli
-from .. import room, runtimes
+from .. import runtimes
 from ..config import Node, Settings
 from ..errors import NodeError
-from ..plan import Plan
+from ..planning import room
+from ..planning.plan import Plan
 from . import EXIT_FAILED, EXIT_OK, CommandError, _redis, _settings, say, version_line
 
 if TYPE_CHECKING:
