@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .plan import DEFAULT_ROUTE, Route
+from .planning.plan import DEFAULT_ROUTE, Route
 from .runs import Outcome
 
 if TYPE_CHECKING:
