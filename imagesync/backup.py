@@ -50,7 +50,7 @@ from . import keys, logs, references, runtimes
 from .attempt import Attempt
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
-from .plan import most_held
+from .planning.plan import most_held
 from .redisvalues import as_text
 from .runs import FAILED, RESTORED, TIMED_OUT, Outcome
 from .transport import transport_for
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
     from .config import Node, Settings
     from .config.backup import BackupSettings
-    from .plan import Plan
+    from .planning.plan import Plan
 
 log = logging.getLogger("imagesync")
 
