@@ -17,8 +17,9 @@ from imagesync import backup, references
 from imagesync.config import Settings, load_settings
 from imagesync.errors import ConfigError
 from imagesync.facts import NodeFacts
-from imagesync.plan import BACKUP, REGISTRY, Policy, make_plan
-from imagesync.policy import policy_for
+from imagesync.planning.plan import BACKUP, REGISTRY, Policy
+from imagesync.planning.planner import make_plan
+from imagesync.planning.policy import policy_for
 from imagesync.runtimes import Image
 
 BACKUP_PASSWORD = "bk pass 7f3e!"
