@@ -25,7 +25,7 @@ from imagesync.celeryconfig import NODE_QUEUE_PREFIX
 from imagesync.cli import main, operator
 from imagesync.config import Settings
 from imagesync.lock import RunLock
-from imagesync.plan import make_plan
+from imagesync.planning.planner import make_plan
 from imagesync.runs import CANCELLED, RUNNING, Outcome, RunCancelled, RunStore, summary_lines
 from imagesync.sync import cancel_run, start_run
 from testcluster.cluster import toml_dumps
