@@ -232,7 +232,7 @@ def test_a_new_trigger_ends_a_stale_run_and_starts_its_own(redis_client, redis_s
     # new trigger": the trigger does not wait for the next beat to find the lock free
     from imagesync import sync
     from imagesync.config import load_settings
-    from imagesync.plan import make_plan
+    from imagesync.planning.planner import make_plan
 
     config = tmp_path / "imagesync.toml"
     config.write_text(f'redis_url = "{redis_server.url}"\nlog_dir = "{tmp_path}"\n'
