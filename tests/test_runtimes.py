@@ -89,7 +89,7 @@ def test_failure_reason_strips_log_noise():
 
 def test_both_runtimes_agree_on_a_containerd_nodes_images():
     """The same node, listed through the CRI (crictl's JSON) and by ctr (containerd 1.6)."""
-    from imagesync.plan import holdings
+    from imagesync.planning.holdings import holdings
 
     crictl = runtimes.Crictl().parse_list((DATA / "crictl-images-containerd.json").read_text())
     ctr = runtimes.Ctr().parse_list((DATA / "ctr-images-ls-containerd.txt").read_text())
