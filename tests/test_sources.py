@@ -11,7 +11,7 @@ from imagesync import facts, pulls
 from imagesync.attempt import Attempt, NodeFailed
 from imagesync.config import Node, Settings
 from imagesync.facts import NodeFacts
-from imagesync.plan import (
+from imagesync.planning.plan import (
     BACKUP,
     DEFAULT_ROUTE,
     NOT_FOR_NODE,
@@ -20,8 +20,8 @@ from imagesync.plan import (
     Plan,
     Policy,
     Route,
-    make_plan,
 )
+from imagesync.planning.planner import make_plan
 from imagesync.runs import COPIED, FAILED, PULLED, TIMED_OUT, Outcome, Run, summary_lines
 from imagesync.runs import NOT_APPLICABLE as NA_OUTCOME
 from imagesync.runtimes import Image
