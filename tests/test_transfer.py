@@ -21,7 +21,7 @@ from helpers import measured, wait_for
 
 from imagesync.attempt import Attempt
 from imagesync.config import load_settings
-from imagesync.plan import PEERS, Route
+from imagesync.planning.plan import PEERS, Route
 from imagesync.runs import COPIED
 from imagesync.sync import plan_now
 from imagesync.transfer import copy, from_peers
