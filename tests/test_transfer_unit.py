@@ -15,7 +15,8 @@ from imagesync.budgets import stale_after
 from imagesync.config import Node, Settings
 from imagesync.errors import CommandTimedOut, RefusedReference
 from imagesync.facts import NodeFacts
-from imagesync.plan import PEERS, REGISTRY, Policy, Route, make_plan
+from imagesync.planning.plan import PEERS, REGISTRY, Policy, Route
+from imagesync.planning.planner import make_plan
 from imagesync.runs import FAILED, PULLED, Outcome, Run, pull_key, summary_lines
 from imagesync.runtimes import Ctr, Image
 from imagesync.transfer import from_peers, note_outcome
