@@ -62,7 +62,7 @@ def child(nodes: int) -> None:
     """The sync task's body in this process; prints its figures as JSON."""
     _patch_inventory(nodes)
     from imagesync import sync, tasks
-    from imagesync.plan import Route
+    from imagesync.planning.plan import Route
 
     if os.environ.get("BENCH_NO_SENT_EVENT"):
         tasks.app.conf.task_send_sent_event = False

@@ -1,4 +1,4 @@
-"""Plan cost: ``imagesync.plan.make_plan`` for 100 nodes x 2,000 images.
+"""Plan cost: ``imagesync.planning.planner.make_plan`` for 100 nodes x 2,000 images.
 
 Synthetic inventories (``bench.synthetic``): every node reports 2,000 images
 under the prefixes (a tag and a digest reference each) plus 20 outside them,
@@ -24,7 +24,7 @@ NODES, IMAGES, MISSING = 100, 2000, 200
 
 
 def child() -> None:
-    from imagesync.plan import make_plan
+    from imagesync.planning.planner import make_plan
 
     from . import synthetic
 
