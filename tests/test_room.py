@@ -1,4 +1,4 @@
-"""The disk guard (imagesync.room): room before a pull, evictions by the node.
+"""The disk guard (imagesync.planning.room): room before a pull, evictions by the node.
 
 Pure planner tests first, then one real cluster whose node-2 keeps its
 containerd root on a small tmpfs.
