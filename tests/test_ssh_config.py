@@ -165,8 +165,8 @@ def test_strict_host_key_checking_no_is_not_followed_and_said(tmp_path, monkeypa
     path = toml(tmp_path, f'config_file = "{config}"\n')
     settings = load_settings(path, {})
     note = (f"k8s-worker1: ssh config {config} line 2 says StrictHostKeyChecking no for k8s-worker1: imagesync "
-            'does not follow it and checks host keys with ssh.host_key_policy = "reject" (README, Host keys: '
-            'add the key to known_hosts, or set host_key_policy = "accept-new")')
+            'does not follow it and checks host keys with ssh.host_key_policy = "reject" (docs/configuration.md, '
+            'Host keys: add the key to known_hosts, or set host_key_policy = "accept-new")')
     assert target(settings).notes == (note,)
     assert target(settings).known_hosts == (Path("/dev/null"),)
     monkeypatch.setenv("IMAGESYNC_CONFIG", str(path))

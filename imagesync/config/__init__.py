@@ -12,6 +12,9 @@ The package has one module per job:
 
 * :mod:`.model`: the settings model (:class:`Settings`, :class:`Node`,
   :class:`SSHSettings`, :class:`RegistryLogin`) and its validators;
+* :mod:`.images`: the image tables (:class:`ImageEntry`) and the reader of
+  ``images_file``, seed 003's ``image.config``;
+* :mod:`.show`: the rows of ``config show``;
 * :mod:`.checks`: the checks of single values the model's fields use, and
   how values are shown in problems (:func:`mask_url`);
 * :mod:`.sources`: reading the TOML file and the environment, precedence and

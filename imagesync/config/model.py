@@ -6,13 +6,13 @@
 Each field's type carries the check of :mod:`.checks` that gives its error
 text; the validators here check what involves several keys (distinct node
 names, something to sync, one password).  :class:`Settings` also answers
-``config show``: :attr:`Settings.sources` and :meth:`Settings.describe`.
-Reading a file into it is :mod:`.sources`' job.
+``config show``: :attr:`Settings.sources` and :meth:`Settings.describe` (whose
+rows :mod:`.show` lays out).  Reading a file into it is :mod:`.sources`' job;
+the image tables and ``images_file`` are :mod:`.images`'.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -22,11 +22,8 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
     PrivateAttr,
-    Tag,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -36,6 +33,7 @@ from imagesync.errors import ConfigError
 from imagesync.redisurl import is_sentinel
 from imagesync.sizes import MinFree
 
+from . import show
 from .backup import BackupSettings, Patterns
 from .checks import (
     _check,
@@ -54,9 +52,8 @@ from .checks import (
     _whole_number,
     _without_repeats,
     host_timezone,
-    mask_url,
 )
-from .sshconfig import describe_config_files
+from .images import ImageEntry, Images, read_images_file
 from .sshtargets import SSHTarget, resolve
 
 Runtime = Literal["crictl", "ctr"]
@@ -89,29 +86,6 @@ _KeyFile = Annotated[Path | None, _check(_existing_file, optional=True)]
 _LocalPath = Annotated[Path, _check(_path)]
 _Namespace = Annotated[str, _check(_text("a containerd namespace", _NAMESPACE, _NAMESPACE_RULE))]
 _Prefixes = Annotated[list[Annotated[str, _check(_prefix)]], AfterValidator(_without_repeats)]
-_ImageRef = Annotated[str, _check(_text("an image reference"))]
-# an architecture as per-architecture references and OCI platforms name it (amd64, arm64, ppc64le)
-_ARCH = re.compile(r"[a-z0-9_]+")
-_ARCH_RULE = "write it as OCI platforms do, such as amd64, arm64 or ppc64le"
-_Arch = Annotated[str, _check(_text("an architecture", _ARCH, _ARCH_RULE))]
-
-
-class ImageEntry(BaseModel):
-    """A declared image with a reference per architecture (seed 003's image.config):
-    each node pulls ``arch[<its architecture>]`` and, where its runtime can, holds it as ``ref`` too."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ref: _ImageRef
-    arch: dict[_Arch, _ImageRef] = Field(default_factory=dict)
-    # keep it from the kubelet's image garbage collection, where containerd can (>= 1.7)
-    pin: bool = False
-
-
-_Images = list[Annotated[
-    Annotated[_ImageRef, Tag("reference")] | Annotated[ImageEntry, Tag("table")],
-    Discriminator(lambda value: "table" if isinstance(value, (dict, ImageEntry)) else "reference"),
-]]
 
 
 class RegistryLogin(BaseModel):
@@ -218,7 +192,7 @@ class Settings(BaseModel):
     # agents = true, may be empty: the agents alive in Redis are the nodes then
     nodes: list[Node] = Field(default_factory=list)
     prefixes: _Prefixes = []
-    images: _Images = Field(default_factory=list)
+    images: Images = Field(default_factory=list)
     # seed 003's image.config (JSON): more declared images, with per-architecture references;
     # checked even when left out, so that _something_to_sync runs with the other checks
     images_file: Annotated[Path | None, _check(_existing_file, optional=True)] = Field(
@@ -465,122 +439,9 @@ class Settings(BaseModel):
         return sources
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """(key, value, source) for every key and every node's fields, for ``config show``.
-
-        A node's user and key_file show the value in effect, which may come
-        from the ssh table; the Redis password is masked.  An SSH node's host,
-        port, user and key_file, and the rows known_hosts, connect_timeout and
-        proxy_jump after its fields, are those in effect once the OpenSSH client
-        configuration is applied (:meth:`ssh_target`).
-        """
-        sources = self.sources
-        rows = []
-        for key in _TOP_KEYS:
-            value = getattr(self, key)
-            if key == "nodes":
-                value = [node.name for node in self.nodes]
-            elif key == "registries":
-                value = list(self.registries)
-            elif key == "images":
-                value = [item if isinstance(item, str) else f"{item.ref} ({', '.join(item.arch) or 'no arch'})"
-                         for item in self.images]
-            elif key == "redis_url":
-                value = mask_url(value)
-            elif key == "webhook_secret" and value is not None:
-                value = "****"
-            elif key == "backup":
-                value = self.backup.registry if self.backup else None
-            rows.append((key, _display(value), sources[key]))
-        for key in SSHSettings.model_fields:
-            shown = describe_config_files(self.ssh) if key == "config_file" else _display(getattr(self.ssh, key))
-            rows.append((f"ssh.{key}", shown, sources[f"ssh.{key}"]))
-        for host, login in self.registries.items():
-            rows.append((f"registries.{host}.username", login.username, sources["registries"]))
-            if login.password_file is not None:
-                rows.append((f"registries.{host}.password_file", str(login.password_file), sources["registries"]))
-            else:
-                rows.append((f"registries.{host}.password", "****", sources["registries"]))
-        if self.backup is not None:
-            for key in BackupSettings.model_fields:
-                value = getattr(self.backup, key)
-                if key == "password" and value is not None:
-                    value = "****"
-                rows.append((f"backup.{key}", _display(value), sources.get(f"backup.{key}", sources["backup"])))
-        for node in self.nodes:
-            target = self.ssh_target(node) if node.transport == "ssh" else None
-            for key in Node.model_fields:
-                value = getattr(node, key)
-                source = sources["nodes"] if key in node.model_fields_set else "default"
-                if key in ("user", "key_file") and value is None:
-                    value, source = getattr(self.ssh, key), sources[f"ssh.{key}"]
-                if target is not None and key in ("host", "port", "user", "key_file"):
-                    value = list(target.key_files) or None if key == "key_file" else getattr(target, key)
-                    source = target.sources[key]
-                rows.append((f"nodes.{node.name}.{key}", _display(value), source))
-            if target is not None:
-                rows += [(f"nodes.{node.name}.{key}", value, target.sources[key]) for key, value in _ssh_rows(target)]
-        return rows
-
-
-def read_images_file(path: Path, settings: Settings) -> list[ImageEntry]:
-    """The entries of seed 003's ``image.config``: a JSON list of ``{ref, registry, private,
-    config, arch}`` objects. ``arch`` becomes the entry's per-architecture references;
-    ``private`` demands a login for ``registry`` in ``[registries]``; ``config`` (the name of
-    the Docker config secret the DaemonSet mounted) has no counterpart: imagesync keeps one
-    login per registry host."""
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _invalid(f"{path} cannot be read as JSON ({exc}): fix the file", at=("images_file",)) from None
-    if not isinstance(document, list):
-        raise _invalid(f"{path} is not a JSON list of images: write [{{\"ref\": ...}}, ...]", at=("images_file",))
-    entries, problems = [], []
-    for index, item in enumerate(document):
-        name = f"{path} entry {index + 1}"
-        if not isinstance(item, dict) or not isinstance(item.get("ref"), str):
-            problems.append(f"{name} has no \"ref\": give each entry its image name")
-            continue
-        name += f" ({item['ref']})"
-        unknown = sorted(set(item) - {"ref", "registry", "private", "config", "arch"})
-        if unknown:
-            problems.append(f"{name}: unknown key {unknown[0]!r}: the keys are ref, registry, private, config, arch")
-            continue
-        registry = item.get("registry")
-        if item.get("private") is True and (not isinstance(registry, str) or settings.login_for(registry) is None):
-            problems.append(f"{name} is private on {registry}: add a [registries.\"{registry}\"] login "
-                            "(username, and password or password_file)")
-            continue
-        try:
-            entries.append(ImageEntry.model_validate({"ref": item["ref"], "arch": item.get("arch") or {}}))
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            what = (first.get("ctx") or {}).get("problem") or first["msg"]
-            problems.append(f"{name}: {'.'.join(str(part) for part in first['loc'])}: {what}")
-    if problems:
-        raise _invalid("; ".join(problems), at=("images_file",))
-    return entries
+        """(key, value, source) for every key and every node's fields, for ``config show`` (:mod:`.show`)."""
+        return show.describe(self, _TOP_KEYS)
 
 
 #: the top-level keys besides the ssh table, in the order they are documented
 _TOP_KEYS = [key for key in Settings.model_fields if key != "ssh"]
-
-
-def _ssh_rows(target: SSHTarget) -> list[tuple[str, str]]:
-    """The rows ``config show`` adds for an SSH node: what its fields do not say."""
-    jump = target.jump
-    route = "(none)"
-    if jump is not None:
-        keys = ", ".join(str(path) for path in jump.key_files) or "SSH's usual keys"
-        route = f"{jump.name}: {jump.address}, key {keys}, known_hosts {_display(list(jump.known_hosts))}"
-    return [("known_hosts", _display(list(target.known_hosts))),
-            ("connect_timeout", _display(target.connect_timeout)),
-            ("proxy_jump", route)]
-
-
-def _display(value: object) -> str:
-    """A value as ``config show`` prints it."""
-    if value is None:
-        return "(not set)"
-    if isinstance(value, list):
-        return ", ".join(str(item) for item in value) or "(none)"
-    return str(value)

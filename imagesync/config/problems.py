@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from pydantic_core import ErrorDetails
 
 from .checks import Location, _show, _suggest
-from .model import ImageEntry, Node, RegistryLogin, Settings, SSHSettings
+from .images import ImageEntry
+from .model import Node, RegistryLogin, Settings, SSHSettings
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 

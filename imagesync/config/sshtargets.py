@@ -197,8 +197,8 @@ def _host_key_notes(settings: Settings, found: _Found, node: str, name: str) -> 
     where = f"ssh config {found.where('stricthostkeychecking')}" if value else ""
     if value in ("no", "off"):
         return [f"{node}: {where} says StrictHostKeyChecking {value} for {name}: imagesync does not follow it and "
-                f'checks host keys with ssh.host_key_policy = "{policy}" (README, Host keys: add the key to '
-                'known_hosts, or set host_key_policy = "accept-new")']
+                f'checks host keys with ssh.host_key_policy = "{policy}" (docs/configuration.md, Host keys: '
+                'add the key to known_hosts, or set host_key_policy = "accept-new")']
     if value == "accept-new" and policy != "accept-new":
         return [f"{node}: {where} says StrictHostKeyChecking accept-new for {name}: imagesync does not follow it: "
                 'set ssh.host_key_policy = "accept-new" for the same']

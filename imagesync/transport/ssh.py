@@ -4,13 +4,13 @@ One connection per node per process, opened lazily, reopened when it drops;
 host keys checked against the configured known_hosts file (unknown keys refused
 unless ``accept-new``); a jump host (ProxyJump, one hop); a handshake that sshd
 drops retried with jittered backoff within the connect timeout. paramiko and
-socket errors become :mod:`imagesync.errors` here.
+socket errors become :mod:`imagesync.errors` here, in the words of :mod:`.ssherrors`;
+the known_hosts files and accept-new are :mod:`.hostkeys`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import select
 import socket
@@ -18,24 +18,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import paramiko
 from fabric import Config, Connection
-from paramiko.ssh_exception import NoValidConnectionsError
 
-from ..errors import (
-    AuthenticationFailed,
-    CommandTimedOut,
-    HostKeyChanged,
-    HostKeyUnknown,
-    NodeError,
-    NodeUnreachable,
-)
-
-if TYPE_CHECKING:
-    pass
+from ..errors import CommandTimedOut, HostKeyUnknown, NodeError, NodeUnreachable
 from .base import CommandResult, Stream, Transport, _text
+from .hostkeys import AcceptNewPolicy, known_hosts_name, read_known_hosts
+from .ssherrors import connect_error, for_node, handshake_dropped
 
 _T = TypeVar("_T")
 
@@ -133,28 +124,6 @@ class _QuickAckSocket:
         return getattr(self._sock, name)
 
 
-_known_hosts_cache: dict[Path, tuple[tuple[int, int], paramiko.HostKeys]] = {}
-_known_hosts_lock = threading.Lock()
-
-
-def _known_hosts(path: Path) -> paramiko.HostKeys:
-    """The parsed known_hosts file, read again only when it changes.
-
-    Parsing it for every connection made inventory quadratic in the number
-    of nodes (one line per node, read once per node).
-    """
-    stat = path.stat()
-    version = (stat.st_mtime_ns, stat.st_size)
-    with _known_hosts_lock:
-        cached = _known_hosts_cache.get(path)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-    keys = paramiko.HostKeys(str(path))
-    with _known_hosts_lock:
-        _known_hosts_cache[path] = (version, keys)
-    return keys
-
-
 def _execute(transport: paramiko.Transport | None, command: str, timeout: float) -> tuple[bytes, bytes, int]:
     """Run ``command`` on a new channel of ``transport``: (stdout, stderr, exit status).
 
@@ -203,26 +172,6 @@ def _drain(read) -> bytes:  # type: ignore[no-untyped-def]
     return bytes(data)
 
 
-class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
-    """OpenSSH's ``StrictHostKeyChecking=accept-new``: remember unknown keys, refuse changed ones."""
-
-    def __init__(self, known_hosts: Path) -> None:
-        self.known_hosts = known_hosts
-        self._lock = threading.Lock()
-
-    def missing_host_key(self, client, hostname, key):  # type: ignore[no-untyped-def]
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        with self._lock:
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            with self.known_hosts.open("a") as handle:
-                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-
-
-def known_hosts_name(host: str, port: int) -> str:
-    """How known_hosts names a host: ``host`` on port 22, ``[host]:port`` otherwise."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
 #: paramiko logs a failed handshake at ERROR, with a traceback, from its own thread. The
 #: failure reaches the caller as one NodeError, and a retried one is no failure at all, so
 #: during the handshake paramiko logs here, where those records are dropped (DEBUG and INFO
@@ -236,26 +185,6 @@ HANDSHAKE_RETRIES = 6
 _RETRY_FIRST, _RETRY_CAP = 0.1, 2.0
 
 
-def _handshake_dropped(exc: BaseException) -> bool:
-    """Whether sshd closed the connection before or during the key exchange.
-
-    That is what sshd does to connections past ``MaxStartups`` (unauthenticated
-    connections at once; ``10:30:100`` by default): paramiko then reads no
-    banner ("Error reading SSH protocol banner") or loses the connection in the
-    key exchange (reset, EOF). Refused connections, timeouts, refused keys and
-    host key problems are not among them.
-    """
-    if isinstance(exc, (paramiko.AuthenticationException, paramiko.BadHostKeyException)):
-        return False
-    if isinstance(exc, paramiko.SSHException):
-        return str(exc).startswith("Error reading SSH protocol banner") and not _timed_out(exc.__context__)
-    return isinstance(exc, (ConnectionResetError, BrokenPipeError, EOFError))
-
-
-def _timed_out(exc: BaseException | None) -> bool:
-    return isinstance(exc, (socket.timeout, TimeoutError))
-
-
 def _pause(attempt: int) -> float:
     """Seconds to wait before handshake ``attempt + 1``: exponential, capped, jittered."""
     return min(_RETRY_CAP, _RETRY_FIRST * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
@@ -267,17 +196,6 @@ def _paths(value: Path | Sequence[Path] | None) -> tuple[Path, ...]:
     if isinstance(value, (str, Path)):
         return (Path(value),)
     return tuple(Path(item) for item in value)
-
-
-def _for_node(exc: NodeError, node: str) -> NodeError:
-    """The same error, told about ``node`` (a jump host's errors are its nodes' errors)."""
-    if exc.node == node:
-        return exc
-    try:
-        error = type(exc)(node, exc.message)
-    except TypeError:  # an error with other arguments: it is, in the end, an unreachable node
-        error = NodeUnreachable(node, exc.message)
-    return error
 
 
 class SSHTransport(Transport):
@@ -338,7 +256,8 @@ class SSHTransport(Transport):
         return f"{self.user}@{self.host}:{self.port}"
 
     @property
-    def _subject(self) -> str:
+    def subject(self) -> str:
+        """What this connects to, in messages: its role, else the node."""
         return self.role or self.node
 
     def _connect(self) -> Connection:
@@ -357,9 +276,9 @@ class SSHTransport(Transport):
                 raise
             except BaseException as exc:
                 pause = _pause(attempt)
-                if (not _handshake_dropped(exc) or attempt > self.handshake_retries
+                if (not handshake_dropped(exc) or attempt > self.handshake_retries
                         or time.monotonic() + pause >= deadline):
-                    raise self._translate_connect_error(exc, attempt, time.monotonic() - began) from exc
+                    raise connect_error(self, exc, attempt, time.monotonic() - began) from exc
                 time.sleep(pause)
         self.attempts = attempt
         self._connection = connection
@@ -413,7 +332,7 @@ class SSHTransport(Transport):
             if not path.exists():
                 continue
             try:
-                known = _known_hosts(path)
+                known = read_known_hosts(path)
             except (OSError, paramiko.SSHException) as exc:
                 raise HostKeyUnknown(self.node, f"cannot read known_hosts {path}: {exc}") from exc
             for key_type, key in (known.lookup(name) or {}).items():
@@ -434,83 +353,24 @@ class SSHTransport(Transport):
                 try:
                     connection = self._connect()
                 except NodeError as exc:
-                    raise _for_node(exc, node) from exc
+                    raise for_node(exc, node) from exc
                 try:
                     return connection.client.get_transport().open_channel(
                         "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout)
                 except paramiko.ChannelException as exc:  # the jump host answered: it cannot, or may not
                     raise NodeUnreachable(
                         node,
-                        f"Cannot connect to {node} via SSH ({host}:{port} through {self._subject} {self.address}: "
+                        f"Cannot connect to {node} via SSH ({host}:{port} through {self.subject} {self.address}: "
                         f"{exc.text or exc}): check that the node is up and sshd is running, and that "
-                        f"{self._subject} can reach it and allows TCP forwarding (AllowTcpForwarding)",
+                        f"{self.subject} can reach it and allows TCP forwarding (AllowTcpForwarding)",
                     ) from exc
                 except (paramiko.SSHException, EOFError, OSError) as exc:
                     self.close()
                     if attempt == 2:
                         raise NodeUnreachable(
-                            node, f"SSH connection to {self._subject} ({self.address}) dropped: "
+                            node, f"SSH connection to {self.subject} ({self.address}) dropped: "
                             f"{exc or type(exc).__name__}") from exc
             raise AssertionError("unreachable")
-
-    def _translate_connect_error(self, exc: BaseException, attempts: int = 1, took: float = 0.0) -> BaseException:
-        where = known_hosts_name(self.host, self.port)
-        named = f"{where} ({self.role})" if self.role else where
-        known = ", ".join(str(path) for path in self.known_hosts_files) or "~/.ssh/known_hosts"
-        first = self.known_hosts or "~/.ssh/known_hosts"
-        if isinstance(exc, paramiko.BadHostKeyException):
-            return HostKeyChanged(
-                self.node,
-                f"host key of {named} does not match {known} (reinstalled node, or someone "
-                f"in between): if the change is expected, run ssh-keygen -R '{where}' -f {first} "
-                "and add the new key",
-            )
-        if isinstance(exc, paramiko.AuthenticationException):
-            keys = ", ".join(str(path) for path in self.key_files)
-            key = f" with key {keys}" if keys else ""
-            return AuthenticationFailed(
-                self.node,
-                f"SSH authentication as {self.user} refused by {named}{key}: "
-                f"install the key with ssh-copy-id -p {self.port} {self.user}@{self.host}",
-            )
-        if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
-            if all(str(path) == os.devnull for path in self.known_hosts_files):
-                fix = ("that file keeps no keys (UserKnownHostsFile /dev/null in the SSH config?): name a real "
-                       "file with ssh.known_hosts or UserKnownHostsFile, and add the key there")
-            elif self.jump is not None:
-                fix = (f"add it with ssh -p {self.jump.port} {self.jump.user}@{self.jump.host} ssh-keyscan "
-                       f"-p {self.port} {self.host} >> {first} (after checking it)")
-            else:
-                fix = (f"add it with ssh-keyscan -p {self.port} {self.host} >> {first} "
-                       "(after checking it)")
-            return HostKeyUnknown(
-                self.node, f'host key of {named} is not in {known}: {fix}, or set ssh.host_key_policy = "accept-new"'
-            )
-        advice = "check that the node is up and sshd is running" if self.role is None else \
-            "check that it is up and sshd is running"
-        if _timed_out(exc) or (isinstance(exc, paramiko.SSHException) and _timed_out(exc.__context__)):
-            reason = f"no answer within {self.connect_timeout:g} s"
-        elif isinstance(exc, (NoValidConnectionsError, ConnectionRefusedError)):
-            reason = "connection refused"
-        elif isinstance(exc, socket.gaierror):
-            reason = f"unknown host name {self.host!r}"
-        elif _handshake_dropped(exc):
-            cause = exc.__context__ if isinstance(exc, paramiko.SSHException) else exc
-            detail = "reset" if isinstance(cause, (ConnectionResetError, BrokenPipeError)) else "closed"
-            tries = f", {attempts} attempts in {took:.1f} s" if attempts > 1 else ""
-            reason = f"sshd {detail} the connection during the SSH handshake{tries}"
-            advice += (", and that its MaxStartups allows as many connections at once as imagesync opens "
-                       "(README, Troubleshooting)")
-        elif isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
-            reason = str(exc) or type(exc).__name__
-        else:
-            return exc
-        return NodeUnreachable(
-            self.node,
-            f"Cannot connect to {self._subject} via SSH ({self.address}"
-            + (f" through {self.jump._subject} {self.jump.address}" if self.jump else "")
-            + f": {reason}): {advice}",
-        )
 
     def _on_connection(self, use: Callable[[paramiko.Transport | None], _T]) -> _T:
         """``use`` the node's connection. A connection found dead is reopened once;
