@@ -32,8 +32,9 @@ from . import keys
 from .agents import node_names
 from .budgets import stale_after
 from .celeryconfig import node_queue
+from .outcomes import NOT_APPLICABLE, OUTCOMES, SUCCESSES
 from .redisvalues import as_text, seconds_of
-from .runs import ABANDONED, CANCELLED, COMPLETED, NOT_APPLICABLE, OUTCOMES, RUNNING, SUCCESSES
+from .runs import ABANDONED, CANCELLED, COMPLETED, RUNNING
 
 if TYPE_CHECKING:
     from .config import Settings

@@ -23,20 +23,26 @@ from redis.exceptions import WatchError
 
 from . import keys
 from .errors import ImagesyncError
+
+# what the run store uses; the others only until their importers have moved to .outcomes
+from .outcomes import (  # noqa: F401
+    COPIED,
+    EXPIRED,
+    FAILED,
+    NOT_APPLICABLE,
+    NOT_FAILURES,
+    OUTCOMES,
+    PRESENT,
+    PULLED,
+    RESTORED,
+    SKIPPED,
+    SUCCESSES,
+    TIMED_OUT,
+    Outcome,
+)
 from .redisvalues import as_text, server_time
 
 RUNNING, COMPLETED, ABANDONED, CANCELLED = "running", "completed", "abandoned", "cancelled"
-
-#: pull outcomes; the successes mean the node now holds the image: pulled from the
-#: registry, found present, copied from another node, restored from the backup
-PULLED, PRESENT, COPIED, RESTORED = "pulled", "present", "copied", "restored"
-FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped"
-#: the image has nothing for the node's platform: not pulled, and not a failure
-NOT_APPLICABLE = "not_applicable"
-SUCCESSES = (PULLED, PRESENT, COPIED, RESTORED)
-OUTCOMES = (*SUCCESSES, NOT_APPLICABLE, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
-#: outcomes that do not make a run fail
-NOT_FAILURES = (*SUCCESSES, NOT_APPLICABLE)
 
 # The time inside a script is Redis's own (TIME), unless a caller passes one
 # (tests), so that the clocks of the hosts never decide staleness. Scripts that
@@ -154,44 +160,9 @@ def new_run_id(now: float | None = None) -> str:
 
 
 def pull_key(node: str, image: str) -> str:
+    """A pull's field in a run's results hash and member of its done set."""
     # A space never occurs in a node name or a valid reference.
     return f"{node} {image}"
-
-
-@dataclass
-class Outcome:
-    """What one pull did."""
-
-    node: str
-    image: str
-    status: str
-    duration: float = 0.0
-    reason: str = ""
-    attempts: int = 1
-    finished: float = field(default_factory=time.time)
-    #: where the image came from when not from its registry: a node, or the backup registry
-    source: str = ""
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status in SUCCESSES
-
-    @property
-    def failed(self) -> bool:
-        return self.status not in NOT_FAILURES
-
-    def describe(self) -> str:
-        """``copied from node-1``, ``timed out``: the status as the logs and summaries say it."""
-        text = self.status.replace("_", " ")
-        if self.source:
-            text += f" {'from' if self.status in (COPIED, RESTORED) else 'via'} {self.source}"
-        return text
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        if not self.source:
-            del data["source"]
-        return json.dumps(data, separators=(",", ":"))
 
 
 @dataclass

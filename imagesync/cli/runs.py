@@ -170,7 +170,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         _cli.out.print_json(json.dumps([run.to_dict() for run in runs]))
         return EXIT_OK
-    from ..runs import SUCCESSES
+    from ..outcomes import SUCCESSES
 
     table = Table(title="recent runs")
     for column in ("run", "trigger", "status", "pulls", "ok", "failed", "not run", "skipped nodes", "took"):

@@ -1,0 +1,59 @@
+"""What a pull can end in, and the record of one pull: the vocabulary that the
+pull, its sources, the run store, the logs and the exporter share.
+
+A leaf: it names outcomes and imports nothing of imagesync, so that a source
+can answer an outcome without knowing where runs are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+#: pull outcomes; the successes mean the node now holds the image: pulled from the
+#: registry, found present, copied from another node, restored from the backup
+PULLED, PRESENT, COPIED, RESTORED = "pulled", "present", "copied", "restored"
+FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped"
+#: the image has nothing for the node's platform: not pulled, and not a failure
+NOT_APPLICABLE = "not_applicable"
+SUCCESSES = (PULLED, PRESENT, COPIED, RESTORED)
+OUTCOMES = (*SUCCESSES, NOT_APPLICABLE, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
+#: outcomes that do not make a run fail
+NOT_FAILURES = (*SUCCESSES, NOT_APPLICABLE)
+
+
+@dataclass
+class Outcome:
+    """What one pull did."""
+
+    node: str
+    image: str
+    status: str
+    duration: float = 0.0
+    reason: str = ""
+    attempts: int = 1
+    finished: float = field(default_factory=time.time)
+    #: where the image came from when not from its registry: a node, or the backup registry
+    source: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in SUCCESSES
+
+    @property
+    def failed(self) -> bool:
+        return self.status not in NOT_FAILURES
+
+    def describe(self) -> str:
+        """``copied from node-1``, ``timed out``: the status as the logs and summaries say it."""
+        text = self.status.replace("_", " ")
+        if self.source:
+            text += f" {'from' if self.status in (COPIED, RESTORED) else 'via'} {self.source}"
+        return text
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if not self.source:
+            del data["source"]
+        return json.dumps(data, separators=(",", ":"))
