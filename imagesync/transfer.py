@@ -42,7 +42,8 @@ from . import keys, references, runtimes
 from .attempt import Attempt
 from .budgets import KILL_AFTER, SSH_GRACE, stale_after
 from .errors import CommandTimedOut, NodeError, RefusedReference
-from .runs import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome, pull_key
+from .outcomes import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome
+from .runs import pull_key
 from .semaphore import Semaphore
 from .transport import Stream, transport_for
 
