@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .runs import Outcome
+    from .outcomes import Outcome
 
 MAIN_LOG = "image-sync.log"
 SUCCESS_LOG = "success_images.log"
