@@ -12,7 +12,7 @@ import pytest
 from imagesync import logs
 from imagesync.config import Settings, load_settings
 from imagesync.errors import ConfigError
-from imagesync.runs import Outcome
+from imagesync.outcomes import Outcome
 
 #: noon, so that no test depends on the hour it runs at
 NOW = datetime(2026, 11, 22, 12, 0).timestamp()

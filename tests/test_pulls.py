@@ -16,7 +16,7 @@ import pytest
 
 from imagesync import pulls
 from imagesync.config import load_settings
-from imagesync.runs import PRESENT, PULLED
+from imagesync.outcomes import PRESENT, PULLED
 from testcluster.cluster import Cluster, toml_dumps
 
 
