@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 
 from . import references, runtimes
 from .attempt import Attempt, Fetch, NodeFailed
-from .backup import from_backup
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
+from .outcomes import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
 from .planning.plan import BACKUP, PEERS, REGISTRY
-from .runs import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
+from .restore import from_backup
 from .transfer import from_peers
 from .transport import transport_for
 
