@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from ..config import Settings
-    from ..runs import Outcome
+    from ..outcomes import Outcome
 
 #: bytes a pull costs on the node's disk, per byte of the image's reported (content) size
 ON_DISK = 3
