@@ -18,7 +18,7 @@ from ..facts import NodeFacts
 #: the sources a node's missing image can come from
 REGISTRY, BACKUP, PEERS = "registry", "backup", "peers"
 #: kinds of exclusion: the image is not for this node (nothing for its platform, shown "n/a");
-#: it would be, but is not pulled there now. A pull's outcome "not_applicable" is runs.NOT_APPLICABLE.
+#: it would be, but is not pulled there now. A pull's outcome "not_applicable" is outcomes.NOT_APPLICABLE.
 NOT_FOR_NODE, SKIPPED = "n/a", "skipped"
 
 
