@@ -15,9 +15,10 @@ from imagesync.budgets import stale_after
 from imagesync.config import Node, Settings
 from imagesync.errors import CommandTimedOut, RefusedReference
 from imagesync.facts import NodeFacts
+from imagesync.outcomes import FAILED, PULLED, Outcome
 from imagesync.planning.plan import PEERS, REGISTRY, Policy, Route
 from imagesync.planning.planner import make_plan
-from imagesync.runs import FAILED, PULLED, Outcome, Run, pull_key, summary_lines
+from imagesync.runs import Run, pull_key, summary_lines
 from imagesync.runtimes import Ctr, Image
 from imagesync.transfer import from_peers, note_outcome
 from imagesync.transport import LocalTransport
