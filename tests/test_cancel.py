@@ -25,8 +25,9 @@ from imagesync.celeryconfig import NODE_QUEUE_PREFIX
 from imagesync.cli import main, operator
 from imagesync.config import Settings
 from imagesync.lock import RunLock
+from imagesync.outcomes import Outcome
 from imagesync.planning.planner import make_plan
-from imagesync.runs import CANCELLED, RUNNING, Outcome, RunCancelled, RunStore, summary_lines
+from imagesync.runs import CANCELLED, RUNNING, RunCancelled, RunStore, summary_lines
 from imagesync.sync import cancel_run, start_run
 from testcluster.cluster import toml_dumps
 
