@@ -15,10 +15,10 @@ import pytest
 
 from imagesync import keys
 from imagesync.facts import NodeFacts
+from imagesync.outcomes import Outcome
 from imagesync.planning import room
 from imagesync.planning.plan import SKIPPED, Policy
 from imagesync.planning.planner import make_plan
-from imagesync.runs import Outcome
 from imagesync.runtimes import Image
 from imagesync.sizes import MinFree
 
