@@ -25,10 +25,10 @@ from helpers import measured, started_run, wait_for
 from imagesync import keys
 from imagesync.attempt import Attempt
 from imagesync.config import load_settings
+from imagesync.outcomes import PULLED
 from imagesync.planning.plan import REGISTRY, Route
 from imagesync.pulls import from_registry
 from imagesync.registry import RegistryClient
-from imagesync.runs import PULLED
 from imagesync.runtimes import PINNED_LABEL
 from testcluster.cluster import Cluster
 from testcluster.image import write_oci_index
