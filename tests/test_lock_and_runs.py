@@ -7,7 +7,8 @@ import redis as redis_py
 from helpers import wait_for
 
 from imagesync.lock import RunLock
-from imagesync.runs import ABANDONED, COMPLETED, RUNNING, Outcome, RunStore, summary_lines
+from imagesync.outcomes import Outcome
+from imagesync.runs import ABANDONED, COMPLETED, RUNNING, RunStore, summary_lines
 
 # a real redis-server: not for `make unit`
 pytestmark = pytest.mark.cluster
