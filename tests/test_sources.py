@@ -11,6 +11,8 @@ from imagesync import facts, pulls
 from imagesync.attempt import Attempt, NodeFailed
 from imagesync.config import Node, Settings
 from imagesync.facts import NodeFacts
+from imagesync.outcomes import COPIED, FAILED, PULLED, TIMED_OUT, Outcome
+from imagesync.outcomes import NOT_APPLICABLE as NA_OUTCOME
 from imagesync.planning.plan import (
     BACKUP,
     DEFAULT_ROUTE,
@@ -22,8 +24,7 @@ from imagesync.planning.plan import (
     Route,
 )
 from imagesync.planning.planner import make_plan
-from imagesync.runs import COPIED, FAILED, PULLED, TIMED_OUT, Outcome, Run, summary_lines
-from imagesync.runs import NOT_APPLICABLE as NA_OUTCOME
+from imagesync.runs import Run, summary_lines
 from imagesync.runtimes import Image
 
 A = "sha256:" + "a" * 64
