@@ -21,8 +21,8 @@ from helpers import measured, wait_for
 
 from imagesync.attempt import Attempt
 from imagesync.config import load_settings
+from imagesync.outcomes import COPIED
 from imagesync.planning.plan import PEERS, Route
-from imagesync.runs import COPIED
 from imagesync.sync import plan_now
 from imagesync.transfer import copy, from_peers
 from imagesync.transport import close_all
