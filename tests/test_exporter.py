@@ -20,8 +20,8 @@ from imagesync.budgets import stale_after
 from imagesync.config import Settings
 from imagesync.exporter import registry_for, schedule_period
 from imagesync.lock import RunLock
+from imagesync.outcomes import Outcome
 from imagesync.planning.planner import make_plan
-from imagesync.runs import Outcome
 from imagesync.runtimes import Image
 from imagesync.sync import node_counts, run_store
 
