@@ -10,9 +10,11 @@ LOCK = f"{NAMESPACE}:lock"
 HISTORY = f"{NAMESPACE}:runs"
 #: runs still in progress, scored by the time after which they count as stuck
 ACTIVE = f"{NAMESPACE}:active"
-#: set: pushed images `imagesync webhook` received that no run has started for yet;
-#: a sync task removes the ones it runs, atomically, once it holds the lock
+#: set: pushed images `imagesync webhook` received that no run has sent the pulls of yet;
+#: a run removes the ones it ran once their pulls are sent (imagesync.pending)
 WEBHOOK_PENDING = f"{NAMESPACE}:webhook:pending"
+#: pushed image -> how many times it was pushed, while pending (imagesync.pending)
+WEBHOOK_PUSHES = f"{NAMESPACE}:webhook:pushes"
 
 
 def sync_taken(task_id: str) -> str:
@@ -56,8 +58,9 @@ def node_pulls(node: str) -> str:
 
 
 def run_holders(run_id: str, image: str) -> str:
-    """Set: under ``source = "peers-first"``, the nodes that hold ``image`` in run
-    ``run_id`` (the plan's holders, then each node whose pull of it succeeded)."""
+    """Hash: under ``source = "peers-first"``, the nodes that hold ``image`` in run ``run_id``
+    and can serve a copy of it (each node whose pull of it succeeded and whose route lets it
+    copy) -> its platform ("" when unknown)."""
     return f"{NAMESPACE}:run:{run_id}:holders:{image}"
 
 

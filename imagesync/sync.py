@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import backup, logs, transfer
+from . import backup, logs
 from .agents import known_nodes
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
+from .pending import Pending
 from .planning import room
 from .planning.plan import Plan, Route
 from .planning.planner import make_plan
@@ -104,19 +105,6 @@ def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str
                      exclude=settings.exclude)
 
 
-def claim(redis: Redis, key: str, images: Iterable[str]) -> list[str]:
-    """Remove ``images`` from the set ``key`` in one transaction; the ones that were in it.
-
-    Two sync tasks sent for the same pushed image can then never both run it.
-    """
-    images = list(dict.fromkeys(images))
-    with redis.pipeline(transaction=True) as pipe:
-        for image in images:
-            pipe.srem(key, image)
-        removed = pipe.execute()
-    return [image for image, gone in zip(images, removed, strict=True) if gone]
-
-
 def images_trigger(trigger: str, images: list[str], shown: int = 3) -> str:
     """``webhook: registry/repo:tag, ...``: the trigger of a run limited to ``images``."""
     names = ", ".join(images[:shown]) + (f" and {len(images) - shown} more" if len(images) > shown else "")
@@ -130,16 +118,18 @@ def start_run(
     trigger: str = "manual",
     targets: Iterable[str] | None = None,
     images: Iterable[str] | None = None,
-    claim_from: str | None = None,
+    pending: Pending | None = None,
     send_inventory: SendInventory | None = None,
 ) -> Started:
     """Start a run unless one is in progress; ``send_pull(node, image, run_id, expires)`` queues a pull,
     ``send_inventory`` an agent node's inventory.
 
     With ``images``, the run wants exactly those images (every reachable node
-    lacking one pulls it) and its trigger names them. With ``claim_from`` too
-    (a Redis set), the run takes only those of ``images`` it removes from that
-    set once it holds the lock; if none is left, it does nothing.
+    lacking one pulls it) and its trigger names them. With ``pending`` too
+    (the webhook's pushed images), the run takes only those of ``images``
+    still pending once it holds the lock, and if none is left, does nothing;
+    they leave ``pending`` only once the run has sent their pulls or found
+    that no node it reached lacks them (:mod:`imagesync.pending`).
     """
     run_id = new_run_id()
     lock = run_lock(settings, redis)
@@ -153,14 +143,16 @@ def start_run(
             log.info(message)
             return Started("already-running", holder, message)
     store = run_store(settings, redis)
+    taken: dict[str, str] = {}
     if images is not None:
         images = list(dict.fromkeys(images))
-        if claim_from is not None:
+        if pending is not None:
             try:
-                images = claim(redis, claim_from, images)
+                taken = pending.take(images)
             except BaseException:
                 lock.release(run_id)
                 raise
+            images = list(taken)
             if not images:
                 lock.release(run_id)
                 message = f"nothing to do: another run already took the images of this {trigger} trigger"
@@ -200,6 +192,8 @@ def start_run(
         )
         missed = missed_targets(plan, [*plan.holdings, *plan.skipped], targets)
         if complete:
+            if pending is not None and not missed:
+                pending.settle(taken)  # no node it reached lacks them
             lock.release(run_id)
             write_summary(settings, store, run_id)
             if missed:
@@ -217,6 +211,8 @@ def start_run(
             if sent % RENEW_EVERY == 0:
                 _keep_lock(lock, store, run_id, f"after sending {sent} of {len(pulls)} pulls")
         _keep_lock(lock, store, run_id, "after sending every pull")
+        if pending is not None:
+            pending.settle(taken)
     except RunCancelled as exc:
         # `imagesync cancel` wrote the summary and released the lock; what was
         # sent finds the run cancelled and is skipped.
@@ -293,7 +289,6 @@ def finish_pull(settings: Settings, redis: Redis, run_id: str, outcome: Outcome)
     """
     store = run_store(settings, redis)
     state = store.record(run_id, outcome)
-    transfer.note_outcome(settings, redis, run_id, outcome)
     room.pulled(redis, outcome)
     try:
         logs.record_pull(settings.log_dir, run_id, outcome)

@@ -27,19 +27,21 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import agents, backup, keys, logs
+from . import agents, backup, keys, logs, references, taskargs
 from .attempt import Attempt
 from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, refuse, settings
 from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, node_queue
 from .errors import ConfigError, one_line
 from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay, shares_pool
-from .plan import DEFAULT_ROUTE, Route
+from .pending import Pending
+from .planning.plan import DEFAULT_ROUTE, Route
 from .pulls import get_image, needs_check
 from .redelivery import take_back
 from .redisclient import connect
 from .runs import EXPIRED, FAILED, RUNNING, SKIPPED, TIMED_OUT, Outcome
 from .sync import finalize_stale, finish_pull, run_store, start_run
+from .taskargs import RefusedTask
 
 log = logging.getLogger("imagesync")
 
@@ -105,11 +107,12 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
         # Say at once that a worker has it: whoever waits for the answer can
         # tell a long inventory from a missing control worker.
         redis().set(keys.sync_taken(self.request.id), self.request.hostname or "?", ex=SYNC_TIME_LIMIT)
+    trigger = taskargs.trigger(trigger)
+    images = [taskargs.reference(image) for image in images or ()]
     if nodes:
         agents.check_targets(settings, redis(), nodes)
-    claim_from = keys.WEBHOOK_PENDING if images else None
-    started = start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes,
-                        images=images or None, claim_from=claim_from, send_inventory=send_inventory)
+    started = start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes, images=images or None,
+                        pending=Pending(redis()) if images else None, send_inventory=send_inventory)
     if started.status == "nothing-to-do" and started.run_id:
         send_backup(started.run_id)  # a run with nothing to pull completes at once
     return started.to_dict()
@@ -129,8 +132,21 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
     """Get ``image`` onto ``node`` for run ``run_id``, from the sources of its ``route``
     (the registry alone without one), and report the outcome."""
     attempts = self.request.retries + 1
+    try:
+        run_id, node, image = _pull_target(self, run_id, node, image)
+    except RefusedTask as exc:
+        log.error("pull of %r onto %r for run %r: %s; nothing done", image, node, run_id, exc)
+        return FAILED
+    refusal = None
+    try:
+        deadline, checked = taskargs.deadline(deadline), taskargs.route(settings, redis(), route, image)
+    except RefusedTask as exc:
+        refusal = exc
     state, started = run_store(settings, redis()).state(run_id)
-    if state not in (None, RUNNING):
+    if refusal is not None:
+        log.error("run %s: %s: %s: %s; nothing done", run_id, node, image, refusal)
+        outcome = Outcome(node, image, FAILED, reason=str(refusal))
+    elif state not in (None, RUNNING):
         outcome = Outcome(node, image, SKIPPED, reason=f"run was already {state} when this pull started")
     elif deadline is not None and time.time() > deadline:
         outcome = Outcome(node, image, EXPIRED,
@@ -140,7 +156,7 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
         try:
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             check = needs_check(self.request.retries, redelivered, started)
-            attempt = Attempt(settings, settings.node(node), image, Route.from_dict(route), run_id, check=check,
+            attempt = Attempt(settings, settings.node(node), image, checked, run_id, check=check,
                               last=self.request.retries >= self.max_retries, redis=redis())
             outcome, transient = get_image(attempt)
         except ConfigError as exc:
@@ -167,6 +183,16 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
     if finish_pull(settings, redis(), run_id, outcome) == 2:
         send_backup(run_id)  # this pull completed the run
     return outcome.status
+
+
+def _pull_target(task, run_id: object, node: object, image: object) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
+    """The run, node and image of a pull message, checked (taskargs): the node one this worker
+    serves, on its own queue."""
+    run_id = taskargs.run_id(run_id)
+    node = taskargs.nodes(settings, redis(), [node])[0]
+    routing_key = (task.request.delivery_info or {}).get("routing_key")
+    taskargs.delivered_to(node, routing_key, node_queue(node))
+    return run_id, node, taskargs.reference(image)
 
 
 def send_backup(run_id: str) -> None:
@@ -198,12 +224,25 @@ def send_backup_push(node: str, run_id: str, image: str, name: str) -> None:
 def backup_push(run_id: str, node: str, image: str, name: str) -> str:
     """Push ``image`` from ``node`` to the backup as ``name`` (upstream no longer has it);
     on the node's queue, so under its max_parallel."""
+    try:
+        run_id, node, image = _pull_target(backup_push, run_id, node, image)
+        if settings.backup is None or name != references.backup_name(settings.backup.registry, image):
+            raise RefusedTask(f"{name!r} is not the backup's name of {image}")
+    except RefusedTask as exc:
+        log.error("backup push of %r from %r for run %r: %s; nothing done", image, node, run_id, exc)
+        return "failed"
     return backup.push_from_node(settings, redis(), run_id, settings.node(node), image, name).status
 
 
 @app.task(name="imagesync.inventory", ignore_result=True, soft_time_limit=90, time_limit=100)
 def inventory(request: str, node: str) -> None:
     """On an agent: list the node's images and learn its facts, for the run that asked (``request``)."""
+    try:
+        request, node = taskargs.request_id(request), taskargs.nodes(settings, redis(), [node])[0]
+        taskargs.delivered_to(node, (inventory.request.delivery_info or {}).get("routing_key"), node_queue(node))
+    except RefusedTask as exc:
+        log.error("inventory of %r: %s; nothing done", node, exc)
+        return
     agents.answer(settings, redis(), request, node, keep=settings.agent_inventory_timeout + 60)
 
 

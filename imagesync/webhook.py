@@ -8,10 +8,11 @@ prefix (or declared), and adds them to a Redis set (``keys.WEBHOOK_PENDING``).
 
 A loop in the same process starts the runs: once no push has arrived for
 ``QUIET`` seconds and no run holds the lock, it sends one ``imagesync.sync``
-(``trigger="webhook"``) with every pending image. The sync task removes from
-the set exactly the images it starts a run for, atomically, once it holds the
-lock (:func:`imagesync.sync.claim`): a push that arrives during a run stays in
-the set and is run as soon as the lock frees; none is run twice.
+(``trigger="webhook"``) with every pending image. A run removes them from the
+set only once it has sent their pulls (:mod:`imagesync.pending`): a run that
+fails before leaves them pending, and the loop sends them again, backing off
+while runs keep failing; a push that arrives during a run stays in the set and
+is run as soon as the lock frees.
 
 A process of its own, like the exporter: a prefork worker's main process
 should not serve HTTP, and a registry's notification must never wait behind a
@@ -38,7 +39,7 @@ from redis.exceptions import RedisError
 
 from . import keys, references
 from .errors import RefusedReference
-from .redisvalues import as_text
+from .pending import Pending
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -53,6 +54,8 @@ QUIET = 1.0
 TICK = 0.5
 #: seconds after which a sync task sent and never answered no longer holds back the next
 SENT_PATIENCE = 120.0
+#: after a run that left its images pending: wait this long before the next, doubled each time, capped
+RETRY_BASE, RETRY_CAP = 5.0, 300.0
 
 #: Harbor's event type for a push
 HARBOR_PUSH = "PUSH_ARTIFACT"
@@ -177,8 +180,13 @@ class Receiver:
         self.redis = redis
         self.secret = secret
         self.last_push = 0.0  # time.monotonic() of the last push kept
-        #: (task id, when sent) of the sync task sent and not answered yet
-        self.sent: tuple[str, float] | None = None
+        self.pending = Pending(redis)
+        #: (task id, when sent, its images -> their push counts) of the sync task sent and not answered yet
+        self.sent: tuple[str, float, dict[str, str]] | None = None
+        #: runs in a row that left their images pending (they failed before sending
+        #: their pulls): the next is sent no sooner than ``retry_at``
+        self.failures = 0
+        self.retry_at = 0.0
         self._send = send
 
     def receive(self, body: bytes) -> Pushed:
@@ -195,8 +203,9 @@ class Receiver:
         for name in pushed.outside:
             log.info("webhook: %s lies under no configured prefix: not synced", name)
         if pushed.kept:
-            self.redis.sadd(keys.WEBHOOK_PENDING, *pushed.kept)
+            self.pending.add(pushed.kept)
             self.last_push = time.monotonic()
+            self.retry_at = 0.0  # a new push is worth a run at once
             log.info("webhook: pushed %s: pending", ", ".join(pushed.kept))
         return pushed
 
@@ -219,21 +228,37 @@ class Receiver:
         """Send a sync task for the pending images if the time has come; its id, or None."""
         now = time.monotonic() if now is None else now
         if self.sent is not None:
-            task_id, when = self.sent
+            task_id, when, images = self.sent
             if self._send is None and not self._answered(task_id) and now - when < SENT_PATIENCE:
                 return None
             self.sent = None
-        if now - self.last_push < QUIET:
+            self._after_run(images, now)
+        if now - self.last_push < QUIET or now < self.retry_at:
             return None
         if self.redis.exists(keys.LOCK):
             return None  # a run is in progress: its end frees the lock, and the next tick runs these
-        pending = sorted(as_text(m) for m in self.redis.smembers(keys.WEBHOOK_PENDING))
+        pending = self.pending.images()
         if not pending:
             return None
+        counts = self.pending.take(pending)
         task_id = self.send(pending)
-        self.sent = (task_id, now)
+        self.sent = (task_id, now, counts)
         log.info("webhook: sync sent for %d image(s): %s (task %s)", len(pending), ", ".join(pending), task_id)
         return task_id
+
+    def _after_run(self, sent: dict[str, str], now: float) -> None:
+        """Back off while runs leave their images pending: a run that failed before it sent
+        their pulls (its summary says why) is tried again, but not in a tight loop. An image
+        pushed again since is not the run's failure: it runs at once."""
+        left = [image for image, count in self.pending.take(sent).items() if sent[image] == count]
+        if not left:
+            self.failures = 0
+            return
+        self.failures += 1
+        delay = min(RETRY_CAP, RETRY_BASE * 2 ** (self.failures - 1))
+        self.retry_at = now + delay
+        log.warning("webhook: the last run did not send the pulls of %s (see 'imagesync history'); "
+                    "still pending, tried again in %.0f s", ", ".join(left), delay)
 
     def safe_tick(self) -> None:
         try:

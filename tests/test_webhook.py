@@ -20,8 +20,9 @@ import pytest
 
 from imagesync import keys
 from imagesync.lock import RunLock
-from imagesync.sync import claim, images_trigger
-from imagesync.webhook import QUIET, BadPayload, Receiver, authorized, judge, pushed_names
+from imagesync.pending import Pending
+from imagesync.sync import images_trigger
+from imagesync.webhook import QUIET, RETRY_BASE, BadPayload, Receiver, authorized, judge, pushed_names
 from testcluster.process import free_port, port_open
 from testcluster.registry import Registry
 
@@ -146,12 +147,38 @@ def test_a_burst_is_one_run_and_a_held_lock_defers_it(redis_client):
     lock.release("20260101-000000-aaaaaa")
     assert receiver.tick(now + QUIET + 0.6) == "1"
     assert sent == [["registry.test:5000/bcm11/a:1", "registry.test:5000/bcm11/b:1"]]
-    # the set empties only when a sync task claims the images
-    assert claim(redis_client, keys.WEBHOOK_PENDING, sent[0]) == sent[0]
-    assert claim(redis_client, keys.WEBHOOK_PENDING, sent[0]) == []
+    # the set empties only when a run has sent their pulls (settle)
+    pending = Pending(redis_client)
+    taken = pending.take(sent[0])
+    assert list(taken) == sent[0]
+    assert pending.settle(taken) == 2 and pending.take(sent[0]) == {}
     assert receiver.tick(now + QUIET + 1.2) is None
     assert images_trigger("webhook", ["r/a:1"]) == "webhook: r/a:1"
     assert images_trigger("webhook", ["a", "b", "c", "d", "e"]) == "webhook: a, b, c and 2 more"
+
+
+def test_pushed_images_stay_pending_until_a_run_sends_their_pulls(redis_client):
+    sent = []
+    receiver = Receiver(_Settings(), redis_client, SECRET, send=lambda images: sent.append(images) or len(sent))
+    app, lib = "registry.test:5000/bcm11/app:1", "registry.test:5000/bcm11/lib:1"
+    receiver.receive(json.dumps(envelope(event("bcm11/app", tag="1"), event("bcm11/lib", tag="1"))).encode())
+    now = receiver.last_push + QUIET
+    assert receiver.tick(now) == "1"
+    # the run fails before sending any pull: nothing settled, both stay pending;
+    # the next run waits out a back-off rather than loop
+    assert receiver.tick(now + 0.5) is None
+    assert receiver.retry_at == pytest.approx(now + 0.5 + RETRY_BASE)
+    assert receiver.tick(now + 0.5 + RETRY_BASE - 0.1) is None
+    assert receiver.tick(now + 0.5 + RETRY_BASE) == "2" and sent[1] == [app, lib]
+    # this run takes both; app is pushed again (a new digest, perhaps) before its pulls are sent
+    pending = Pending(redis_client)
+    taken = pending.take(sent[1])
+    receiver.receive(json.dumps(envelope(event("bcm11/app", tag="1"))).encode())
+    assert pending.settle(taken) == 1
+    assert pending.images() == [app]  # the second push of app waits for its own run
+    # the run before was no failure, and a new push is worth a run at once: no back-off
+    assert receiver.tick(receiver.last_push + QUIET) == "3" and sent[2] == [app]
+    assert receiver.failures == 0
 
 
 # --- the process ----------------------------------------------------------------------
@@ -310,3 +337,32 @@ def test_a_push_reaches_every_node_and_pushes_during_a_run_follow(deploy):
     log = d.services.log("webhook")
     assert "Traceback" not in log
     assert f"{direct} lies under no configured prefix" in log
+
+
+@pytest.mark.cluster
+def test_a_push_whose_run_reaches_no_node_stays_pending_and_runs_once_nodes_are_back(deploy):
+    port = free_port()
+    d = deploy(nodes=2, registry_notify=(f"http://127.0.0.1:{port}/", SECRET))
+    cluster = d.cluster
+    d.configure(webhook_secret=SECRET, webhook_port=port)
+    d.start()
+    d.services.start_webhook(port)
+    for node in cluster.nodes:
+        node.stop_sshd()
+    through_proxy = Registry(cluster.workdir / "push-client", port=cluster.proxy.port)
+    through_proxy.push_image("bcm11/lost", "1")
+    ref = f"{cluster.registry_address}/bcm11/lost:1"
+
+    # its run reaches no node: the image stays pending (no node holds it, so no
+    # later full run would ever want it)
+    _wait(lambda: any(run["trigger"] == f"webhook: {ref}" and run["status"] != "running" for run in d.history()),
+          60, "the run of the push")
+    with cluster.redis.client() as client:
+        assert Pending(client).images() == [ref]
+    for node in cluster.nodes:
+        node.start_sshd()
+    _wait(lambda: all(ref in d.held(node.name) for node in cluster.nodes), 60, f"{ref} on every node")
+    with cluster.redis.client() as client:
+        _wait(lambda: Pending(client).images() == [], 30, "the pending set to empty")
+    log = d.services.log("webhook")
+    assert f"the last run did not send the pulls of {ref}" in log and "Traceback" not in log
