@@ -81,6 +81,8 @@ PRESENT_MARKER = "imagesync: already present"
 EXPORT_MARKER, IMPORT_MARKER = "imagesync-export", "imagesync-import"
 #: exit status of an import whose image arrived under another digest than the source's
 WRONG_DIGEST = 65
+#: what a restore prints last: the digest pulled from the backup, and the one the original name now has
+RESTORED_MARKER = "imagesync-restored"
 
 
 def _pull_under_timeout(pull: str, time_out: int, presence_test: str | None = None) -> PullCommand:
@@ -254,6 +256,39 @@ class Ctr:
         )
         return f"sh -c {shlex.quote(script)}"
 
+    def restore_command(self, name: str, image: str, seconds: int, digest: str | None = None,
+                        insecure: bool = False, login: Login | None = None) -> str:
+        """One command line that restores ``image`` from its backup ``name`` (another registry).
+
+        Pull the backup name; with ``digest``, refuse a backup that holds another one;
+        tag it with the original name; remove the backup name; print
+        ``RESTORED_MARKER PULLED NOW``, the digest pulled and the one ``image`` now has.
+        """
+        ctr = self._base()
+        bk, orig = shlex.quote(name), shlex.quote(image)
+        got = f"$({ctr} images ls {shlex.quote('name==' + name)} | awk 'NR==2 {{print $3}}')"
+        expected = shlex.quote(digest or "")
+        script = "; ".join([
+            f"{ctr} images pull{_registry_flags(insecure, login)} {bk} >/dev/null || exit $?",
+            f"got={got}",
+            f'if [ -n {expected} ] && [ "$got" != {expected} ]; then {ctr} images rm {bk} >/dev/null 2>&1; '
+            f'echo "the backup holds $got, not the digest the cluster runs ({digest})" >&2; exit 3; fi',
+            f"{ctr} images tag --force {bk} {orig} >/dev/null; rc=$?",
+            f"{ctr} images rm {bk} >/dev/null 2>&1",
+            'if [ "$rc" -ne 0 ]; then exit "$rc"; fi',
+            f"now=$({ctr} images ls {shlex.quote('name==' + image)} | awk 'NR==2 {{print $3}}')",
+            f'echo "{RESTORED_MARKER} $got $now"',
+        ])
+        return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(script)}"
+
+    def push_command(self, name: str, image: str, seconds: int, insecure: bool = False,
+                     login: Login | None = None) -> str:
+        """``ctr images push NAME IMAGE``: the node's own copy of ``image`` pushed as ``name``."""
+        references.parse(image)
+        references.parse(name)
+        push = f"{self._base()} images push{_registry_flags(insecure, login)} {shlex.quote(name)} {shlex.quote(image)}"
+        return f"timeout -k {KILL_AFTER} {int(seconds)} {push}"
+
     def parse_list(self, output: str) -> list[Image]:
         """Parse ``ctr images ls``: one row per reference, grouped here by manifest digest.
 
@@ -286,6 +321,15 @@ class Ctr:
         return images
 
 
+def _registry_flags(insecure: bool, login: Login | None) -> str:
+    """How ``ctr`` reaches a registry other than the node's own: a restore's or a push's."""
+    flags = " --plain-http" if insecure else ""
+    if login is not None:
+        # ctr reads a password only from the command line or a terminal
+        flags += f" --user {shlex.quote(':'.join(login))}"
+    return flags
+
+
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,
           "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
 
@@ -307,8 +351,14 @@ def _int(value: object) -> int:
 def for_node(node: Node) -> Runtime:
     """The runtime adapter configured for ``node`` (a :class:`imagesync.config.Node`)."""
     if node.runtime == "ctr":
-        return Ctr(address=node.endpoint, namespace=node.namespace, hosts_dir=node.hosts_dir)
+        return ctr_for(node)
     return Crictl(endpoint=node.endpoint)
+
+
+def ctr_for(node: Node) -> Ctr:
+    """containerd's own client on ``node``, at its endpoint and in its namespace, whichever
+    runtime the node lists images with: a restore, a push and a copy need ``ctr``."""
+    return Ctr(address=node.endpoint, namespace=node.namespace, hosts_dir=node.hosts_dir)
 
 
 # A failed pull's reason decides whether trying again can help. Permanent

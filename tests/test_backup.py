@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import measured, started_run, wait_for
 
-from imagesync import backup, references
+from imagesync import backup, references, runtimes
 from imagesync.config import Settings, load_settings
 from imagesync.errors import ConfigError
 from imagesync.facts import NodeFacts
@@ -138,17 +138,19 @@ def test_node_commands_quote_names_and_check_the_digest():
                         backup={"registry": "bk.local", "username": "u", "password": "p w", "insecure": True})
     node, bk = settings.nodes[0], settings.backup
     assert bk is not None
-    restore = backup.restore_command(node, bk, "reg.local/a:1", "bk.local/reg.local/a:1", 30, "sha256:" + "b" * 64)
+    ctr = runtimes.ctr_for(node)
+    restore = ctr.restore_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, "sha256:" + "b" * 64,
+                                  bk.insecure, bk.login())
     assert restore.startswith("timeout -k 5 30 sh -c ")
     script = subprocess.run(["sh", "-c", f"printf %s {restore.split(' sh -c ', 1)[1]}"],
                             capture_output=True, text=True).stdout
     assert "ctr --address /run/k.sock --namespace k8s.io images pull --plain-http --user 'u:p w' " in script
     assert "images tag --force bk.local/reg.local/a:1 reg.local/a:1" in script
     assert "images rm bk.local/reg.local/a:1" in script and "sha256:" + "b" * 64 in script
-    push = backup.push_command(node, bk, "reg.local/a:1", "bk.local/reg.local/a:1", 30)
+    push = ctr.push_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, bk.insecure, bk.login())
     assert push.endswith("images push --plain-http --user 'u:p w' bk.local/reg.local/a:1 reg.local/a:1")
     with pytest.raises(Exception, match="not a valid"):
-        backup.push_command(node, bk, "reg.local/a:1;reboot", "bk.local/x:1", 30)
+        ctr.push_command("bk.local/x:1", "reg.local/a:1;reboot", 30, bk.insecure, bk.login())
 
 
 def _skopeo_raw(reference: str, login: tuple[str, str]) -> bytes:
