@@ -155,8 +155,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         run = store.get(args.run)
         if run is None:
             raise CommandError(f"no run {args.run} in the history (see 'imagesync history')")
-        from ..backup import BackupStore
-        from ..backup import summary_lines as backup_lines
+        from ..backupstore import BackupStore
+        from ..backupstore import summary_lines as backup_lines
 
         record = BackupStore(store.redis).get(args.run)
         if args.json:
