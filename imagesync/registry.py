@@ -10,6 +10,15 @@ one run a few seconds and no answer, never the run.
 Registries are asked over HTTPS; one on a loopback address (``localhost``,
 ``127.0.0.0/8``, ``::1``) is asked over plain HTTP when HTTPS fails, as
 containerd itself does for such hosts. Logins are those of ``settings.registries``.
+
+A login, or the token it buys, goes only to the host it belongs to:
+
+* a redirect to another host, or from HTTPS to plain HTTP, carries none (registries
+  on object storage redirect blob downloads to the storage host);
+* a token realm on another host gets the login only over HTTPS;
+* a plain-HTTP token realm is accepted only for a loopback registry or one declared
+  insecure (``backup.insecure_sources``); any other registry's lookup fails, and the
+  image is pulled as usual.
 """
 
 from __future__ import annotations
@@ -50,6 +59,28 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
 
 class LookupFailed(Exception):
     """The registry did not say which platforms an image has."""
+
+
+def _same_host(url: str, other: str) -> bool:
+    """Whether ``other`` is on the host (name and port) of ``url``, and not plain HTTP where ``url`` is HTTPS."""
+    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(other)
+    ports = {"https": 443, "http": 80}
+    return ((a.hostname or "").lower(), a.port or ports.get(a.scheme)) == (
+        (b.hostname or "").lower(), b.port or ports.get(b.scheme)) and not (a.scheme == "https" and b.scheme != "https")
+
+
+class _KeepCredentialsOnTheirHost(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header onto a redirected request, ``Authorization`` included:
+    here a redirect to another host, or from HTTPS to plain HTTP, leaves it behind."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is not None and not _same_host(req.full_url, redirected.full_url):
+            redirected.remove_header("Authorization")
+        return redirected
+
+
+_OPENER = urllib.request.build_opener(_KeepCredentialsOnTheirHost)
 
 
 def _is_loopback(host: str) -> bool:
@@ -101,7 +132,7 @@ class RegistryClient:
             challenge = exc.headers.get("WWW-Authenticate", "") if exc.code == 401 else ""
             if not challenge.lower().startswith("bearer"):
                 raise LookupFailed(f"{url}: HTTP {exc.code}") from None
-        self._tokens[domain] = "Bearer " + self._token(challenge, login)
+        self._tokens[domain] = "Bearer " + self._token(challenge, login, url, domain)
         headers["Authorization"] = self._tokens[domain]
         try:
             return self._open(url, headers)
@@ -110,18 +141,28 @@ class RegistryClient:
 
     def _open(self, url: str, headers: dict[str, str]) -> tuple[str, bytes]:
         request = urllib.request.Request(url, headers=headers)
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (https/http only)
+        with _OPENER.open(request, timeout=self.timeout) as response:
             return response.headers.get("Content-Type", ""), response.read(4 * 1024 * 1024)
 
-    def _token(self, challenge: str, login: tuple[str, str] | None) -> str:
-        """A bearer token from the realm a ``WWW-Authenticate: Bearer`` challenge names."""
+    def _insecure(self, domain: str) -> bool:
+        """Whether ``domain`` may be spoken to in plain HTTP: a loopback registry, or one declared insecure."""
+        declared = self.settings.backup.insecure_sources if self.settings.backup else []
+        return _is_loopback(domain) or domain in declared
+
+    def _token(self, challenge: str, login: tuple[str, str] | None, url: str, domain: str) -> str:
+        """A bearer token from the realm a ``WWW-Authenticate: Bearer`` challenge to ``url`` names.
+
+        The login goes with it only to the registry's own host, or to another over HTTPS."""
         fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
         realm = fields.pop("realm", "")
         if not realm.startswith(("https://", "http://")):
             raise LookupFailed(f"the registry's token realm {realm!r} is not a URL")
+        if realm.startswith("http://") and not self._insecure(domain):
+            raise LookupFailed(f"{domain} names a plain-HTTP token realm ({realm}): no login is sent there; "
+                               "the registry should name an https:// realm, or be listed in backup.insecure_sources")
         query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in fields.items())
         headers = {}
-        if login:
+        if login and (realm.startswith("https://") or _same_host(url, realm)):
             headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
         try:
             _, body = self._open(f"{realm}?{query}", headers)
