@@ -22,7 +22,8 @@ from rich.console import Console
 
 from imagesync import keys
 from imagesync.celeryconfig import NODE_QUEUE_PREFIX
-from imagesync.cli import main, operator
+from imagesync.cli import main
+from imagesync.cli.runs import operator
 from imagesync.config import Settings
 from imagesync.lock import RunLock
 from imagesync.outcomes import Outcome
@@ -187,7 +188,7 @@ def _cli(config, *argv):
     out, err = io.StringIO(), io.StringIO()
     wide = Console(file=out, width=200, highlight=False)
     root = logging.getLogger()  # the command sets up logging as a process of its own would
-    with mock.patch.dict(os.environ, {"IMAGESYNC_CONFIG": str(config)}), mock.patch("imagesync.cli.out", wide), \
+    with mock.patch.dict(os.environ, {"IMAGESYNC_CONFIG": str(config)}), mock.patch("imagesync.cli.common.out", wide), \
             mock.patch.object(root, "handlers", list(root.handlers)), mock.patch.object(root, "level", root.level), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(argv))

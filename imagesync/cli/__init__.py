@@ -4,53 +4,25 @@ Every error an operator can cause ends in one line on stderr saying what is
 wrong and what to do, and a non-zero exit: 2 for configuration, 1 for
 failures, 3 when a run is already in progress.
 
-This module holds what every command shares (the consoles, the argument
-parser, the settings and Redis client, the exit codes); the commands
-themselves live beside it: ``inspect`` (config, check, plan, status), ``runs``
-(sync, cancel, history) and ``serve`` (worker, agent, beat, exporter, webhook).
+This module holds the argument parser and ``main``, which runs a command;
+the commands live beside it: ``inspect`` (config, check, plan, status),
+``runs`` (sync, cancel, history) and ``serve`` (worker, agent, beat, exporter,
+webhook). What they all share (the consoles, the exit codes, the settings and
+the Redis client) is in ``common``, below them, so that nothing here is
+imported back by a command.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
-from rich.console import Console
-
-from ..config import Settings, load_settings, mask_url
 from ..errors import ConfigError, ImagesyncError
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-
-def say(message: str) -> None:
-    """One plain line on stderr: never wrapped, whatever the terminal's width."""
-    print(message, file=sys.stderr, flush=True)
-
-
-#: the distributions whose versions a bug report needs, as ``--version`` names them
-_VERSIONS = (("celery", "celery"), ("kombu", "kombu"), ("redis-py", "redis"), ("paramiko", "paramiko"))
-
-
-def version_line() -> str:
-    """imagesync's version and those of the libraries it stands on, in one line."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .. import __version__
-
-    parts = []
-    for name, distribution in _VERSIONS:
-        try:
-            parts.append(f"{name} {version(distribution)}")
-        except PackageNotFoundError:
-            parts.append(f"{name} not installed")
-    python = ".".join(str(n) for n in sys.version_info[:3])
-    return f"imagesync {__version__} ({', '.join(parts)}; Python {python})"
+from .common import EXIT_CONFIG, EXIT_FAILED, CommandError, say, version_line
+from .inspect import cmd_check, cmd_config, cmd_plan, cmd_status
+from .runs import cmd_cancel, cmd_history, cmd_sync
+from .serve import cmd_agent, cmd_beat, cmd_exporter, cmd_webhook, cmd_worker
 
 
 class _Version(argparse.Action):
@@ -63,14 +35,6 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
         print(version_line())
         parser.exit()
-
-
-class CommandError(ImagesyncError):
-    """Ends a command with one line and an exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--node", metavar="NAME", help="serve this node's pulls (concurrency max_parallel)")
     which.add_argument("--control", action="store_true", help="serve sync and housekeeping tasks")
     which.add_argument("--nodes", metavar="NAME,NAME", help="serve these nodes' pulls with one shared pool; "
-                       "each node still runs at most max_parallel (less memory, see README)")
+                       "each node still runs at most max_parallel (less memory, see docs/operations.md)")
     which.add_argument("--all-nodes", action="store_true",
                        help="serve the pulls of every node reached over SSH with one shared pool (as --nodes)")
     worker.add_argument("--concurrency", type=int, metavar="N",
@@ -167,40 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-def _settings() -> Settings:
-    return load_settings()
-
-
-def _redis(settings: Settings, ping: bool = True, socket_timeout: float = 30):
-    """A Redis client with timeouts; with ``ping``, one that answers, or one line and exit 1.
-
-    The long-running servers (exporter, webhook) do not ping: they start while
-    Redis is down and report it, rather than not start.
-    """
-    from redis.exceptions import RedisError
-
-    from ..redisclient import connect, error_line
-
-    client = connect(settings, socket_connect_timeout=5, socket_timeout=socket_timeout)
-    if not ping:
-        return client
-    try:
-        client.ping()
-    except RedisError as exc:
-        fix = "fix redis_url and redis_master_name" if settings.redis_master_name else "fix redis_url"
-        raise CommandError(
-            f"cannot reach Redis at {mask_url(settings.redis_url)} ({error_line(exc)}): start redis-server or {fix}"
-        ) from exc
-    return client
-
-
-# The commands use the names above, so they are imported once those exist.
-from .inspect import cmd_check, cmd_config, cmd_plan, cmd_status  # noqa: E402
-from .runs import cmd_cancel, cmd_history, cmd_sync  # noqa: E402
-from .runs import operator as operator  # noqa: E402  (imported from here by the tests)
-from .serve import cmd_agent, cmd_beat, cmd_exporter, cmd_webhook, cmd_worker  # noqa: E402
-from .serve import shared_worker_argv as shared_worker_argv  # noqa: E402  (imported from here by the tests)
 
 COMMANDS = {
     "config": cmd_config,

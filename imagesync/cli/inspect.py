@@ -3,8 +3,8 @@
 ``check`` probes every node (SSH, runtime, image list, facts) and notes what
 imagesync cannot do there; ``plan`` shows what a sync would pull where;
 ``status`` shows which node holds which image, or with ``--backup`` whether the
-backup registry holds what the nodes hold. They print through the package's
-consoles, looked up when they print, so that a test can replace them.
+backup registry holds what the nodes hold. They print through the consoles of
+``common``, looked up when they print, so that a test can replace them.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 from rich.table import Table
 
-from .. import cli as _cli
 from .. import runtimes
 from ..config import Node, Settings
 from ..errors import NodeError
 from ..planning import room
 from ..planning.plan import Plan
-from . import EXIT_FAILED, EXIT_OK, CommandError, _redis, _settings, say, version_line
+from . import common
+from .common import EXIT_FAILED, EXIT_OK, CommandError, read_settings, redis_client, say, version_line
 
 if TYPE_CHECKING:
     from ..facts import NodeFacts
@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = read_settings()
     table = Table(title=f"imagesync configuration ({settings.path or 'defaults'})")
     for column in ("key", "value", "from"):
         table.add_column(column)
     for key, value, source in settings.describe():
         # the file is named in the title; keep the column narrow
         table.add_row(key, value, "file" if source.startswith("file") else source)
-    _cli.out.print(table)
+    common.out.print(table)
     _say_ssh_notes(settings)
     return EXIT_OK
 
@@ -112,11 +112,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..transport import transport_for
 
     print(version_line(), flush=True)  # first, and whole: it is what a bug report quotes
-    settings = _settings()
-    _cli.out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes"
-              + (", and the agents registered in Redis)" if settings.agents else ")"))
+    settings = read_settings()
+    common.out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes"
+                     + (", and the agents registered in Redis)" if settings.agents else ")"))
     if any(node.transport == "ssh" for node in settings.nodes):
-        _cli.out.print(ssh_table(settings))
+        common.out.print(ssh_table(settings))
         _say_ssh_notes(settings)
 
     def probe(node: Node):
@@ -159,7 +159,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if settings.agents:
         from ..agents import check_rows
 
-        results += check_rows(settings, _redis(settings))
+        results += check_rows(settings, redis_client(settings))
     table = Table()
     # how each node is reached, beside the nodes' names when agents are among them
     columns = ("node", *(("via",) if settings.agents else ()), "address", "ssh", "runtime", "images", "platform",
@@ -169,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for row, ok in results:
         style = None if ok else "red"
         table.add_row(*(escape(row[c]) for c in columns), style=style)
-    _cli.out.print(table)
+    common.out.print(table)
     failed = [row["node"] for row, ok in results if not ok]
     if failed:
         say(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}")
@@ -191,16 +191,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ..agents import check_targets
     from ..sync import plan_now
 
-    settings = _settings()
+    settings = read_settings()
     memory = _memory(settings)
     check_targets(settings, memory, args.node or ())
     plan = plan_now(settings, args.node, memory, _inventory_sender(settings))
     if args.json:
-        _cli.out.print_json(json.dumps(plan.to_dict()))
+        common.out.print_json(json.dumps(plan.to_dict()))
         return EXIT_OK
     _print_notes(plan)
     if not plan.total:
-        _cli.out.print(f"nothing to pull: {len(plan.nodes)} nodes hold all {len(plan.wanted)} matching images")
+        common.out.print(f"nothing to pull: {len(plan.nodes)} nodes hold all {len(plan.wanted)} matching images")
         return EXIT_OK
     table = Table(title=f"plan: {plan.total} pulls")
     table.add_column("node")
@@ -211,7 +211,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         images = plan.missing.get(node, [])
         sources = [plan.route(node, image).describe() for image in images]
         table.add_row(node, str(len(images)), escape("\n".join(images) or "-"), escape("\n".join(sources)))
-    _cli.out.print(table)
+    common.out.print(table)
     return EXIT_OK
 
 
@@ -235,7 +235,7 @@ def _print_notes(plan: Plan) -> None:
 def _memory(settings: Settings):
     """Redis, for what earlier runs learned (evictions, platforms); None, said once, when it does not answer."""
     try:
-        return _redis(settings, socket_timeout=10)
+        return redis_client(settings, socket_timeout=10)
     except CommandError as exc:
         say(f"imagesync: {exc}; evictions and platform verdicts seen by earlier runs are not shown")
         return None
@@ -244,7 +244,7 @@ def _memory(settings: Settings):
 def cmd_status(args: argparse.Namespace) -> int:
     from ..sync import plan_now
 
-    settings = _settings()
+    settings = read_settings()
     if args.backup and settings.backup is None:
         raise CommandError("no backup registry is configured: add a [backup] table with its registry "
                            "(see docs/configuration.md)")
@@ -254,14 +254,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return backup_status(settings, plan, args.json)
     if args.json:
         whole = plan.to_dict()
-        _cli.out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped, "holdings": plan.holdings,
+        common.out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped, "holdings": plan.holdings,
                                    "excluded": whole["excluded"], "evicted": whole["evicted"], "facts": whole["facts"],
                                    "drift": whole["drift"]}))
         return EXIT_OK
     _print_notes(plan)
     from ..agents import kinds
 
-    _cli.out.print(status_table(plan, kinds(settings, memory)))
+    common.out.print(status_table(plan, kinds(settings, memory)))
     return EXIT_OK
 
 
@@ -272,7 +272,7 @@ def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
     with backup.skopeo(settings) as tool:
         checks = backup.check(settings, backup.candidates(settings, plan), tool)
     if as_json:
-        _cli.out.print_json(json.dumps({"backup": settings.backup.registry if settings.backup else None,
+        common.out.print_json(json.dumps({"backup": settings.backup.registry if settings.backup else None,
                                    "images": [found.to_dict() for found in checks]}))
     else:
         _print_notes(plan)
@@ -286,7 +286,7 @@ def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
             state = found.state + (f": {found.reason}" if found.reason and found.state == backup.UNKNOWN else "")
             table.add_row(found.image, (found.digest or "?").split(":")[-1][:12], short,
                           f"[{colour[found.state]}]{state}[/]")
-        _cli.out.print(table)
+        common.out.print(table)
     return EXIT_OK if all(found.state == backup.HELD for found in checks) else EXIT_FAILED
 
 

@@ -2,8 +2,8 @@
 ``history`` lists them or shows one.
 
 A run is started through Celery and recorded in Redis; these commands read the
-record to show progress and summaries. They print through the package's
-consoles, looked up when they print, so that a test can replace them.
+record to show progress and summaries. They print through the consoles of
+``common``, looked up when they print, so that a test can replace them.
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ import time
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import cli as _cli
 from .. import logs
 from ..config import Settings
 from ..runs import Run
-from . import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, CommandError, _redis, _settings, say
+from . import common
+from .common import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, CommandError, read_settings, redis_client, say
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from ..agents import check_targets
 
-    settings = _settings()
+    settings = read_settings()
     # a node name is checked first: against the configuration alone, unless agents
     # announce nodes, which only Redis knows
-    redis = _redis(settings) if settings.agents else None
+    redis = redis_client(settings) if settings.agents else None
     check_targets(settings, redis, args.node or ())
-    redis = redis or _redis(settings)
+    redis = redis or redis_client(settings)
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from .. import keys
@@ -69,11 +69,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if missed:
         say(f"imagesync: {started['message']}: bring those nodes back and sync again")
     else:
-        _cli.out.print(started["message"])
+        common.out.print(started["message"])
     if not args.wait:
         if started["status"] == "nothing-to-do":
             return EXIT_FAILED if missed else EXIT_OK
-        _cli.out.print(f"follow it with: imagesync history {started['run']}")
+        common.out.print(f"follow it with: imagesync history {started['run']}")
         return EXIT_FAILED if missed else EXIT_OK
     code = follow(settings, redis, started["run"])
     return EXIT_FAILED if missed else code
@@ -89,7 +89,7 @@ def follow(settings: Settings, redis, run_id: str) -> int:
         raise CommandError(f"run {run_id} has no record in Redis")
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
-    with Progress(*columns, console=_cli.err, transient=False) as progress:
+    with Progress(*columns, console=common.err, transient=False) as progress:
         bar = progress.add_task(f"run {run_id}", total=run.expected or 1, detail="")
         while True:
             run = store.get(run_id, with_results=False)
@@ -110,9 +110,9 @@ def print_run(run: Run) -> None:
     from ..runs import summary_lines
 
     lines = summary_lines(run)
-    _cli.out.print(lines[0], markup=False)
+    common.out.print(lines[0], markup=False)
     for line in lines[1:]:
-        _cli.out.print("  " + line.split(": ", 1)[1], markup=False)
+        common.out.print("  " + line.split(": ", 1)[1], markup=False)
 
 
 def operator() -> str:
@@ -130,8 +130,8 @@ def operator() -> str:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from ..sync import NotCancelled, cancel_run, run_store
 
-    settings = _settings()
-    redis = _redis(settings)
+    settings = read_settings()
+    redis = redis_client(settings)
     # the summary goes where the workers write theirs: the day's image-sync.log
     logs.setup(settings.log_dir, stderr=False)
     try:
@@ -141,16 +141,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     run = run_store(settings, redis).get(run_id)
     if run is not None:
         print_run(run)
-    _cli.out.print("the lock is released; pulls still running finish and report into the run "
-              f"('imagesync history {run_id}')", markup=False)
+    common.out.print("the lock is released; pulls still running finish and report into the run "
+                     f"('imagesync history {run_id}')", markup=False)
     return EXIT_OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     from ..sync import run_store
 
-    settings = _settings()
-    store = run_store(settings, _redis(settings))
+    settings = read_settings()
+    store = run_store(settings, redis_client(settings))
     if args.run:
         run = store.get(args.run)
         if run is None:
@@ -160,15 +160,15 @@ def cmd_history(args: argparse.Namespace) -> int:
 
         record = BackupStore(store.redis).get(args.run)
         if args.json:
-            _cli.out.print_json(json.dumps(run.to_dict() | ({"backup": record} if record else {})))
+            common.out.print_json(json.dumps(run.to_dict() | ({"backup": record} if record else {})))
         else:
             print_run(run)
             for line in backup_lines(run.id, record) if record else ():
-                _cli.out.print("  " + line.split(": ", 1)[1], markup=False)
+                common.out.print("  " + line.split(": ", 1)[1], markup=False)
         return EXIT_OK
     runs = store.recent(args.limit)
     if args.json:
-        _cli.out.print_json(json.dumps([run.to_dict() for run in runs]))
+        common.out.print_json(json.dumps([run.to_dict() for run in runs]))
         return EXIT_OK
     from ..outcomes import SUCCESSES
 
@@ -182,5 +182,5 @@ def cmd_history(args: argparse.Namespace) -> int:
         status = {"cancelled": "[yellow]cancelled[/]", "abandoned": "[red]abandoned[/]"}.get(run.status, run.status)
         table.add_row(run.id, run.trigger or "-", status, str(run.expected), str(ok), str(run.failures - not_run),
                       str(not_run), ", ".join(run.skipped) or "-", f"{run.duration:.1f} s")
-    _cli.out.print(table)
+    common.out.print(table)
     return EXIT_OK
