@@ -14,7 +14,9 @@ import sys
 
 from .. import logs
 from ..config import Settings
-from . import EXIT_CONFIG, EXIT_OK, CommandError, _redis, _settings
+from .common import EXIT_CONFIG, EXIT_OK, CommandError
+from .common import read_settings as _settings
+from .common import redis_client as _redis
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
