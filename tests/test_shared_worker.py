@@ -19,7 +19,8 @@ import redis
 from helpers import finish, measured, run_status, start_cli, started_run, wait_for, wait_for_run_end
 
 from imagesync import keys, nodeslots
-from imagesync.cli import CommandError, shared_worker_argv
+from imagesync.cli.common import CommandError
+from imagesync.cli.serve import shared_worker_argv
 from imagesync.config import load_settings
 from imagesync.nodeslots import NodeSlots, default_concurrency, shares_pool
 from imagesync.semaphore import Semaphore
