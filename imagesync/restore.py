@@ -36,16 +36,16 @@ def from_backup(attempt: Attempt) -> tuple[Outcome, bool]:
 
     if backup is None:
         return outcome(FAILED, "no backup registry is configured ([backup] registry)"), False
+    seconds = max(1, min(settings.time_out, attempt.remaining()))
     try:
         image = references.normalize(attempt.image)
         name = references.backup_name(backup.registry, image)
+        if name is None:
+            return outcome(FAILED, "the backup keeps tagged images only: this one has no tag"), False
+        command = runtimes.ctr_for(node).restore_command(name, image, seconds, attempt.route.digest,
+                                                         backup.insecure, backup.login())
     except RefusedReference as exc:
         return outcome(FAILED, f"refused: {exc.reason}"), False
-    if name is None:
-        return outcome(FAILED, "the backup keeps tagged images only: this one has no tag"), False
-    seconds = max(1, min(settings.time_out, attempt.remaining()))
-    command = runtimes.ctr_for(node).restore_command(name, image, seconds, attempt.route.digest,
-                                                     backup.insecure, backup.login())
     try:
         result = transport_for(settings, node).run(command, timeout=seconds + KILL_AFTER + SSH_GRACE)
     except CommandTimedOut as exc:

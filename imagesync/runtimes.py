@@ -221,6 +221,7 @@ class Ctr:
 
     def digest_of(self, reference: str) -> str:
         """A shell expression: the manifest digest the node holds ``reference`` under ("" if none)."""
+        _checked(reference)
         listing = f"{self._base()} images ls {shlex.quote('name==' + reference)} 2>/dev/null"
         return f"$({listing} | awk 'NR==2 {{print $3}}')"
 
@@ -243,6 +244,7 @@ class Ctr:
         ref = _checked(reference)
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ValueError(f"not a manifest digest: {digest!r}")
+        digest = shlex.quote(digest)
         only = f" --platform {shlex.quote(platform)}" if platform else ""
         imported = _pull_under_timeout(f"{self._base()} images import{only} -", time_out).command
         script = (
@@ -263,16 +265,19 @@ class Ctr:
         Pull the backup name; with ``digest``, refuse a backup that holds another one;
         tag it with the original name; remove the backup name; print
         ``RESTORED_MARKER PULLED NOW``, the digest pulled and the one ``image`` now has.
+        Both names must pass the OCI grammar and ``digest`` the digest grammar
+        (:class:`~imagesync.errors.RefusedReference` otherwise): they may come from a
+        task's arguments, and the line runs as root on the node.
         """
         ctr = self._base()
-        bk, orig = shlex.quote(name), shlex.quote(image)
+        bk, orig = _checked(name), _checked(image)
         got = f"$({ctr} images ls {shlex.quote('name==' + name)} | awk 'NR==2 {{print $3}}')"
-        expected = shlex.quote(digest or "")
+        expected = shlex.quote("" if digest is None else references.parse_digest(digest))
         script = "; ".join([
             f"{ctr} images pull{_registry_flags(insecure, login)} {bk} >/dev/null || exit $?",
-            f"got={got}",
-            f'if [ -n {expected} ] && [ "$got" != {expected} ]; then {ctr} images rm {bk} >/dev/null 2>&1; '
-            f'echo "the backup holds $got, not the digest the cluster runs ({digest})" >&2; exit 3; fi',
+            f"got={got}; want={expected}",
+            f'if [ -n "$want" ] && [ "$got" != "$want" ]; then {ctr} images rm {bk} >/dev/null 2>&1; '
+            'echo "the backup holds $got, not the digest the cluster runs ($want)" >&2; exit 3; fi',
             f"{ctr} images tag --force {bk} {orig} >/dev/null; rc=$?",
             f"{ctr} images rm {bk} >/dev/null 2>&1",
             'if [ "$rc" -ne 0 ]; then exit "$rc"; fi',

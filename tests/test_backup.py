@@ -371,6 +371,27 @@ def test_a_restore_refuses_a_backup_that_holds_another_digest_than_the_cluster_r
 
 
 @pytest.mark.cluster
+def test_a_restore_never_runs_a_forged_digest_on_the_node(bk, tmp_path):
+    """Route fields arrive in a task's arguments: a digest such as ``$(touch FILE)`` must not
+    reach the node's shell. The restore line refuses it where it is built, with the reason,
+    and the node runs nothing."""
+    from imagesync.attempt import Attempt
+    from imagesync.planning.plan import BACKUP, Route
+    from imagesync.restore import from_backup
+
+    d, c = bk, bk.cluster
+    d.backup.push_image(_bk_repo(d, "bcm11/forged"), "1")  # the backup holds it: the pull would succeed
+    marker = tmp_path / "forged-digest-ran"
+    settings = load_settings(d.config_path)
+    forged = Route(sources=(BACKUP,), digest=f"$(touch {marker})")
+    outcome, retry = from_backup(Attempt(settings, settings.node("node-3"), c.ref("bcm11/forged:1"), forged))
+    assert not marker.exists()
+    assert (outcome.status, retry) == ("failed", False), outcome
+    assert outcome.reason == "refused: not a content digest (algorithm:hex, e.g. sha256:...)", outcome.reason
+    assert c.ref("bcm11/forged:1") not in c.node("node-3").images()
+
+
+@pytest.mark.cluster
 def test_a_multi_platform_index_is_backed_up_whole(bk, tmp_path):
     """docs/configuration.md: skopeo "keeps every platform of an index and its digest"."""
     from testcluster.image import write_oci_index

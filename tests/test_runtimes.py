@@ -164,3 +164,32 @@ def test_a_checked_pull_refuses_invalid_references():
     for runtime in (runtimes.Crictl(), runtimes.Ctr()):
         with pytest.raises(RefusedReference):
             runtime.pull_command("a;b", 60, check=True)
+
+
+@pytest.mark.parametrize("evil", ["$(touch /tmp/x)", "sha256:`id`", "sha256:abc; reboot", "sha256:" + "a" * 64 + "\n"])
+def test_restore_command_refuses_a_digest_outside_the_grammar(evil):
+    with pytest.raises(RefusedReference, match="not a content digest"):
+        runtimes.Ctr().restore_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, evil)
+
+
+@pytest.mark.parametrize("evil", ["nginx; touch /tmp/x", "$(touch /tmp/x)", "a\nb", "`id`"])
+def test_every_ctr_line_refuses_invalid_references(evil):
+    ctr = runtimes.Ctr()
+    for build in (lambda: ctr.restore_command("bk.local/a:1", evil, 30),
+                  lambda: ctr.restore_command(evil, "reg.local/a:1", 30),
+                  lambda: ctr.push_command("bk.local/a:1", evil, 30),
+                  lambda: ctr.pull_command("reg.local/a:1", 30, also_as=evil),
+                  lambda: ctr.digest_of(evil),
+                  lambda: ctr.export_command(evil, 30),
+                  lambda: ctr.import_command(evil, "sha256:" + "a" * 64, 30)):
+        with pytest.raises(RefusedReference):
+            build()
+
+
+def test_a_restore_line_holds_every_value_quoted():
+    """The digest reaches the shell only as a quoted word, and the message names it through a variable."""
+    digest = "sha256:" + "b" * 64
+    line = runtimes.Ctr("/run/k.sock").restore_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, digest)
+    script = shlex.split(line)[-1]
+    assert f"want={digest};" in script or f"want='{digest}'" in script
+    assert "($want)" in script and f"({digest})" not in script
