@@ -166,13 +166,40 @@ def test_strict_host_key_checking_no_is_not_followed_and_said(tmp_path, monkeypa
     settings = load_settings(path, {})
     note = (f"k8s-worker1: ssh config {config} line 2 says StrictHostKeyChecking no for k8s-worker1: imagesync "
             'does not follow it and checks host keys with ssh.host_key_policy = "reject" (docs/configuration.md, '
-            'Host keys: add the key to known_hosts, or set host_key_policy = "accept-new")')
+            'Host keys: /dev/null keeps no keys: set ssh.known_hosts to a file that does, and add the key there)')
     assert target(settings).notes == (note,)
     assert target(settings).known_hosts == (Path("/dev/null"),)
     monkeypatch.setenv("IMAGESYNC_CONFIG", str(path))
     monkeypatch.setenv("COLUMNS", "300")
     assert cli.main(["config", "show"]) == 0
     assert f"imagesync: note: {note}\n" in capsys.readouterr().err
+
+
+def test_accept_new_into_a_known_hosts_that_keeps_nothing_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    # the SSH config's UserKnownHostsFile /dev/null (or none): load, check and every process refuse it
+    config = tmp_path / "ssh_config"
+    config.write_text("Host *\n    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n")
+    path = toml(tmp_path, f'config_file = "{config}"\nhost_key_policy = "accept-new"\n')
+    refusal = (f"ssh config {config} line 3: UserKnownHostsFile /dev/null keeps nothing, so ssh.host_key_policy = "
+               '"accept-new" would accept any host key on every connection, a changed one too: set ssh.known_hosts '
+               'to a file that keeps them, such as ~/.ssh/known_hosts (it wins over UserKnownHostsFile), or use '
+               '"reject" and add the keys')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, {})
+    assert refused.value.problems == [refusal]
+    monkeypatch.setenv("IMAGESYNC_CONFIG", str(path))
+    assert cli.main(["check"]) == 2
+    assert capsys.readouterr().err == f"imagesync: {refusal}\n"
+
+    # imagesync's own known_hosts wins over the SSH config's, and may not be /dev/null either
+    known = tmp_path / "known_hosts"
+    assert target(load_settings(path, {"IMAGESYNC_SSH_KNOWN_HOSTS": str(known)})).known_hosts == (known,)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(path, {"IMAGESYNC_SSH_KNOWN_HOSTS": "/dev/null"})
+    assert refused.value.problems[0].startswith(
+        "ssh.known_hosts /dev/null (env IMAGESYNC_SSH_KNOWN_HOSTS) keeps nothing, so ")
+    # reject keeps nothing either, but accepts nothing: it stays allowed
+    assert target(load_settings(path, {"IMAGESYNC_SSH_HOST_KEY_POLICY": "reject"})).known_hosts == (Path("/dev/null"),)
 
 
 def test_a_broken_ssh_config_line_is_one_clear_error(tmp_path, monkeypatch, capsys):
@@ -370,13 +397,41 @@ def test_the_jump_hosts_own_host_key_is_checked(cluster, tmp_path):
     assert unknown.value.message == (
         f"host key of [{JUMP_ONLY}]:{two.ssh_port} is not in {known}: add it with ssh -p {one.ssh_port} "
         f"root@127.0.0.1 ssh-keyscan -p {two.ssh_port} {JUMP_ONLY} >> {known} (after checking it), "
-        'or set ssh.host_key_policy = "accept-new"')
+        f'or set ssh.host_key_policy = "accept-new" to record it in {known} on first contact')
 
     # accept-new, in the file UserKnownHostsFile names: both keys recorded, then known
     known.write_text("")
     assert attempt("accept-new").ok
     assert sorted(known.read_text().splitlines()) == sorted([one.known_hosts_line(), two.known_hosts_line()])
     assert attempt("reject").ok
+
+
+@pytest.mark.cluster
+def test_a_node_whose_host_key_changes_after_first_contact_is_not_taken_under_accept_new(cluster, tmp_path):
+    """accept-new with UserKnownHostsFile /dev/null "recorded" the first key where it is forgotten, and then took
+    a changed key as if new: imagesync refuses that combination before any node is reached."""
+    one = cluster.nodes[0]
+    path = toml(tmp_path, f'config_file = "{ssh_config(cluster, tmp_path / "ssh_config", Path(os.devnull))}"\n'
+                          'host_key_policy = "accept-new"\n')
+
+    def contact(settings):
+        try:
+            return make_transport(settings, settings.node("k8s-worker1")).run("true", timeout=10)
+        finally:
+            close_all()
+
+    changed = False
+    try:
+        with pytest.raises(ConfigError, match="keeps nothing"):
+            settings = load_settings(path, {})
+            assert contact(settings).ok  # first contact
+            one.regenerate_host_key()
+            changed = True
+            contact(settings)  # the same node, with another host key
+    finally:
+        if changed:
+            cluster.known_hosts.write_text("".join(node.known_hosts_line() + "\n" for node in cluster.nodes))
+    assert not changed
 
 
 @pytest.mark.cluster

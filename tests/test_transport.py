@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from helpers import wait_for
 from imagesync.errors import (
     AuthenticationFailed,
     CommandTimedOut,
+    ConfigError,
     HostKeyChanged,
     HostKeyUnknown,
     NodeUnreachable,
@@ -100,6 +102,24 @@ def test_host_key_policies(node_cluster, tmp_path):
                 _ssh(node_cluster, known_hosts=known_hosts, host_key_policy=policy).run("true", timeout=10)
     finally:
         node_cluster.known_hosts.write_text(node.known_hosts_line() + "\n")
+
+
+@pytest.mark.cluster
+def test_accept_new_records_in_a_file_that_keeps_the_key(node_cluster, tmp_path, monkeypatch):
+    node = node_cluster.nodes[0]
+    # no known_hosts given: ssh's own, ~/.ssh/known_hosts, where the key stays for the next connection
+    monkeypatch.setenv("HOME", str(tmp_path))
+    transport = _ssh(node_cluster, known_hosts=None, host_key_policy="accept-new")
+    assert transport.known_hosts == tmp_path / ".ssh" / "known_hosts"
+    assert transport.run("true", timeout=10).ok
+    transport.close()
+    assert transport.known_hosts.read_text() == node.known_hosts_line() + "\n"
+    # a file that keeps nothing would take any key, a changed one too, on every connection: refused
+    for forgetful in (Path(os.devnull), tmp_path):
+        with pytest.raises(ConfigError, match=f"^invalid configuration: known_hosts {forgetful} of {node.name} "
+                                              "keeps nothing, so ssh.host_key_policy = \"accept-new\" would"):
+            _ssh(node_cluster, known_hosts=forgetful, host_key_policy="accept-new")
+    assert _ssh(node_cluster, known_hosts=Path(os.devnull), host_key_policy="reject").known_hosts == Path(os.devnull)
 
 
 @pytest.mark.cluster

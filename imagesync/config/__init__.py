@@ -31,7 +31,7 @@ from .checks import Location, mask_url
 from .model import HostKeyPolicy, Node, RegistryLogin, Runtime, Settings, SSHSettings, Transport
 from .shellconf import LEGACY_KEYS
 from .sources import CONFIG_VARIABLE, DEFAULT_CONFIG_PATH, ENVIRONMENT, load_settings
-from .sshtargets import SSHTarget
+from .sshtargets import SSHTarget, forgetful_accept_new, keeps_nothing
 
 __all__ = [
     "CONFIG_VARIABLE",
@@ -47,6 +47,8 @@ __all__ = [
     "SSHTarget",
     "Settings",
     "Transport",
+    "forgetful_accept_new",
+    "keeps_nothing",
     "load_settings",
     "mask_url",
 ]

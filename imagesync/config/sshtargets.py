@@ -122,7 +122,8 @@ def _resolve_node(settings: Settings, node: Node, config: SSHClientConfig | None
                     _source(found, "connecttimeout")),
                    (True, ssh.connect_timeout, "default"))
     known_hosts = _known_hosts(settings, found, host, port, user, sources)
-    notes += _host_key_notes(settings, found, node.name, node.host)
+    _refuse_forgetful_accept_new(settings, found, known_hosts, sources["known_hosts"], problems)
+    notes += _host_key_notes(settings, found, node.name, node.host, known_hosts[0])
     _refuse_proxy_command(found, node.host, problems)
     jump = None
     value = in_config("proxyjump")
@@ -182,6 +183,36 @@ def _known_hosts(settings: Settings, found: _Found, host: str, port: int, user: 
     return tuple(paths) or (Path(os.devnull),)
 
 
+def keeps_nothing(path: Path) -> bool:
+    """Whether ``path`` forgets what is written to it: /dev/null (``none`` in the SSH config),
+    or anything but a regular file. accept-new may not record host keys there."""
+    return os.path.realpath(path) == os.devnull or (path.exists() and not path.is_file())
+
+
+def forgetful_accept_new(setting: str) -> str:
+    """The line that refuses accept-new recording host keys into a file that keeps nothing.
+
+    Each connection would find no key there and accept whatever the host shows, a
+    changed key too: an impostor or a reinstalled node would get root commands and
+    registry passwords.  ``setting`` names the file and what chose it.
+    """
+    return (f'{setting} keeps nothing, so ssh.host_key_policy = "accept-new" would accept '
+            "any host key on every connection, a changed one too: set ssh.known_hosts to a file that keeps them, "
+            'such as ~/.ssh/known_hosts (it wins over UserKnownHostsFile), or use "reject" and add the keys')
+
+
+def _refuse_forgetful_accept_new(settings: Settings, found: _Found, known_hosts: tuple[Path, ...], source: str,
+                                 problems: list[str]) -> None:
+    """A problem when accept-new would record host keys where they are forgotten (the first file)."""
+    if settings.ssh.host_key_policy != "accept-new" or not keeps_nothing(known_hosts[0]):
+        return
+    if source.startswith("ssh config"):
+        setting = f"ssh config {found.where('userknownhostsfile')}: UserKnownHostsFile {known_hosts[0]}"
+    else:
+        setting = f"ssh.known_hosts {known_hosts[0]} ({source})"
+    problems.append(forgetful_accept_new(setting))
+
+
 def _local_user() -> str:
 
     try:
@@ -190,15 +221,17 @@ def _local_user() -> str:
         return str(os.getuid())
 
 
-def _host_key_notes(settings: Settings, found: _Found, node: str, name: str) -> list[str]:
+def _host_key_notes(settings: Settings, found: _Found, node: str, name: str, known_hosts: Path) -> list[str]:
     """A note when the SSH config asks for host keys to be checked otherwise than imagesync does."""
     value = (found.get("stricthostkeychecking") or "").lower()
     policy = settings.ssh.host_key_policy
     where = f"ssh config {found.where('stricthostkeychecking')}" if value else ""
     if value in ("no", "off"):
+        # accept-new needs a file that keeps what it records (_refuse_forgetful_accept_new)
+        fix = ('add the key to known_hosts, or set host_key_policy = "accept-new"' if not keeps_nothing(known_hosts)
+               else f'{known_hosts} keeps no keys: set ssh.known_hosts to a file that does, and add the key there')
         return [f"{node}: {where} says StrictHostKeyChecking {value} for {name}: imagesync does not follow it and "
-                f'checks host keys with ssh.host_key_policy = "{policy}" (docs/configuration.md, Host keys: '
-                'add the key to known_hosts, or set host_key_policy = "accept-new")']
+                f'checks host keys with ssh.host_key_policy = "{policy}" (docs/configuration.md, Host keys: {fix})']
     if value == "accept-new" and policy != "accept-new":
         return [f"{node}: {where} says StrictHostKeyChecking accept-new for {name}: imagesync does not follow it: "
                 'set ssh.host_key_policy = "accept-new" for the same']
@@ -241,9 +274,10 @@ def _resolve_jump(settings: Settings, config: SSHClientConfig | None, hop: _Hop,
         key_files = (ssh.key_file,) if ssh.key_file is not None else ()
         sources["key_file"] = settings.sources.get("ssh.key_file", "default")
     known_hosts = _known_hosts(settings, found, host, port, user, sources)
+    _refuse_forgetful_accept_new(settings, found, known_hosts, sources["known_hosts"], problems)
     sources["connect_timeout"] = timeout_source
     sources["proxy_jump"] = "default"
-    notes += _host_key_notes(settings, found, node.name, hop.host)
+    notes += _host_key_notes(settings, found, node.name, hop.host, known_hosts[0])
     _refuse_proxy_command(found, hop.host, problems)
     further = found.get("proxyjump")
     if further and further.lower() != "none":

@@ -11,6 +11,7 @@ the known_hosts files and accept-new are :mod:`.hostkeys`.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import select
 import socket
@@ -23,7 +24,8 @@ from typing import TypeVar
 import paramiko
 from fabric import Config, Connection
 
-from ..errors import CommandTimedOut, HostKeyUnknown, NodeError, NodeUnreachable
+from ..config import forgetful_accept_new, keeps_nothing
+from ..errors import CommandTimedOut, ConfigError, HostKeyUnknown, NodeError, NodeUnreachable
 from .base import CommandResult, Stream, Transport, _text
 from .hostkeys import AcceptNewPolicy, known_hosts_name, read_known_hosts
 from .ssherrors import connect_error, for_node, handshake_dropped
@@ -203,7 +205,9 @@ class SSHTransport(Transport):
 
     ``key_file`` and ``known_hosts`` may each be several files: every key is
     offered, every known_hosts file is read, and accept-new records new keys
-    in the first. ``jump`` is the transport of a jump host (ProxyJump): the
+    in the first (``~/.ssh/known_hosts`` when none is given); a first file that
+    keeps nothing (/dev/null) would let accept-new take any key on every
+    connection, so that combination is a ConfigError. ``jump`` is the transport of a jump host (ProxyJump): the
     connection then goes through a "direct-tcpip" channel of the jump host's
     connection, as ``ssh -J`` does, and the node's host key is checked all
     the same. A handshake sshd drops (past its MaxStartups) is tried again,
@@ -231,7 +235,10 @@ class SSHTransport(Transport):
         self.port = port
         self.user = user
         self.key_files = _paths(key_file)
-        self.known_hosts_files = _paths(known_hosts)
+        # none given: where ssh itself looks, and records
+        self.known_hosts_files = _paths(known_hosts) or (Path(os.path.expanduser("~/.ssh/known_hosts")),)
+        if host_key_policy == "accept-new" and keeps_nothing(self.known_hosts_files[0]):
+            raise ConfigError([forgetful_accept_new(f"known_hosts {self.known_hosts_files[0]} of {role or node}")])
         self.host_key_policy = host_key_policy
         self.connect_timeout = connect_timeout
         self.jump = jump
@@ -247,9 +254,9 @@ class SSHTransport(Transport):
         return self.key_files[0] if self.key_files else None
 
     @property
-    def known_hosts(self) -> Path | None:
+    def known_hosts(self) -> Path:
         """The known_hosts file accept-new records keys in."""
-        return self.known_hosts_files[0] if self.known_hosts_files else None
+        return self.known_hosts_files[0]
 
     @property
     def address(self) -> str:
@@ -337,7 +344,7 @@ class SSHTransport(Transport):
                 raise HostKeyUnknown(self.node, f"cannot read known_hosts {path}: {exc}") from exc
             for key_type, key in (known.lookup(name) or {}).items():
                 host_keys.add(name, key_type, key)
-        if self.host_key_policy == "accept-new" and self.known_hosts is not None:
+        if self.host_key_policy == "accept-new":
             client.set_missing_host_key_policy(AcceptNewPolicy(self.known_hosts))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())

@@ -58,8 +58,8 @@ def connect_error(transport: SSHTransport, exc: BaseException, attempts: int = 1
     connection's error); ``attempts`` handshakes in ``took`` seconds, when sshd dropped them."""
     where = known_hosts_name(transport.host, transport.port)
     named = f"{where} ({transport.role})" if transport.role else where
-    known = ", ".join(str(path) for path in transport.known_hosts_files) or "~/.ssh/known_hosts"
-    first = transport.known_hosts or "~/.ssh/known_hosts"
+    known = ", ".join(str(path) for path in transport.known_hosts_files)
+    first = transport.known_hosts
     if isinstance(exc, paramiko.BadHostKeyException):
         return HostKeyChanged(
             transport.node,
@@ -77,17 +77,19 @@ def connect_error(transport: SSHTransport, exc: BaseException, attempts: int = 1
         )
     if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
         if all(str(path) == os.devnull for path in transport.known_hosts_files):
-            fix = ("that file keeps no keys (UserKnownHostsFile /dev/null in the SSH config?): name a real "
-                   "file with ssh.known_hosts or UserKnownHostsFile, and add the key there")
-        elif transport.jump is not None:
+            return HostKeyUnknown(
+                transport.node, f"host key of {named} is not in {known}: that file keeps no keys (UserKnownHostsFile "
+                "/dev/null in the SSH config?): name a real file with ssh.known_hosts or UserKnownHostsFile, and add "
+                "the key there")
+        if transport.jump is not None:
             fix = (f"add it with ssh -p {transport.jump.port} {transport.jump.user}@{transport.jump.host} ssh-keyscan "
                    f"-p {transport.port} {transport.host} >> {first} (after checking it)")
         else:
             fix = (f"add it with ssh-keyscan -p {transport.port} {transport.host} >> {first} "
                    "(after checking it)")
         return HostKeyUnknown(
-            transport.node, f'host key of {named} is not in {known}: {fix}, or set ssh.host_key_policy = "accept-new"'
-        )
+            transport.node, f"host key of {named} is not in {known}: {fix}, or set ssh.host_key_policy = "
+            f'"accept-new" to record it in {first} on first contact')
     advice = "check that the node is up and sshd is running" if transport.role is None else \
         "check that it is up and sshd is running"
     if timed_out(exc) or (isinstance(exc, paramiko.SSHException) and timed_out(exc.__context__)):
