@@ -211,7 +211,7 @@ class Settings(BaseModel):
     redis_master_name: Annotated[str | None, _check(_text("a master name"), optional=True)] = None
     history: Annotated[int, _check(_whole_number("a whole number of runs", 1))] = 200
     retries: Annotated[int, _check(_whole_number("a whole number of retries", 0, 20))] = 3
-    # where a node's missing image comes from first (see imagesync.plan.routes)
+    # where a node's missing image comes from first (see imagesync.planning.routes)
     source: Annotated[SourceMode, _check(_choice(SourceMode))] = "registry"
     # copy from a node that holds the image when the registry cannot serve it
     transfer: bool = True
