@@ -1,3 +1,5 @@
+from imagesync.facts import NodeFacts
+from imagesync.planning.plan import PEERS, REGISTRY, Policy
 from imagesync.planning.planner import make_plan
 from imagesync.runtimes import Image
 
@@ -144,3 +146,34 @@ def test_a_declared_image_outside_the_prefixes_is_held_under_its_digest():
     assert plan.held("w1", declared) == (True, D2)
     assert plan.missing == {"w3": [declared]}
     assert [(drift.reference, drift.digests) for drift in plan.drift] == [(declared, {"w1": D2, "w2": D3})]
+
+
+# -- routes: seeds per platform, the digest a restore checks ------------------------------
+
+def test_peers_first_picks_a_seed_per_platform_and_each_node_waits_for_its_own():
+    amd, arm = NodeFacts(platform="linux/amd64", ctr=True), NodeFacts(platform="linux/arm64/v8", ctr=True)
+    facts = {"a1": amd, "a2": amd, "a3": amd, "r1": arm, "r2": arm}
+    new = "registry.test/new:1"
+    plan = make_plan({node: [] for node in facts}, ["registry.test"], declared=[new], facts=facts,
+                     policy=Policy(source="peers-first"))
+    routes = {node: plan.route(node, new) for node in facts}
+    seeds = {node for node, route in routes.items() if route.sources[0] == REGISTRY}
+    assert {facts[node].platform for node in seeds} == {"linux/amd64", "linux/arm64/v8"} and len(seeds) == 2
+    for node, route in routes.items():
+        if node not in seeds:
+            assert route.sources[0] == PEERS
+            assert facts[route.seed].platform == facts[node].platform, (node, route)
+
+
+def test_an_arm_node_seeds_an_image_only_amd_nodes_hold():
+    amd, arm = NodeFacts(platform="linux/amd64", ctr=True), NodeFacts(platform="linux/arm64/v8", ctr=True)
+    held = "registry.test/app:1"
+    plan = make_plan({"a1": [image(held)], "a2": [], "r1": [], "r2": []}, ["registry.test"],
+                     facts={"a1": amd, "a2": amd, "r1": arm, "r2": arm}, policy=Policy(source="peers-first"))
+    assert plan.route("a2", held).peers == ("a1",)
+    arm_routes = {node: plan.route(node, held) for node in ("r1", "r2")}
+    assert sorted(route.sources[0] for route in arm_routes.values()) == [PEERS, REGISTRY]
+    assert all(route.peers == () for route in arm_routes.values())
+    waiting = next(route for route in arm_routes.values() if route.sources[0] == PEERS)
+    assert waiting.seed in arm_routes and arm_routes[waiting.seed].sources[0] == REGISTRY
+

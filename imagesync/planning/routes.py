@@ -15,14 +15,16 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
     """Where each pull of ``plan`` comes from, under ``policy``.
 
     The registry comes first, then the backup, then the nodes that hold the
-    image. Under ``peers-first`` the holders come first; an image no node
-    holds yet is pulled from the registry by one node (its *seed*; seeds are
-    spread over the nodes), and the others copy it from whoever holds it.
+    image. Under ``peers-first`` the holders come first; an image no node of a
+    platform holds yet is pulled from the registry by one node of that platform
+    (its *seed*; seeds are spread over the nodes), and the others of that
+    platform copy it from whoever holds it: a node keeps only its own
+    platform's layers, so a seed of another platform has nothing to give.
     """
     chosen: dict[tuple[str, str], Route] = {}
     load: Counter[str] = Counter()  # images each node seeds
     for image, lacking in _by_image(plan.missing).items():
-        seed = None
+        seeds: dict[str | None, str] = {}  # platform -> the node that fetches the image for the others of it
         for node in lacking:
             facts = plan.facts.get(node)
             platform = facts.platform if facts else None
@@ -33,13 +35,15 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
             sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
             waits_for = None
             if can_copy and policy.source == "peers-first":
-                if not peers and seed is None:
-                    # nobody holds it: the least loaded node that lacks it fetches it for the others
-                    seed = min((n for n in lacking if _can_copy(plan, policy, n)), key=lambda n: (load[n], n))
+                if not peers and platform not in seeds:
+                    # nobody of its platform holds it: the least loaded such node fetches it for the others
+                    seed = min((n for n in lacking if _can_copy(plan, policy, n) and _platform(plan, n) == platform),
+                               key=lambda n: (load[n], n))
+                    seeds[platform] = seed
                     load[seed] += 1
-                if peers or node != seed:
+                if peers or node != seeds[platform]:
                     sources.insert(0, PEERS)
-                    waits_for = None if peers else seed
+                    waits_for = None if peers else seeds[platform]
                 else:
                     sources.append(PEERS)
             elif peers:
@@ -70,6 +74,11 @@ def copy_notes(plan: Plan, policy: Policy) -> list[str]:
 def _can_copy(plan: Plan, policy: Policy, node: str) -> bool:
     facts = plan.facts.get(node)
     return policy.transfer and facts is not None and facts.can_copy
+
+
+def _platform(plan: Plan, node: str) -> str | None:
+    facts = plan.facts.get(node)
+    return facts.platform if facts else None
 
 
 def _by_image(missing: Mapping[str, list[str]]) -> dict[str, list[str]]:
