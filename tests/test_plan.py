@@ -1,5 +1,5 @@
 from imagesync.facts import NodeFacts
-from imagesync.planning.plan import PEERS, REGISTRY, Policy
+from imagesync.planning.plan import BACKUP, PEERS, REGISTRY, Policy
 from imagesync.planning.planner import make_plan
 from imagesync.runtimes import Image
 
@@ -177,3 +177,27 @@ def test_an_arm_node_seeds_an_image_only_amd_nodes_hold():
     waiting = next(route for route in arm_routes.values() if route.sources[0] == PEERS)
     assert waiting.seed in arm_routes and arm_routes[waiting.seed].sources[0] == REGISTRY
 
+
+def test_a_restore_checks_the_digest_the_cluster_runs_even_when_no_holder_can_export_it():
+    held = "registry.test/app:1"
+    agent = NodeFacts(platform="linux/amd64", ctr=True, via_agent=True)
+    no_ctr = NodeFacts(platform="linux/amd64", ctr=False)
+    ctr = NodeFacts(platform="linux/amd64", ctr=True)
+    # holders that are agents, or lack ctr; with transfer = false too
+    cases = [({"h1": agent, "h2": agent}, ctr, True), ({"h1": no_ctr, "h2": no_ctr}, no_ctr, True),
+             ({"h1": agent, "h2": no_ctr}, ctr, False)]
+    for holders, target, transfer in cases:
+        inventories = {"h1": [image(held, D1)], "h2": [image(held, D1)], "t": []}
+        plan = make_plan(inventories, ["registry.test"], facts={**holders, "t": target},
+                         policy=Policy(transfer=transfer, backup=True))
+        route = plan.route("t", held)
+        assert (route.sources, route.peers, route.digest) == ((REGISTRY, BACKUP), (), D1), (holders, transfer)
+
+
+def test_a_restore_checks_the_digest_most_nodes_of_its_platform_hold():
+    held = "registry.test/app:1"
+    amd, arm = NodeFacts(platform="linux/amd64"), NodeFacts(platform="linux/arm64/v8")
+    inventories = {"a1": [image(held, D1)], "r1": [image(held, D2)], "r2": [image(held, D2)], "a2": [], "r3": []}
+    plan = make_plan(inventories, ["registry.test"], facts={"a1": amd, "a2": amd, "r1": arm, "r2": arm, "r3": arm},
+                     policy=Policy(transfer=False, backup=True))
+    assert (plan.route("a2", held).digest, plan.route("r3", held).digest) == (D1, D2)

@@ -199,6 +199,13 @@ class Plan:
         digest = most_held(by_digest)
         return by_digest[digest], digest
 
+    def digest_held(self, image: str, platform: str | None = None) -> str | None:
+        """The digest most nodes (of ``platform``) that hold ``image`` hold it under, whether or
+        not they can export it: the digest the cluster runs, which a restore must arrive under."""
+        nodes = [node for node in self.holdings if not (platform and (facts := self.facts.get(node))
+                                                        and facts.platform and facts.platform != platform)]
+        return most_held(self.by_digest(image, nodes))
+
     def by_digest(self, image: str, nodes: Iterable[str] | None = None) -> dict[str, list[str]]:
         """digest -> the nodes (of ``nodes``, every node by default) holding ``image`` under it, sorted.
         A holder whose runtime names no digest for it is not counted."""

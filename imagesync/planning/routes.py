@@ -29,9 +29,7 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
             facts = plan.facts.get(node)
             platform = facts.platform if facts else None
             can_copy = policy.transfer and facts is not None and facts.can_copy
-            # with a backup, the digest even without copies: a restore must arrive under it
-            peers, digest = plan.holders(image, platform) if can_copy or policy.backup else ([], None)
-            peers = peers if can_copy else []
+            peers, digest = plan.holders(image, platform) if can_copy else ([], None)
             sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
             waits_for = None
             if can_copy and policy.source == "peers-first":
@@ -48,6 +46,9 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
                     sources.append(PEERS)
             elif peers:
                 sources.append(PEERS)
+            if policy.backup and not peers and waits_for is None:
+                # a restore must arrive under the digest the cluster runs, whoever holds it
+                digest = plan.digest_held(image, platform)
             route = Route(tuple(sources), tuple(peers), digest, waits_for, platform if can_copy else None,
                           plan.pull_as.get((node, image)), pin=image in policy.pinned and bool(facts and facts.can_pin))
             if route.sources != (REGISTRY,) or route.pull_as or route.pin:
