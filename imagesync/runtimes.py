@@ -274,7 +274,7 @@ class Ctr:
         got = f"$({ctr} images ls {shlex.quote('name==' + name)} | awk 'NR==2 {{print $3}}')"
         expected = shlex.quote("" if digest is None else references.parse_digest(digest))
         script = "; ".join([
-            f"{ctr} images pull{_registry_flags(insecure, login)} {bk} >/dev/null || exit $?",
+            _to_registry(f"{ctr} images pull{self._registry_flags(login)}", bk, insecure),
             f"got={got}; want={expected}",
             f'if [ -n "$want" ] && [ "$got" != "$want" ]; then {ctr} images rm {bk} >/dev/null 2>&1; '
             'echo "the backup holds $got, not the digest the cluster runs ($want)" >&2; exit 3; fi',
@@ -289,10 +289,18 @@ class Ctr:
     def push_command(self, name: str, image: str, seconds: int, insecure: bool = False,
                      login: Login | None = None) -> str:
         """``ctr images push NAME IMAGE``: the node's own copy of ``image`` pushed as ``name``."""
-        references.parse(image)
-        references.parse(name)
-        push = f"{self._base()} images push{_registry_flags(insecure, login)} {shlex.quote(name)} {shlex.quote(image)}"
-        return f"timeout -k {KILL_AFTER} {int(seconds)} {push}"
+        push = _to_registry(f"{self._base()} images push{self._registry_flags(login)}",
+                            f"{_checked(name)} {_checked(image)}", insecure)
+        return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(push)}"
+
+    def _registry_flags(self, login: Login | None) -> str:
+        """How ``ctr`` reaches a registry other than the node's own (a restore's, a push's):
+        through the node's hosts dir, where a CA or a mirror for it may be configured."""
+        flags = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""
+        if login is not None:
+            # ctr reads a password only from the command line or a terminal
+            flags += f" --user {shlex.quote(':'.join(login))}"
+        return flags
 
     def parse_list(self, output: str) -> list[Image]:
         """Parse ``ctr images ls``: one row per reference, grouped here by manifest digest.
@@ -326,13 +334,22 @@ class Ctr:
         return images
 
 
-def _registry_flags(insecure: bool, login: Login | None) -> str:
-    """How ``ctr`` reaches a registry other than the node's own: a restore's or a push's."""
-    flags = " --plain-http" if insecure else ""
-    if login is not None:
-        # ctr reads a password only from the command line or a terminal
-        flags += f" --user {shlex.quote(':'.join(login))}"
-    return flags
+#: what Go's HTTP client says when a registry answers HTTPS in plain HTTP
+_HTTP_ANSWER = "server gave HTTP response to HTTPS client"
+
+
+def _to_registry(command: str, target: str, insecure: bool) -> str:
+    """Shell lines: ``command TARGET``, its output discarded, exiting with its status if it fails.
+
+    ``insecure`` (``backup.insecure``) means what it means for skopeo: HTTPS without
+    verifying the certificate (``--skip-verify``), and plain HTTP (``--plain-http``)
+    only when the registry answers in plain HTTP. ctr knows no such fallback.
+    """
+    if not insecure:
+        return f"{command} {target} >/dev/null || exit $?"
+    return (f'err=$({command} --skip-verify {target} 2>&1 >/dev/null) || {{ rc=$?; case "$err" in '
+            f"*{shlex.quote(_HTTP_ANSWER)}*) {command} --plain-http {target} >/dev/null || exit $?;; "
+            '*) echo "$err" >&2; exit "$rc";; esac; }')
 
 
 _UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 from pathlib import Path
@@ -134,7 +135,10 @@ def test_with_a_backup_routes_go_registry_then_backup_and_candidates_name_holder
 
 
 def test_node_commands_quote_names_and_check_the_digest():
-    settings = Settings(nodes=[{"name": "w1", "endpoint": "unix:///run/k.sock"}], prefixes=["reg.local"],
+    """An insecure backup is tried over HTTPS without verification, then over plain HTTP;
+    a secure one gets neither flag; the node's hosts dir applies to both directions."""
+    node = {"name": "w1", "endpoint": "unix:///run/k.sock", "hosts_dir": "/etc/containerd/certs.d"}
+    settings = Settings(nodes=[node], prefixes=["reg.local"],
                         backup={"registry": "bk.local", "username": "u", "password": "p w", "insecure": True})
     node, bk = settings.nodes[0], settings.backup
     assert bk is not None
@@ -142,13 +146,18 @@ def test_node_commands_quote_names_and_check_the_digest():
     restore = ctr.restore_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, "sha256:" + "b" * 64,
                                   bk.insecure, bk.login())
     assert restore.startswith("timeout -k 5 30 sh -c ")
-    script = subprocess.run(["sh", "-c", f"printf %s {restore.split(' sh -c ', 1)[1]}"],
-                            capture_output=True, text=True).stdout
-    assert "ctr --address /run/k.sock --namespace k8s.io images pull --plain-http --user 'u:p w' " in script
+    script = shlex.split(restore)[-1]
+    pull = "ctr --address /run/k.sock --namespace k8s.io images pull --hosts-dir /etc/containerd/certs.d --user 'u:p w'"
+    assert f"{pull} --skip-verify bk.local/reg.local/a:1 " in script
+    assert f"{pull} --plain-http bk.local/reg.local/a:1 " in script
     assert "images tag --force bk.local/reg.local/a:1 reg.local/a:1" in script
     assert "images rm bk.local/reg.local/a:1" in script and "sha256:" + "b" * 64 in script
-    push = ctr.push_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, bk.insecure, bk.login())
-    assert push.endswith("images push --plain-http --user 'u:p w' bk.local/reg.local/a:1 reg.local/a:1")
+    push = shlex.split(ctr.push_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, bk.insecure, bk.login()))
+    assert push[:6] == ["timeout", "-k", "5", "30", "sh", "-c"]
+    flags = "--hosts-dir /etc/containerd/certs.d --user 'u:p w' --skip-verify"
+    assert f"images push {flags} bk.local/reg.local/a:1 reg.local/a:1 " in push[-1]
+    secure = shlex.split(ctr.push_command("bk.local/reg.local/a:1", "reg.local/a:1", 30, False, None))[-1]
+    assert "--skip-verify" not in secure and "--plain-http" not in secure
     with pytest.raises(Exception, match="not a valid"):
         ctr.push_command("bk.local/x:1", "reg.local/a:1;reboot", 30, bk.insecure, bk.login())
 
