@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from imagesync.errors import (
     HostKeyUnknown,
     NodeUnreachable,
 )
-from imagesync.transport import LocalTransport, SSHTransport
+from imagesync.transport import PROGRESS_TAIL, LocalTransport, SSHTransport
 from testcluster.cluster import Cluster
 from testcluster.process import free_port
 
@@ -169,6 +170,30 @@ def test_large_output_on_both_streams_arrives_whole(node_cluster):
     assert (len(result.stdout), len(result.stderr)) == (3_000_000, 3_000_000)
     assert set(result.stdout) == {"o"} and set(result.stderr) == {"e"}
     transport.close()
+
+
+def _peak_of(call, *args, **kwargs):
+    """What ``call`` returns, and the most memory Python held at once while it ran."""
+    tracemalloc.start()
+    try:
+        return call(*args, **kwargs), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.cluster
+def test_a_pulls_progress_is_kept_as_its_tail_however_much_it_writes(node_cluster):
+    # a long pull rewrites its progress for half an hour: here 50 MB on each stream, then its last words
+    command = ("head -c 50000000 /dev/zero | tr '\\0' o; echo; echo 'done: sha256:abc'; "
+               "head -c 50000000 /dev/zero | tr '\\0' e >&2; echo >&2; echo 'the reason' >&2")
+    for transport in (_ssh(node_cluster), LocalTransport("here")):
+        result, peak = _peak_of(transport.run, command, timeout=120, tail=PROGRESS_TAIL)
+        assert result.ok
+        assert (len(result.stdout), len(result.stderr)) == (PROGRESS_TAIL, PROGRESS_TAIL)
+        assert result.stdout.endswith("oo\ndone: sha256:abc\n") and result.stderr.endswith("ee\nthe reason\n")
+        # what is held at once is the tail and the transport's own buffers, not the 100 MB written
+        assert peak < 8 * 2**20, f"{type(transport).__name__} held {peak / 2**20:.1f} MiB at once"
+        transport.close()
 
 
 @pytest.mark.cluster

@@ -27,7 +27,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..errors import NodeError
-from .base import CommandResult, Stream, Transport
+from .base import PROGRESS_TAIL, CommandResult, Stream, Transport
 from .local import LocalTransport
 from .ssh import HANDSHAKE_RETRIES, SSHTransport
 
@@ -110,6 +110,7 @@ def close_all() -> None:
 
 __all__ = [
     "HANDSHAKE_RETRIES",
+    "PROGRESS_TAIL",
     "CommandResult",
     "LocalTransport",
     "NodeError",

@@ -16,6 +16,9 @@ from ..errors import (
 if TYPE_CHECKING:
     pass
 
+#: what :meth:`Transport.run` keeps of a pull's or a push's stdout and of its stderr: the
+#: end, where the runtime writes its result and why it failed (hundreds of lines)
+PROGRESS_TAIL = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,17 @@ class Transport(ABC):
     node: str
 
     @abstractmethod
-    def run(self, command: str, timeout: float) -> CommandResult:
+    def run(self, command: str, timeout: float, tail: int | None = None) -> CommandResult:
         """Run ``command`` (a shell command line) and wait at most ``timeout`` seconds.
 
         Raises CommandTimedOut past the timeout and NodeUnreachable (or another
         NodeError) when the node cannot be reached; a command that runs and
         fails is a result with a non-zero exit code, not an exception.
+
+        ``tail`` keeps only the last ``tail`` bytes of stdout and of stderr
+        (:data:`PROGRESS_TAIL` for a pull or a push, which rewrite their progress
+        every 100 ms: tens of MB over a long pull); None keeps all of it, as a
+        listing of images needs.
         """
 
     def close(self) -> None:  # noqa: B027 (optional: a transport without a connection keeps nothing)
@@ -92,6 +100,23 @@ class Stream(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop the command if it still runs, and release what the stream holds."""
+
+
+class OutputTail:
+    """A command's output as it arrives: all of it, or its last ``limit`` bytes."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self._data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._data += chunk
+        # cut once it is twice the limit: each byte is moved at most once or twice
+        if self.limit is not None and len(self._data) > 2 * self.limit:
+            del self._data[:-self.limit]
+
+    def value(self) -> bytes:
+        return bytes(self._data if self.limit is None else self._data[-self.limit:])
 
 
 def _text(data: bytes) -> str:

@@ -18,7 +18,7 @@ from ..errors import (
 
 if TYPE_CHECKING:
     pass
-from .base import CommandResult, Stream, Transport, _text
+from .base import CommandResult, OutputTail, Stream, Transport, _text
 
 
 class _PipeStream(Stream):
@@ -101,17 +101,21 @@ class LocalTransport(Transport):
         self.node = node
         self.env = {**os.environ, **(env or {})}
 
-    def run(self, command: str, timeout: float) -> CommandResult:
-        process = self._spawn(command, stdin=subprocess.DEVNULL, text=True)
+    def run(self, command: str, timeout: float, tail: int | None = None) -> CommandResult:
+        process = self._spawn(command, stdin=subprocess.DEVNULL, text=False)
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
+            stdout, stderr = _collect(process, timeout, tail)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             raise CommandTimedOut(
                 self.node, f"command did not finish within {timeout:g} s", timeout
             ) from None
-        return CommandResult(stdout, stderr, process.returncode)
+        finally:
+            for pipe in (process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
+        return CommandResult(_text(stdout), _text(stderr), process.returncode)
 
     def open(self, command: str) -> Stream:
         return _PipeStream(self.node, self._spawn(command, stdin=subprocess.PIPE, text=False))
@@ -121,3 +125,28 @@ class LocalTransport(Transport):
         stops the whole pipeline."""
         return subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=stdin, env=self.env, start_new_session=True, text=text)
+
+
+def _collect(process: subprocess.Popen[bytes], timeout: float, tail: int | None) -> tuple[bytes, bytes]:
+    """``process``'s stdout and stderr (their last ``tail`` bytes, if given), read as they come
+    until both end and the process exits; TimeoutExpired past ``timeout``."""
+    assert process.stdout is not None and process.stderr is not None
+    deadline = time.monotonic() + timeout
+    stdout, stderr = OutputTail(tail), OutputTail(tail)
+    outputs = {process.stdout.fileno(): stdout, process.stderr.fileno(): stderr}
+    poller = select.poll()
+    for fd in outputs:
+        poller.register(fd, select.POLLIN)
+    while outputs:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(process.args, timeout)
+        for fd, _ in poller.poll(left * 1000):
+            chunk = os.read(fd, 65536)
+            if chunk:
+                outputs[fd].add(chunk)
+            else:  # that pipe has ended
+                poller.unregister(fd)
+                del outputs[fd]
+    process.wait(max(0.0, deadline - time.monotonic()))
+    return stdout.value(), stderr.value()

@@ -26,7 +26,7 @@ from fabric import Config, Connection
 
 from ..config import forgetful_accept_new, keeps_nothing
 from ..errors import CommandTimedOut, ConfigError, HostKeyUnknown, NodeError, NodeUnreachable
-from .base import CommandResult, Stream, Transport, _text
+from .base import CommandResult, OutputTail, Stream, Transport, _text
 from .hostkeys import AcceptNewPolicy, known_hosts_name, read_known_hosts
 from .ssherrors import connect_error, for_node, handshake_dropped
 
@@ -126,8 +126,10 @@ class _QuickAckSocket:
         return getattr(self._sock, name)
 
 
-def _execute(transport: paramiko.Transport | None, command: str, timeout: float) -> tuple[bytes, bytes, int]:
-    """Run ``command`` on a new channel of ``transport``: (stdout, stderr, exit status).
+def _execute(transport: paramiko.Transport | None, command: str, timeout: float,
+             tail: int | None = None) -> tuple[bytes, bytes, int]:
+    """Run ``command`` on a new channel of ``transport``: (stdout, stderr, exit status),
+    each cut to its last ``tail`` bytes if given.
 
     Straight on paramiko rather than through Fabric's runner, which polls
     every 10 ms for the end of the command and starts three threads per
@@ -142,19 +144,19 @@ def _execute(transport: paramiko.Transport | None, command: str, timeout: float)
     try:
         channel.exec_command(command)
         channel.shutdown_write()  # no input: the command sees EOF on stdin
-        stdout, stderr = bytearray(), bytearray()
+        stdout, stderr = OutputTail(tail), OutputTail(tail)
         # poll, not select: a worker may hold more than 1024 descriptors
         poller = select.poll()
         poller.register(channel.fileno(), select.POLLIN)
         while True:
             while channel.recv_ready():
-                stdout += channel.recv(65536)
+                stdout.add(channel.recv(65536))
             while channel.recv_stderr_ready():
-                stderr += channel.recv_stderr(65536)
+                stderr.add(channel.recv_stderr(65536))
             if channel.eof_received or channel.closed:
                 # paramiko closes both buffers on EOF: drain what is left
-                stdout += _drain(channel.recv)
-                stderr += _drain(channel.recv_stderr)
+                _drain(channel.recv, stdout)
+                _drain(channel.recv_stderr, stderr)
                 break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -162,16 +164,14 @@ def _execute(transport: paramiko.Transport | None, command: str, timeout: float)
             poller.poll(left * 1000)
         if not channel.status_event.wait(max(0.0, deadline - time.monotonic())):
             raise TimeoutError
-        return bytes(stdout), bytes(stderr), channel.recv_exit_status()
+        return stdout.value(), stderr.value(), channel.recv_exit_status()
     finally:
         channel.close()
 
 
-def _drain(read) -> bytes:  # type: ignore[no-untyped-def]
-    data = bytearray()
+def _drain(read, into: OutputTail) -> None:  # type: ignore[no-untyped-def]
     while chunk := read(65536):
-        data += chunk
-    return bytes(data)
+        into.add(chunk)
 
 
 #: paramiko logs a failed handshake at ERROR, with a traceback, from its own thread. The
@@ -399,9 +399,9 @@ class SSHTransport(Transport):
                         ) from exc
             raise AssertionError("unreachable")
 
-    def run(self, command: str, timeout: float) -> CommandResult:
+    def run(self, command: str, timeout: float, tail: int | None = None) -> CommandResult:
         try:
-            stdout, stderr, status = self._on_connection(lambda transport: _execute(transport, command, timeout))
+            stdout, stderr, status = self._on_connection(lambda transport: _execute(transport, command, timeout, tail))
         except TimeoutError as exc:
             raise CommandTimedOut(self.node, f"command did not finish within {timeout:g} s", timeout) from exc
         return CommandResult(_text(stdout), _text(stderr), status)
