@@ -234,7 +234,7 @@ def test_seed_003s_image_config_is_read_and_synced(d):
     assert excluded[fail_test]["kind"] == "n/a"
 
 
-def test_the_next_run_sends_no_pull_and_asks_no_registry(d):
+def test_the_next_run_sends_no_pull_and_asks_the_registry_only_the_tags_it_keeps_off_nodes(d):
     d.cluster.proxy.clear()
     result = d.cli("sync", "--wait")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -243,7 +243,8 @@ def test_the_next_run_sends_no_pull_and_asks_no_registry(d):
     assert run["results"] == []
     assert run["excluded"]["node-2"][d.cluster.ref("bcm11/arm-only:1")]["kind"] == "n/a"
     asked = [r.path for r in d.cluster.proxy.requests if "arm-only" in r.path]
-    assert asked == []  # judged once, on the first plan
+    # judged once, on the first plan: what its tag names now is asked again (was it pushed again?), no more
+    assert asked and set(asked) == {"/v2/bcm11/arm-only/manifests/1"}, asked
 
 
 def test_a_tag_pushed_again_with_amd64_becomes_applicable(d):
@@ -310,3 +311,21 @@ def test_a_registry_that_does_not_answer_does_not_hold_the_plan(d):
     assert late not in plan["excluded"].get("node-2", {})
     plan = cli_json(d, "plan")
     assert plan["excluded"]["node-2"][late]["kind"] == "n/a"
+
+
+def test_a_tag_pushed_again_for_more_platforms_is_judged_again_while_its_holders_keep_the_old_digest(d):
+    app = d.cluster.ref("bcm11/app:1")
+    old = d.cluster.registry.push_image("bcm11/app", "1")  # one manifest: amd64
+    for node in ("node-1", "node-2"):
+        ctr_pull(d, node, "bcm11/app:1")
+    assert cli_json(d, "plan")["excluded"]["node-3"][app] == {
+        "kind": "n/a", "reason": "no manifest for linux/arm64: the image has linux/amd64"}
+    # pushed again as an index with arm64; the amd64 nodes keep the digest they hold
+    new = push_index(d.cluster, d.workdir, "bcm11/app:1", ["linux/amd64", "linux/arm64"], generation=2)
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = d.history(started_run(result))
+    assert {(r["node"], r["status"]) for r in run["results"] if r["image"] == app} == {("node-3", PULLED)}
+    assert app not in run["excluded"].get("node-3", {})
+    assert {node: d.cluster.node(node).images()[app] for node in ("node-1", "node-2", "node-3")} == {
+        "node-1": old, "node-2": old, "node-3": new}

@@ -40,13 +40,21 @@ def image(tag, digest=D1):
 
 
 class FakeRegistry:
-    """A registry client that knows some digests' platforms and counts what it is asked."""
+    """A registry client that knows some digests' platforms (and tags' digests) and counts what it is asked."""
 
-    def __init__(self, platforms, hang=()):
+    def __init__(self, platforms, hang=(), tags=None):
         self.known = platforms
         self.hang = set(hang)
+        self.tags = tags or {}
         self.asked: list[str] = []
+        self.resolved: list[str] = []
         self.release = threading.Event()
+
+    def digest_of(self, image):
+        self.resolved.append(image)
+        if image not in self.tags:
+            raise LookupFailed(f"{image}: HTTP 404")
+        return self.tags[image]
 
     def platforms(self, image, digest):
         self.asked.append(digest)
@@ -110,6 +118,17 @@ def test_a_tag_pushed_again_with_the_platform_is_judged_afresh(redis_client):
     assert plan.missing == {"amd": [ARM_ONLY]}
     assert plan.excluded == {}
     assert registry.asked == [D1, D2]
+
+
+def test_a_tag_pushed_again_while_its_holders_keep_the_old_digest_is_judged_by_the_new_one(redis_client):
+    registry = FakeRegistry({D1: ["linux/arm64"], D2: ["linux/amd64", "linux/arm64"]}, tags={ARM_ONLY: D1})
+    inventories = {"amd": [], "arm": [image(ARM_ONLY)]}
+    assert plan_with(redis_client, registry, inventories).excluded["amd"][ARM_ONLY].kind == NOT_FOR_NODE
+    registry.tags[ARM_ONLY] = D2  # pushed again, with amd64; the arm node still holds D1
+    plan = plan_with(redis_client, registry, inventories)
+    assert plan.missing == {"amd": [ARM_ONLY]} and plan.excluded == {}
+    # the tag is asked again by each plan that would keep it off a node; D2's platforms learned once
+    assert (registry.resolved, registry.asked) == ([ARM_ONLY, ARM_ONLY], [D1, D2])
 
 
 def test_a_registry_that_does_not_answer_costs_the_budget_and_no_verdict(redis_client):

@@ -14,12 +14,14 @@ What an image has is learned once per manifest digest and kept in Redis
 * a pull that failed with "no match for platform" (:func:`record_failed_pull`),
   which names the digest it judged.
 
-The digest judged is the one the nodes that hold the image hold: a tag whose
-index is pushed again with the node's platform has a new digest, and is judged
-afresh. For an image no node holds (a declared one), it is the digest its tag
-names in its registry now, one small request per plan; if the registry does not
-answer, the image is pulled, and a pull that finds nothing for the node's
-platform reports ``not applicable`` and leaves the verdict for the next plan.
+The digest judged is the one the nodes that hold the image hold. A tag that
+this would keep off a node is asked of its registry again (one small request
+per plan): pushed again with the node's platform, it names a new digest, which
+is judged instead, even while its holders keep the old one. For an image no
+node holds (a declared one), it is the digest its tag names in its registry
+now, one small request per plan; if the registry does not answer, the image is
+pulled, and a pull that finds nothing for the node's platform reports ``not
+applicable`` and leaves the verdict for the next plan.
 
 Per-architecture entries of ``images`` (``arch.amd64 = ...``) are planned by
 :func:`per_architecture`.
@@ -168,21 +170,21 @@ def platform_condition(settings: Settings, redis: Redis | None, client: Registry
         # an image no node holds (a declared one): the digest its tag names now, so
         # that a verdict learned from its registry or a failed pull applies to it too
         registry = client or RegistryClient(settings)
+        # one budget for every round of questions: a registry that hangs costs the plan LOOKUP_BUDGET at most
         began = time.monotonic()
         digests.update(resolve_all(registry, sorted(unheld)))
-        if not digests:
-            return
         verdicts = Verdicts(redis)
-        known = verdicts.read(digests.values())
-        unknown = {d: image for image, d in digests.items() if "has" not in known.get(d, {})}
-        # one budget for both rounds of questions: a registry that hangs costs the plan LOOKUP_BUDGET at most
-        left = max(1.0, LOOKUP_BUDGET - (time.monotonic() - began))
-        for digest, platforms in look_up(registry, unknown, left).items():
-            verdicts.learned(digest, platforms)
-            known.setdefault(digest, {})["has"] = json.dumps(sorted(platforms))
-        if unknown:
-            log.info("platforms of %d images asked of their registries in %.2f s", len(unknown),
-                     time.monotonic() - began)
+        known = _known(verdicts, registry, digests, began)
+        # a held tag that would be kept off a node may have been pushed again since, with that
+        # node's platform, while its holders keep the old digest: the digest its tag names now is
+        # judged instead (one small request per such tag)
+        doubted = sorted({image for node, image in pairs if image not in unheld and "@" not in image
+                          and judge(known.get(digests[image]), plan.facts[node].platform or "")})
+        now = resolve_all(registry, doubted, _left(began)) if doubted else {}
+        pushed = {image: digest for image, digest in now.items() if digest != digests[image]}
+        if pushed:
+            digests.update(pushed)
+            known.update(_known(verdicts, registry, pushed, began))
         for node, image in pairs:
             digest = digests.get(image)
             if digest is None:
@@ -192,6 +194,27 @@ def platform_condition(settings: Settings, redis: Redis | None, client: Registry
                 plan.exclude(node, image, NOT_FOR_NODE, reason)
 
     return condition
+
+
+def _left(began: float) -> float:
+    """Seconds left of the plan's registry budget (one at least, so that a question is asked)."""
+    return max(1.0, LOOKUP_BUDGET - (time.monotonic() - began))
+
+
+def _known(verdicts: Verdicts, registry: RegistryClient, digests: Mapping[str, str], began: float
+           ) -> dict[str, dict[str, str]]:
+    """The verdicts on ``digests`` (image -> digest): those kept in Redis, and what the registry
+    says of the others within what is left of the budget (kept for the next plans)."""
+    if not digests:
+        return {}
+    known = verdicts.read(digests.values())
+    unknown = {d: image for image, d in digests.items() if "has" not in known.get(d, {})}
+    for digest, platforms in look_up(registry, unknown, _left(began)).items():
+        verdicts.learned(digest, platforms)
+        known.setdefault(digest, {})["has"] = json.dumps(sorted(platforms))
+    if unknown:
+        log.info("platforms of %d images asked of their registries in %.2f s", len(unknown), time.monotonic() - began)
+    return known
 
 
 def per_architecture(entries: Mapping[str, Mapping[str, str]]):
