@@ -397,7 +397,7 @@ def test_the_jump_hosts_own_host_key_is_checked(cluster, tmp_path):
     assert unknown.value.message == (
         f"host key of [{JUMP_ONLY}]:{two.ssh_port} is not in {known}: add it with ssh -p {one.ssh_port} "
         f"root@127.0.0.1 ssh-keyscan -p {two.ssh_port} {JUMP_ONLY} >> {known} (after checking it), "
-        f'or set ssh.host_key_policy = "accept-new" to record it in {known} on first contact')
+        'or set ssh.host_key_policy = "accept-new"')
 
     # accept-new, in the file UserKnownHostsFile names: both keys recorded, then known
     known.write_text("")

@@ -87,9 +87,10 @@ def connect_error(transport: SSHTransport, exc: BaseException, attempts: int = 1
         else:
             fix = (f"add it with ssh-keyscan -p {transport.port} {transport.host} >> {first} "
                    "(after checking it)")
+        # accept-new records it in the first file, which keeps it (a file that keeps nothing is refused)
         return HostKeyUnknown(
-            transport.node, f"host key of {named} is not in {known}: {fix}, or set ssh.host_key_policy = "
-            f'"accept-new" to record it in {first} on first contact')
+            transport.node, f'host key of {named} is not in {known}: {fix}, or set ssh.host_key_policy = "accept-new"'
+        )
     advice = "check that the node is up and sshd is running" if transport.role is None else \
         "check that it is up and sshd is running"
     if timed_out(exc) or (isinstance(exc, paramiko.SSHException) and timed_out(exc.__context__)):
