@@ -49,15 +49,19 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("action", choices=["show"])
+    config.add_argument("--json", action="store_true", help="print each key, its value and its source as JSON")
 
-    sub.add_parser("check", help="check the configuration and every node (SSH, runtime, image list)")
+    check = sub.add_parser("check", help="check the configuration and every node (SSH, runtime, image list)")
+    check.add_argument("--json", action="store_true", help="print the versions, the SSH settings and each node's "
+                       "check as JSON")
 
     plan = sub.add_parser("plan", help="dry run: what a sync would pull where")
     plan.add_argument("--node", action="append", metavar="NAME", help="only plan pulls onto this node (repeatable)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     status = sub.add_parser("status", help="node x image matrix of the matching images")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the holdings (or with --backup, the backup's "
+                        "state) as JSON")
     status.add_argument("--backup", action="store_true",
                         help="per wanted image, whether the backup registry holds the digest the nodes hold")
 
@@ -74,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     history = sub.add_parser("history", help="recent runs, or one run in detail")
     history.add_argument("run", nargs="?", help="a run id (default: list recent runs)")
     history.add_argument("-n", "--limit", type=int, default=20)
-    history.add_argument("--json", action="store_true")
+    history.add_argument("--json", action="store_true", help="print the runs (or the run) as JSON")
 
     worker = sub.add_parser("worker", help="start a Celery worker for one node, or the control worker")
     which = worker.add_mutually_exclusive_group(required=True)

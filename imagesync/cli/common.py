@@ -2,7 +2,10 @@
 messages, the version line, the settings and the Redis client.
 
 The commands print through :data:`out` and :data:`err`, looked up here when
-they print, so that a test can replace them.
+they print, so that a test can replace them. Tables and lines on stdout go
+through :func:`show` and :func:`line`: off a terminal (a pipe, a file, a log)
+nothing is cut or wrapped, since what a reader copies from there (a run id, a
+trigger, a path) must be whole, and a row must stay on its line for grep.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from ..config import Settings, load_settings, mask_url
 from ..errors import ImagesyncError
@@ -23,6 +28,25 @@ err = Console(stderr=True, highlight=False)
 def say(message: str) -> None:
     """One plain line on stderr: never wrapped, whatever the terminal's width."""
     print(message, file=sys.stderr, flush=True)
+
+
+def line(text: str) -> None:
+    """One plain line on stdout, as it is: never wrapped nor cut, whatever the width."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def show(table: Table) -> None:
+    """A table on stdout: on a terminal, fitted to its width; anywhere else, as wide
+    as its widest cells and title, so that no cell is cut (``202612…``) or wrapped."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    unbounded = out.options.update_width(1_000_000)
+    width = Measurement.get(out, unbounded, table).maximum
+    if table.title:
+        width = max(width, out.render_str(str(table.title)).cell_len)
+    wide = Console(file=out.file, width=width, color_system=out.color_system, no_color=out.no_color, highlight=False)
+    wide.print(table)
 
 
 #: the distributions whose versions a bug report needs, as ``--version`` names them

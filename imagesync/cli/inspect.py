@@ -31,13 +31,20 @@ if TYPE_CHECKING:
 
 def cmd_config(args: argparse.Namespace) -> int:
     settings = read_settings()
+    rows = settings.describe()
+    if args.json:
+        common.out.print_json(json.dumps({"path": str(settings.path) if settings.path else None,
+                                          "settings": [{"key": key, "value": value, "from": source}
+                                                       for key, value, source in rows]}))
+        _say_ssh_notes(settings)
+        return EXIT_OK
     table = Table(title=f"imagesync configuration ({settings.path or 'defaults'})")
     for column in ("key", "value", "from"):
         table.add_column(column)
-    for key, value, source in settings.describe():
+    for key, value, source in rows:
         # the file is named in the title; keep the column narrow
-        table.add_row(key, value, "file" if source.startswith("file") else source)
-    common.out.print(table)
+        table.add_row(escape(key), escape(value), escape("file" if source.startswith("file") else source))
+    common.show(table)
     _say_ssh_notes(settings)
     return EXIT_OK
 
@@ -50,18 +57,29 @@ def _say_ssh_notes(settings: Settings) -> None:
                 say(f"imagesync: note: {note}")
 
 
-def ssh_table(settings: Settings) -> Table:
+#: the columns of the table of SSH settings, and the keys of its rows
+SSH_COLUMNS = ("node", "connects to", "key", "known_hosts", "from")
+
+
+def ssh_rows(settings: Settings) -> list[dict[str, str]]:
     """Each SSH node's connection as imagesync's settings and the SSH config make it, and where each value came from."""
-    table = Table(title="SSH settings in effect")
-    for column in ("node", "connects to", "key", "known_hosts", "from"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for node in settings.nodes:
         if node.transport != "ssh":
             continue
         target = settings.ssh_target(node)
         keys = ", ".join(str(path) for path in target.key_files) or "SSH's usual keys and agent"
         known = ", ".join(str(path) for path in target.known_hosts)
-        table.add_row(*(escape(cell) for cell in (node.name, target.route(), keys, known, target.provenance())))
+        rows.append(dict(zip(SSH_COLUMNS, (node.name, target.route(), keys, known, target.provenance()), strict=True)))
+    return rows
+
+
+def ssh_table(rows: list[dict[str, str]]) -> Table:
+    table = Table(title="SSH settings in effect")
+    for column in SSH_COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(row[column]) for column in SSH_COLUMNS))
     return table
 
 
@@ -111,12 +129,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..inventory import examine, runtime_missing
     from ..transport import transport_for
 
-    print(version_line(), flush=True)  # first, and whole: it is what a bug report quotes
+    if not args.json:
+        print(version_line(), flush=True)  # first, and whole: it is what a bug report quotes
     settings = read_settings()
-    common.out.print(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes"
-                     + (", and the agents registered in Redis)" if settings.agents else ")"))
-    if any(node.transport == "ssh" for node in settings.nodes):
-        common.out.print(ssh_table(settings))
+    ssh = ssh_rows(settings)
+    if not args.json:
+        common.line(f"configuration: ok ({settings.path}, {len(settings.nodes)} nodes"
+                    + (", and the agents registered in Redis)" if settings.agents else ")"))
+        if ssh:
+            common.show(ssh_table(ssh))
+    if ssh:
         _say_ssh_notes(settings)
 
     def probe(node: Node):
@@ -160,21 +182,30 @@ def cmd_check(args: argparse.Namespace) -> int:
         from ..agents import check_rows
 
         results += check_rows(settings, redis_client(settings))
+    failed = [row["node"] for row, ok in results if not ok]
+    if args.json:
+        path = str(settings.path) if settings.path else None
+        common.out.print_json(json.dumps({"version": version_line(), "configuration": path, "ssh": ssh,
+                                          "nodes": [row | {"ok": ok} for row, ok in results]}))
+    else:
+        common.show(check_table(results, settings.agents))
+    if failed:
+        say(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def check_table(results: list[tuple[dict[str, str], bool]], agents: bool) -> Table:
     table = Table()
     # how each node is reached, beside the nodes' names when agents are among them
-    columns = ("node", *(("via",) if settings.agents else ()), "address", "ssh", "runtime", "images", "platform",
+    columns = ("node", *(("via",) if agents else ()), "address", "ssh", "runtime", "images", "platform",
                "image fs", "detail")
     for column in columns:
         table.add_column(column, overflow="fold")
     for row, ok in results:
         style = None if ok else "red"
         table.add_row(*(escape(row[c]) for c in columns), style=style)
-    common.out.print(table)
-    failed = [row["node"] for row, ok in results if not ok]
-    if failed:
-        say(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}")
-        return EXIT_FAILED
-    return EXIT_OK
+    return table
 
 
 def _inventory_sender(settings: Settings) -> SendInventory | None:
@@ -200,7 +231,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return EXIT_OK
     _print_notes(plan)
     if not plan.total:
-        common.out.print(f"nothing to pull: {len(plan.nodes)} nodes hold all {len(plan.wanted)} matching images")
+        common.line(f"nothing to pull: {len(plan.nodes)} nodes hold all {len(plan.wanted)} matching images")
         return EXIT_OK
     table = Table(title=f"plan: {plan.total} pulls")
     table.add_column("node")
@@ -211,7 +242,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         images = plan.missing.get(node, [])
         sources = [plan.route(node, image).describe() for image in images]
         table.add_row(node, str(len(images)), escape("\n".join(images) or "-"), escape("\n".join(sources)))
-    common.out.print(table)
+    common.show(table)
     return EXIT_OK
 
 
@@ -255,13 +286,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         whole = plan.to_dict()
         common.out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped, "holdings": plan.holdings,
-                                   "excluded": whole["excluded"], "evicted": whole["evicted"], "facts": whole["facts"],
-                                   "drift": whole["drift"]}))
+                                          **{key: whole[key] for key in ("excluded", "evicted", "facts", "drift")}}))
         return EXIT_OK
     _print_notes(plan)
     from ..agents import kinds
 
-    common.out.print(status_table(plan, kinds(settings, memory)))
+    common.show(status_table(plan, kinds(settings, memory)))
     return EXIT_OK
 
 
@@ -273,7 +303,7 @@ def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
         checks = backup.check(settings, backup.candidates(settings, plan), tool)
     if as_json:
         common.out.print_json(json.dumps({"backup": settings.backup.registry if settings.backup else None,
-                                   "images": [found.to_dict() for found in checks]}))
+                                          "images": [found.to_dict() for found in checks]}))
     else:
         _print_notes(plan)
         colour = {backup.HELD: "green", backup.MISSING: "red", backup.STALE: "yellow", backup.UNKNOWN: "red"}
@@ -286,7 +316,7 @@ def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
             state = found.state + (f": {found.reason}" if found.reason and found.state == backup.UNKNOWN else "")
             table.add_row(found.image, (found.digest or "?").split(":")[-1][:12], short,
                           f"[{colour[found.state]}]{state}[/]")
-        common.out.print(table)
+        common.show(table)
     return EXIT_OK if all(found.state == backup.HELD for found in checks) else EXIT_FAILED
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -69,11 +70,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if missed:
         say(f"imagesync: {started['message']}: bring those nodes back and sync again")
     else:
-        common.out.print(started["message"])
+        common.line(started["message"])
     if not args.wait:
         if started["status"] == "nothing-to-do":
             return EXIT_FAILED if missed else EXIT_OK
-        common.out.print(f"follow it with: imagesync history {started['run']}")
+        common.line(f"follow it with: imagesync history {started['run']}")
         return EXIT_FAILED if missed else EXIT_OK
     code = follow(settings, redis, started["run"])
     return EXIT_FAILED if missed else code
@@ -110,9 +111,9 @@ def print_run(run: Run) -> None:
     from ..runs import summary_lines
 
     lines = summary_lines(run)
-    common.out.print(lines[0], markup=False)
+    common.line(lines[0])
     for line in lines[1:]:
-        common.out.print("  " + line.split(": ", 1)[1], markup=False)
+        common.line("  " + line.split(": ", 1)[1])
 
 
 def operator() -> str:
@@ -141,8 +142,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     run = run_store(settings, redis).get(run_id)
     if run is not None:
         print_run(run)
-    common.out.print("the lock is released; pulls still running finish and report into the run "
-                     f"('imagesync history {run_id}')", markup=False)
+    common.line("the lock is released; pulls still running finish and report into the run "
+                f"('imagesync history {run_id}')")
     return EXIT_OK
 
 
@@ -164,7 +165,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         else:
             print_run(run)
             for line in backup_lines(run.id, record) if record else ():
-                common.out.print("  " + line.split(": ", 1)[1], markup=False)
+                common.line("  " + line.split(": ", 1)[1])
         return EXIT_OK
     runs = store.recent(args.limit)
     if args.json:
@@ -180,7 +181,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         # "not run": pulls that found their run already over (cancelled, abandoned) and were skipped
         not_run = run.counts.get("skipped", 0)
         status = {"cancelled": "[yellow]cancelled[/]", "abandoned": "[red]abandoned[/]"}.get(run.status, run.status)
-        table.add_row(run.id, run.trigger or "-", status, str(run.expected), str(ok), str(run.failures - not_run),
-                      str(not_run), ", ".join(run.skipped) or "-", f"{run.duration:.1f} s")
-    common.out.print(table)
+        table.add_row(escape(run.id), escape(run.trigger or "-"), status, str(run.expected), str(ok),
+                      str(run.failures - not_run), str(not_run), escape(", ".join(run.skipped) or "-"),
+                      f"{run.duration:.1f} s")
+    common.show(table)
     return EXIT_OK
