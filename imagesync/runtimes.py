@@ -99,6 +99,12 @@ def _pull_under_timeout(pull: str, time_out: int, presence_test: str | None = No
     return PullCommand(f"timeout -k {KILL_AFTER} {int(time_out)} {pull}", int(time_out))
 
 
+def _under_timeout(script: str, seconds: int) -> str:
+    """``script`` as one ``sh`` under the node's ``timeout``, which signals the whole process
+    group: the shell and every ``ctr`` it started end when time is up."""
+    return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(script)}"
+
+
 def found_present(result: CommandResult) -> bool:
     """Whether a checked pull found the image already there (and pulled nothing)."""
     return result.ok and PRESENT_MARKER in result.stdout
@@ -220,27 +226,35 @@ class Ctr:
         return _pull_under_timeout(pull, time_out, presence)
 
     def digest_of(self, reference: str) -> str:
-        """A shell expression: the manifest digest the node holds ``reference`` under ("" if none)."""
+        """A shell expression: the manifest digest the node holds ``reference`` under ("" if none).
+
+        Its ``ctr`` has no timeout of its own: every command that uses it runs under one."""
         _checked(reference)
         listing = f"{self._base()} images ls {shlex.quote('name==' + reference)} 2>/dev/null"
         return f"$({listing} | awk 'NR==2 {{print $3}}')"
 
+    def presence_command(self, reference: str, time_out: int) -> str:
+        """Prints the digest the node holds ``reference`` under (an empty line if none), under
+        the node's ``timeout``: exits 0 either way, 124 or 137 when containerd did not answer."""
+        return _under_timeout(f'echo "{self.digest_of(reference)}"', time_out)
+
     def export_command(self, reference: str, time_out: int, platform: str | None = None) -> str:
         """First a line ``EXPORT_MARKER DIGEST`` (the digest the node holds ``reference``
         under, empty if none), then ``ctr images export`` of it as a tar, on stdout;
-        the export runs under the node's ``timeout``."""
+        both under the node's ``timeout``."""
         ref = _checked(reference)
         only = f" --platform {shlex.quote(platform)}" if platform else ""
-        export = _pull_under_timeout(f"{self._base()} images export{only} - {ref}", time_out).command
-        script = f'echo "{EXPORT_MARKER} {self.digest_of(reference)}"; exec {export}'
-        return f"sh -c {shlex.quote(script)}"
+        script = f'echo "{EXPORT_MARKER} {self.digest_of(reference)}"; exec {self._base()} images export{only} - {ref}'
+        return _under_timeout(script, time_out)
 
     def import_command(self, reference: str, digest: str, time_out: int, platform: str | None = None) -> str:
         """``ctr images import`` of a tar on stdin, under the node's ``timeout``, then a
         check that ``reference`` arrived under ``digest``: a name the import left under
         any other digest, or left behind by a failed import, is removed. Prints
         ``IMPORT_MARKER STATUS BEFORE AFTER REMOVED`` last; exits with the import's
-        status, or 65 when the digest was wrong."""
+        status, or 65 when the digest was wrong. The checks and the removal run under
+        a ``timeout`` too, :data:`~imagesync.budgets.KILL_AFTER` seconds longer than the
+        import's, so that nothing is left on a node whose containerd hangs."""
         ref = _checked(reference)
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ValueError(f"not a manifest digest: {digest!r}")
@@ -256,7 +270,7 @@ class Ctr:
             f'echo "{IMPORT_MARKER} $status ${{before:--}} ${{after:--}} $removed"; '
             f'if [ $status -eq 0 ] && [ "$after" != {digest} ]; then exit {WRONG_DIGEST}; fi; exit $status'
         )
-        return f"sh -c {shlex.quote(script)}"
+        return _under_timeout(script, int(time_out) + KILL_AFTER)
 
     def restore_command(self, name: str, image: str, seconds: int, digest: str | None = None,
                         insecure: bool = False, login: Login | None = None) -> str:
@@ -284,14 +298,14 @@ class Ctr:
             f"now=$({ctr} images ls {shlex.quote('name==' + image)} | awk 'NR==2 {{print $3}}')",
             f'echo "{RESTORED_MARKER} $got $now"',
         ])
-        return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(script)}"
+        return _under_timeout(script, seconds)
 
     def push_command(self, name: str, image: str, seconds: int, insecure: bool = False,
                      login: Login | None = None) -> str:
         """``ctr images push NAME IMAGE``: the node's own copy of ``image`` pushed as ``name``."""
         push = _to_registry(f"{self._base()} images push{self._registry_flags(login)}",
                             f"{_checked(name)} {_checked(image)}", insecure)
-        return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(push)}"
+        return _under_timeout(push, seconds)
 
     def _registry_flags(self, login: Login | None) -> str:
         """How ``ctr`` reaches a registry other than the node's own (a restore's, a push's):

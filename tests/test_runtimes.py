@@ -193,3 +193,14 @@ def test_a_restore_line_holds_every_value_quoted():
     script = shlex.split(line)[-1]
     assert f"want={digest};" in script or f"want='{digest}'" in script
     assert "($want)" in script and f"({digest})" not in script
+
+
+def test_every_ctr_line_of_a_copy_runs_whole_under_the_nodes_timeout():
+    """The digest checks and the clean-up too: a hung containerd must not keep them on the node."""
+    ctr, ref = runtimes.Ctr(), "reg.local/a:1"
+    lines = {"presence": ctr.presence_command(ref, 30), "export": ctr.export_command(ref, 30),
+             "import": ctr.import_command(ref, "sha256:" + "a" * 64, 30)}
+    for what, line in lines.items():
+        words = shlex.split(line)
+        assert words[:3] == ["timeout", "-k", str(KILL_AFTER)] and words[4:6] == ["sh", "-c"], what
+    assert shlex.split(lines["import"])[3] == str(30 + KILL_AFTER)  # the checks after the import's own 30 s
