@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .outcomes import Outcome
 from .planning.plan import DEFAULT_ROUTE, Route
-from .runs import Outcome
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -34,14 +34,23 @@ class Attempt:
     #: this process's Redis client, for sources that coordinate (None in a test of one source)
     redis: Redis | None = None
     started: float = field(default_factory=time.monotonic)
+    #: seconds of ``time_out`` this attempt spent before this delivery, back in its queue
+    #: waiting for a holder (:class:`WaitForHolder`): the wait does not renew the budget
+    spent: float = 0.0
+    #: whether the task can put the pull back in its queue for a while (:class:`WaitForHolder`);
+    #: without it, a source that waits does so in this process
+    requeue: bool = False
+
+    def elapsed(self) -> float:
+        """Seconds of ``time_out`` this attempt has spent, its earlier waits in the queue included."""
+        return self.spent + time.monotonic() - self.started
 
     def remaining(self) -> int:
         """Whole seconds left of ``time_out`` for the sources still to try."""
-        return int(self.settings.time_out - (time.monotonic() - self.started))
+        return int(self.settings.time_out - self.elapsed())
 
     def outcome(self, status: str, reason: str = "", source: str = "") -> Outcome:
-        return Outcome(self.node.name, self.image, status, round(time.monotonic() - self.started, 3),
-                       reason, source=source)
+        return Outcome(self.node.name, self.image, status, round(self.elapsed(), 3), reason, source=source)
 
 
 #: a source: (outcome, whether a retry may help)
@@ -55,3 +64,24 @@ class NodeFailed(Exception):
     def __init__(self, outcome: Outcome, transient: bool) -> None:
         super().__init__(outcome.reason)
         self.outcome, self.transient = outcome, transient
+
+
+class WaitForHolder(Exception):
+    """A source that can only wait for now (a copy whose image no node can serve yet): the
+    task puts the pull back in its queue for ``delay`` seconds, counting no attempt, rather
+    than hold its pool process, and its node's slot, while it waits.
+
+    ``began`` is when the attempt's ``time_out`` began (wall clock, like a pull's
+    deadline): the next delivery resumes with what is left of it (:func:`spent_since`).
+    """
+
+    def __init__(self, delay: float, began: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay, self.began, self.reason = delay, began, reason
+
+
+def spent_since(began: float | None, now: float | None = None) -> float:
+    """Seconds of ``time_out`` already spent by a pull put back to wait, which began at ``began``."""
+    if began is None:
+        return 0.0
+    return max(0.0, (time.time() if now is None else now) - began)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import references, runtimes
@@ -34,8 +35,8 @@ from .inventory import runtime_missing
 from .outcomes import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
 from .planning.plan import BACKUP, PEERS, REGISTRY
 from .restore import from_backup
-from .transfer import from_peers
-from .transport import transport_for
+from .transfer import from_peers, note_holder
+from .transport import PROGRESS_TAIL, transport_for
 
 if TYPE_CHECKING:
 
@@ -93,6 +94,10 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
             budget = f"time_out ({attempt.settings.time_out} s) spent before {source} could be tried"
             outcome, transient = attempt.outcome(TIMED_OUT, budget), False
             break
+        if tried:
+            # only the first source may send the pull back to its queue to wait: those
+            # before it would be tried again when it comes back
+            attempt = replace(attempt, requeue=False)
         try:
             outcome, transient = fetcher(source)(attempt)
         except NodeFailed as exc:
@@ -107,7 +112,8 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
         tried = []
     if tried:
         outcome.reason = "; ".join([*tried, outcome.reason] if outcome.reason else tried)
-    outcome.duration = round(time.monotonic() - attempt.started, 3)
+    outcome.duration = round(attempt.elapsed(), 3)
+    note_holder(attempt, outcome)
     return outcome, transient
 
 
@@ -151,7 +157,7 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
                                        also_as=image if attempt.route.pull_as else None,
                                        pin=attempt.route.pin)
         result = transport_for(settings, node).run(
-            command.command, timeout=command.seconds + KILL_AFTER + SSH_GRACE
+            command.command, timeout=command.seconds + KILL_AFTER + SSH_GRACE, tail=PROGRESS_TAIL
         )
     except CommandTimedOut as exc:
         return outcome(TIMED_OUT, exc.message), False

@@ -17,20 +17,26 @@ the reference under that digest, and removes whatever a failed or wrong
 import left under the name, so that a source dying mid-stream never leaves a
 half-imported image. The next holder is then tried.
 
-Under ``source = "peers-first"`` the holders are a Redis set per run and
-image, seeded with the plan's holders and added to by every node whose pull
-of the image succeeds (:func:`note_outcome`, from where outcomes are
-recorded). A copy whose image no node holds yet waits for a holder, or for its
-*seed* (the node pulling it from the registry) to fail, which hands over to
-the next source at once. Each source serves at most :data:`SERVES` copies at
-once (a :class:`~imagesync.semaphore.Semaphore` per node), so the holders
-double in each round instead of all copying from the first.
+Under ``source = "peers-first"`` the holders are the plan's, and those the run
+learns of in Redis: every node whose pull of the image succeeds and that can
+serve copies (ctr on it, not an agent) becomes one, for the nodes of its
+platform (:func:`note_holder`). A copy whose image no node can serve yet waits
+for a holder, or for its *seed* (the node pulling it from the registry) to end,
+which hands over to the next source at once. It waits without holding its pool
+process or its node's slot: the task puts the pull back in its queue for a few
+seconds (:class:`~imagesync.attempt.WaitForHolder`), so that the seed pulls
+behind it in the queue get to run. A wait lasts half of ``time_out`` at most
+(:func:`wait_limit`); the next source, the registry, gets what is left. Each
+source serves at most :data:`SERVES` copies at once (a
+:class:`~imagesync.semaphore.Semaphore` per node), so the holders double in
+each round instead of all copying from the first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import uuid
 import zlib
@@ -39,17 +45,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import keys, references, runtimes
-from .attempt import Attempt
+from .attempt import Attempt, WaitForHolder
 from .budgets import KILL_AFTER, SSH_GRACE, stale_after
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .outcomes import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome
+from .planning.plan import PEERS
+from .redisvalues import as_text
 from .runs import pull_key
 from .semaphore import Semaphore
 from .transport import Stream, transport_for
 
 if TYPE_CHECKING:
-    from redis import Redis
-
     from .config import Node, Settings
 
 log = logging.getLogger(__name__)
@@ -62,8 +68,12 @@ SERVES = 1
 POLL = 0.5
 #: seconds a serving slot is held without being refreshed, should its copy die
 SERVE_LEASE = 30.0
-#: seconds of the budget below which no further holder is tried or waited for
+#: seconds of the budget below which no further holder is tried
 MIN_SECONDS = 5
+#: the share of ``time_out`` a copy waits for a holder at most (:func:`wait_limit`)
+WAIT_SHARE = 0.5
+#: seconds a waiting copy stays back in its queue before it looks again (jittered)
+REQUEUE_AFTER = (1.0, 3.0)
 
 
 @dataclass
@@ -78,7 +88,11 @@ class Copied:
 
 
 def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
-    """Copy the image from a node that holds it; the outcome and whether a retry may help."""
+    """Copy the image from a node that holds it; the outcome and whether a retry may help.
+
+    Raises :class:`~imagesync.attempt.WaitForHolder` when no holder can serve it yet
+    but one may come, and the task can put the pull back in its queue meanwhile.
+    """
     settings, node, route = attempt.settings, attempt.node, attempt.route
     try:
         image = references.normalize(attempt.image)
@@ -97,17 +111,26 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
     tried: dict[str, str] = {}  # source -> why its copy failed
     transient = False
     holder_id = f"{attempt.run_id}:{node.name}:{image}:{uuid.uuid4().hex[:8]}"
-    waited = False
+    gave_up = ""  # why the wait for a holder ended without one
     while True:
         candidates = [peer for peer in holders.current() if peer not in tried and peer != node.name]
-        if not candidates and not holders.may_appear(tried):
+        if not candidates and (tried or not holders.may_appear()):
             break
-        if (tried or waited) and attempt.remaining() < MIN_SECONDS:
-            what = "every holder was busy" if candidates else "no node came to hold it"
-            return attempt.outcome(TIMED_OUT, f"{what} until time_out ({settings.time_out} s) was spent"), False
+        if tried and attempt.remaining() < MIN_SECONDS:
+            return attempt.outcome(TIMED_OUT, f"time_out ({settings.time_out} s) was spent"), False
         source = _take_a_source(attempt, candidates, holder_id)
         if source is None:
-            waited = True
+            # Only the first holder is waited for: once a copy failed, the next source is tried.
+            waiting = "every holder was busy" if candidates else "no node came to hold it"
+            if tried:
+                gave_up = "every other holder was busy"
+                break
+            if attempt.elapsed() >= wait_limit(settings):
+                gave_up = f"{waiting} within {wait_limit(settings):g} s (half of time_out)"
+                break  # the next source gets what is left of time_out
+            if attempt.requeue:
+                raise WaitForHolder(requeue_delay(), time.time() - attempt.elapsed(),
+                                    f"{waiting} yet to copy {image} from")
             time.sleep(POLL)
             continue
         serving = _serving(attempt, source)
@@ -124,9 +147,20 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
         tried[source] = copied.reason
         transient = transient or copied.transient
     if not tried:
-        return attempt.outcome(FAILED, holders.none_reason()), False
+        return attempt.outcome(FAILED, gave_up or holders.none_reason()), False
     reasons = "; ".join(f"from {source}: {reason}" for source, reason in tried.items())
-    return attempt.outcome(FAILED, f"copy failed {reasons}"), transient
+    return attempt.outcome(FAILED, f"copy failed {reasons}" + (f"; then {gave_up}" if gave_up else "")), transient
+
+
+def wait_limit(settings: Settings) -> float:
+    """Seconds a copy waits for a holder, or for a free one, at most: half of ``time_out``,
+    so that the next source (the registry) still has the other half."""
+    return settings.time_out * WAIT_SHARE
+
+
+def requeue_delay() -> float:
+    """Seconds a waiting copy stays back in its queue before it looks again (jittered)."""
+    return round(random.uniform(*REQUEUE_AFTER), 2)
 
 
 def ctr_for(node: Node) -> runtimes.Ctr:
@@ -135,56 +169,61 @@ def ctr_for(node: Node) -> runtimes.Ctr:
 
 
 class Holders:
-    """The nodes that hold the image for this copy: the route's, then, under
-    peers-first, those the run learns of in Redis."""
+    """The nodes that can serve this copy: the route's, then, under peers-first, those
+    the run learns of in Redis (:func:`note_holder`).
+
+    A learned holder serves only a node of its own platform, as the plan's holders
+    do; one that is no SSH node of the configuration (an agent, a node the
+    configuration has lost since) serves none.
+    """
 
     def __init__(self, attempt: Attempt, image: str) -> None:
         self.attempt = attempt
         self.image = image
-        route = attempt.route
         self.shared = attempt.redis is not None and bool(attempt.run_id) and attempt.settings.source == "peers-first"
-        if self.shared and route.peers:
-            assert attempt.redis is not None
-            key = keys.run_holders(attempt.run_id, image)
-            pipe = attempt.redis.pipeline()
-            pipe.sadd(key, *route.peers)
-            pipe.expire(key, holders_ttl(attempt.settings))
-            pipe.execute()
 
     def current(self) -> list[str]:
         peers = list(self.attempt.route.peers)
         if self.shared:
-            assert self.attempt.redis is not None
-            learned = self.attempt.redis.smembers(keys.run_holders(self.attempt.run_id, self.image))
-            peers += sorted(as_text(member) for member in learned if as_text(member) not in peers)
-        return peers
+            peers += sorted(name for name, platform in self.learned().items()
+                            if name not in peers and self.serves(platform))
+        configured = {node.name for node in self.attempt.settings.nodes}
+        return [name for name in peers if name in configured]
 
-    def may_appear(self, tried: dict[str, str]) -> bool:
+    def learned(self) -> dict[str, str]:
+        """The holders the run learned of: node -> its platform ("" if unknown)."""
+        assert self.attempt.redis is not None
+        found = self.attempt.redis.hgetall(keys.run_holders(self.attempt.run_id, self.image))
+        return {as_text(name): as_text(platform) for name, platform in found.items()}
+
+    def serves(self, platform: str) -> bool:
+        """Whether a holder of ``platform`` can serve this node: a node keeps only its own
+        platform's layers of a multi-platform image."""
+        mine = self.attempt.route.platform
+        return not (mine and platform and platform != mine)
+
+    def may_appear(self) -> bool:
         """Whether waiting may bring a holder: the seed is still getting the image."""
         seed = self.attempt.route.seed
-        if not self.shared or seed is None or seed in tried:
-            return False
-        return self.seed_failure() is None
+        return self.shared and seed is not None and self.seed_outcome() is None
 
-    def seed_failure(self) -> str | None:
-        """What the seed's pull of the image ended with, if it failed (None while it runs or once it held)."""
+    def seed_outcome(self) -> dict | None:
+        """How the seed's pull of the image ended (None while it runs)."""
         seed = self.attempt.route.seed
         assert self.attempt.redis is not None and seed is not None
         found = self.attempt.redis.hget(keys.run_results(self.attempt.run_id), pull_key(seed, self.image))
-        if found is None:
-            return None
-        outcome = json.loads(found)
-        if outcome.get("status") in SUCCESSES:
-            return None
-        return f"{outcome.get('status')}: {outcome.get('reason') or 'no reason given'}"
+        return None if found is None else json.loads(found)
 
     def none_reason(self) -> str:
         seed = self.attempt.route.seed
-        if self.shared and seed is not None:
-            failure = self.seed_failure()
-            if failure is not None:
-                return f"no node holds it: {seed}, which was to get it from the registry, {failure}"
-        return "no reachable node with ctr holds it"
+        outcome = self.seed_outcome() if self.shared and seed is not None else None
+        if outcome is None:
+            return "no reachable node with ctr holds it"
+        if outcome.get("status") not in SUCCESSES:
+            failure = f"{outcome.get('status')}: {outcome.get('reason') or 'no reason given'}"
+            return f"no node holds it: {seed}, which was to get it from the registry, {failure}"
+        return (f"no node that can serve {self.attempt.node.name} holds it: {seed}, which got it from "
+                "the registry, cannot (another platform, or no copies from it)")
 
 
 def _take_a_source(attempt: Attempt, candidates: list[str], holder_id: str) -> str | None:
@@ -219,19 +258,23 @@ def holders_ttl(settings: Settings) -> int:
     return stale_after(settings)
 
 
-def note_outcome(settings: Settings, redis: Redis, run_id: str, outcome: Outcome) -> None:
-    """Under peers-first, a node that now holds an image becomes one of its holders for the run."""
-    if not (settings.transfer and settings.source == "peers-first" and outcome.succeeded):
+def note_holder(attempt: Attempt, outcome: Outcome) -> None:
+    """Under peers-first, a node that now holds the image becomes one of its holders for
+    the run, if it can serve copies: its route says so (ctr on it, and commands opened
+    on it from any worker, not an agent's), with its platform."""
+    settings, route = attempt.settings, attempt.route
+    if not (settings.transfer and settings.source == "peers-first" and outcome.succeeded
+            and PEERS in route.sources and attempt.redis is not None and attempt.run_id):
         return
-    key = keys.run_holders(run_id, outcome.image)
-    pipe = redis.pipeline()
-    pipe.sadd(key, outcome.node)
+    try:
+        image = references.normalize(attempt.image)
+    except RefusedReference:
+        return
+    key = keys.run_holders(attempt.run_id, image)
+    pipe = attempt.redis.pipeline()
+    pipe.hset(key, attempt.node.name, route.platform or "")
     pipe.expire(key, holders_ttl(settings))
     pipe.execute()
-
-
-def as_text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def copy(settings: Settings, source: Node, target: Node, image: str, digest: str | None,

@@ -74,9 +74,9 @@ class _Counting:
     def __init__(self, real):
         self.real, self.commands = real, []
 
-    def run(self, command, timeout):
+    def run(self, command, timeout, tail=None):
         self.commands.append(command)
-        return self.real.run(command, timeout)
+        return self.real.run(command, timeout, tail)
 
 
 @pytest.mark.cluster

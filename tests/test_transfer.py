@@ -17,7 +17,7 @@ import time
 from collections import Counter
 
 import pytest
-from helpers import measured, wait_for
+from helpers import finish, measured, start_cli, started_run, wait_for
 
 from imagesync.attempt import Attempt
 from imagesync.config import load_settings
@@ -309,3 +309,36 @@ def test_a_seed_that_fails_sends_the_nodes_waiting_for_it_to_the_registry(d):
         else:
             assert (outcome["status"], outcome["source"]) in {("copied", holder) for holder in pulled}, outcome
         assert digest_on(d, node, ref) == d.cluster.digests[ref]
+
+
+# -- waiting for a holder ---------------------------------------------------------------------------------
+
+
+def routes_of(d, ref):
+    with d.cluster.redis.client() as client:
+        plan = plan_now(load_settings(d.config_path), redis=client)
+    return {node.name: plan.route(node.name, ref) for node in d.cluster.nodes}
+
+
+def test_a_copy_that_waits_half_of_time_out_for_a_holder_goes_to_the_registry(d):
+    ref = d.cluster.push("bcm11/slow-seed", "1")
+    use(d, source="peers-first", images=[ref])
+    (seed,) = {route.seed for route in routes_of(d, ref).values() if route.seed}
+    d.cluster.proxy.hold("bcm11/slow-seed")
+    try:
+        process = start_cli(d, "sync", "--wait")
+        wait_for(lambda: d.cluster.proxy.held >= 1, 30, "the seed's pull held at the registry")
+        # half of time_out later, the others give up waiting for a holder: at the registry too
+        wait_for(lambda: d.cluster.proxy.held >= NODES, SETTINGS["time_out"], "every node's pull at the registry")
+    finally:
+        d.cluster.proxy.release()
+    result = finish(process)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = history_results(d, started_run(result))
+    for node in d.cluster.nodes:
+        outcome = results[(node.name, ref)]
+        assert outcome["status"] == "pulled", outcome
+        if node.name != seed:
+            limit = SETTINGS["time_out"] / 2
+            assert outcome["reason"] == f"peers: no node came to hold it within {limit:g} s (half of time_out)"
+            assert limit <= outcome["duration"] < SETTINGS["time_out"], outcome

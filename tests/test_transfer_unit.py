@@ -1,26 +1,27 @@
 """Node-to-node transfer without a cluster: the streaming primitive, the commands, the
-holders, and a waiting copy's hand-over (the whole path is in test_transfer.py)."""
+holders, and a waiting copy (the whole path is in test_transfer.py)."""
 
 from __future__ import annotations
 
 import json
 import shlex
+from dataclasses import replace
 
 import fakeredis
 import pytest
 
 from imagesync import keys
-from imagesync.attempt import Attempt
+from imagesync.attempt import Attempt, WaitForHolder, spent_since
 from imagesync.budgets import stale_after
 from imagesync.config import Node, Settings
 from imagesync.errors import CommandTimedOut, RefusedReference
 from imagesync.facts import NodeFacts
 from imagesync.outcomes import FAILED, PULLED, Outcome
-from imagesync.planning.plan import PEERS, REGISTRY, Policy, Route
+from imagesync.planning.plan import DEFAULT_ROUTE, PEERS, REGISTRY, Policy, Route
 from imagesync.planning.planner import make_plan
 from imagesync.runs import Run, pull_key, summary_lines
 from imagesync.runtimes import Ctr, Image
-from imagesync.transfer import from_peers, note_outcome
+from imagesync.transfer import REQUEUE_AFTER, Holders, from_peers, note_holder, wait_limit
 from imagesync.transport import LocalTransport
 
 REF = "reg.local:5000/bcm11/app:1"
@@ -58,11 +59,11 @@ def test_a_stream_whose_command_does_not_read_holds_the_writer_back_then_times_o
 def test_export_and_import_commands_are_quoted_and_checked():
     ctr = Ctr(address="/run/containerd/containerd.sock", namespace="k8s.io")
     export = ctr.export_command(REF, 60, "linux/amd64")
-    assert shlex.split(export)[:2] == ["sh", "-c"]
-    script = shlex.split(export)[2]
-    assert "timeout -k 5 60 ctr --address /run/containerd/containerd.sock --namespace k8s.io images export " \
+    assert shlex.split(export)[:6] == ["timeout", "-k", "5", "60", "sh", "-c"]
+    script = shlex.split(export)[6]
+    assert "ctr --address /run/containerd/containerd.sock --namespace k8s.io images export " \
            "--platform linux/amd64 - reg.local:5000/bcm11/app:1" in script
-    imported = shlex.split(ctr.import_command(REF, DIGEST, 60, "linux/amd64"))[2]
+    imported = shlex.split(ctr.import_command(REF, DIGEST, 60, "linux/amd64"))[6]
     assert "images import --platform linux/amd64 -;" in imported
     assert f'"$after" != {DIGEST}' in imported and "images rm reg.local:5000/bcm11/app:1" in imported
     with pytest.raises(RefusedReference):
@@ -108,14 +109,59 @@ def test_a_waiting_copy_hands_over_as_soon_as_its_seed_fails(monkeypatch):
     assert outcome.reason == "no node holds it: n1, which was to get it from the registry, failed: not found"
 
 
-def test_a_node_whose_pull_succeeds_becomes_a_holder_under_peers_first_only():
+def test_a_node_that_can_serve_copies_becomes_a_holder_with_its_platform_under_peers_first_only():
     redis = fakeredis.FakeRedis()
-    note_outcome(settings(source="peers-first"), redis, "r1", Outcome("n1", REF, PULLED))
-    note_outcome(settings(source="peers-first"), redis, "r1", Outcome("n2", REF, FAILED))
-    assert redis.smembers(keys.run_holders("r1", REF)) == {b"n1"}
+    config = settings(source="peers-first")
+    copies = Route((REGISTRY, PEERS), platform="linux/arm64")
+
+    def pulled(node, route, status=PULLED, run_id="r1", config=config):
+        attempt = Attempt(config, config.node(node), REF, route, run_id, redis=redis)
+        note_holder(attempt, Outcome(node, REF, status))
+
+    pulled("n1", copies)
+    pulled("n2", copies, FAILED)
+    pulled("n2", DEFAULT_ROUTE)  # no copies to or from it: no ctr there, or an agent
+    assert redis.hgetall(keys.run_holders("r1", REF)) == {b"n1": b"linux/arm64"}
     assert 0 < redis.ttl(keys.run_holders("r1", REF)) <= stale_after(settings())  # as long as the run's record
-    note_outcome(settings(), redis, "r2", Outcome("n1", REF, PULLED))
+    pulled("n1", copies, run_id="r2", config=settings())
     assert not redis.exists(keys.run_holders("r2", REF))
+
+
+def test_a_learned_holder_serves_only_nodes_of_its_platform_and_only_as_a_configured_node():
+    redis = fakeredis.FakeRedis()
+    config = settings(source="peers-first")
+    redis.hset(keys.run_holders("r1", REF), mapping={"n1": "linux/arm64", "agent-x": "linux/amd64"})
+
+    def holders(platform):
+        route = Route((PEERS, REGISTRY), seed="n1", platform=platform)
+        return Holders(Attempt(config, config.node("n2"), REF, route, "r1", redis=redis), REF).current()
+
+    assert holders("linux/amd64") == []  # n1 is arm64; agent-x is no node of the configuration
+    assert holders("linux/arm64") == ["n1"]
+    assert holders(None) == ["n1"]  # a node of unknown platform, as the plan's holders
+
+
+def test_a_waiting_copy_goes_back_to_its_queue_and_keeps_its_budget(monkeypatch):
+    monkeypatch.setattr("imagesync.transfer.time.sleep", pytest.fail)  # never waits in its process
+    redis = fakeredis.FakeRedis()
+    config = settings(source="peers-first")
+    route = Route((PEERS, REGISTRY), (), None, seed="n1", platform="linux/amd64")
+    attempt = Attempt(config, config.node("n2"), REF, route, "r1", check=False, redis=redis, requeue=True)
+    with pytest.raises(WaitForHolder) as waiting:
+        from_peers(attempt)
+    assert REQUEUE_AFTER[0] <= waiting.value.delay <= REQUEUE_AFTER[1]
+    # back from its queue later: its time_out began when it first did
+    resumed = Attempt(config, config.node("n2"), REF, route, "r1", check=False, redis=redis, requeue=True,
+                      spent=spent_since(waiting.value.began, now=waiting.value.began + 4))
+    assert 4 <= resumed.elapsed() < 5 and resumed.remaining() <= config.time_out - 4
+    with pytest.raises(WaitForHolder):
+        from_peers(resumed)
+    # past half of time_out with no holder: the next source gets the other half
+    late = replace(resumed, spent=wait_limit(config))
+    outcome, transient = from_peers(late)
+    assert (outcome.status, transient) == (FAILED, False)
+    assert outcome.reason == f"no node came to hold it within {wait_limit(config):g} s (half of time_out)"
+    assert outcome.duration >= wait_limit(config)
 
 
 def test_the_summary_says_where_copies_came_from():
