@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from .config import Settings
 
 CONTROL_QUEUE = "imagesync"
+#: the control worker's processes: runs (``sync``) and ``finalize`` keep two of them
+#: whatever the backups do, which hold one at most (``tasks.BACKUPS_AT_ONCE``)
+CONTROL_CONCURRENCY = 3
 
 
 #: every node's queue is this, then the node's name

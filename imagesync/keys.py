@@ -15,6 +15,8 @@ ACTIVE = f"{NAMESPACE}:active"
 WEBHOOK_PENDING = f"{NAMESPACE}:webhook:pending"
 #: pushed image -> how many times it was pushed, while pending (imagesync.pending)
 WEBHOOK_PUSHES = f"{NAMESPACE}:webhook:pushes"
+#: sorted set (a semaphore): the backups under way, each holding a process of the control worker
+BACKUPS_RUNNING = f"{NAMESPACE}:backups-running"
 
 
 def sync_taken(task_id: str) -> str:

@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import backup, logs
+from . import backup, backupstore, logs
 from .agents import known_nodes
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
 from .lock import RunLock
+from .outcomes import Outcome
 from .pending import Pending
 from .planning import room
 from .planning.plan import Plan, Route
 from .planning.planner import make_plan
 from .planning.policy import policy_for
-from .runs import CANCELLED, Outcome, RunCancelled, RunStore, new_run_id, summary_lines
+from .runs import CANCELLED, RunCancelled, RunStore, new_run_id, summary_lines
 from .survey import SendInventory, survey
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def start_run(
         pulls = interleaved(plan.missing)
         if settings.backup is not None:
             # what the backup must hold once the run completes (imagesync.backup)
-            backup.BackupStore(redis).remember(run_id, backup.candidates(settings, plan))
+            backupstore.BackupStore(redis).remember(run_id, backup.candidates(settings, plan))
         complete = store.create(
             run_id,
             trigger=trigger,

@@ -28,24 +28,30 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import agents, backup, keys, logs, references, taskargs
-from .attempt import Attempt
+from .attempt import Attempt, WaitForHolder, spent_since
+from .backupstore import BackupStore
 from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, refuse, settings
 from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, node_queue
 from .errors import ConfigError, one_line
 from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay, shares_pool
+from .outcomes import EXPIRED, FAILED, SKIPPED, TIMED_OUT, Outcome
 from .pending import Pending
 from .planning.plan import DEFAULT_ROUTE, Route
 from .pulls import get_image, needs_check
 from .redelivery import take_back
 from .redisclient import connect
-from .runs import EXPIRED, FAILED, RUNNING, SKIPPED, TIMED_OUT, Outcome
+from .runs import RUNNING
+from .semaphore import Semaphore
 from .sync import finalize_stale, finish_pull, run_store, start_run
 from .taskargs import RefusedTask
 
 log = logging.getLogger("imagesync")
 
 PULL_SOFT_LIMIT, PULL_HARD_LIMIT = pull_time_limits(settings)
+#: backups that hold a process of the control worker at once (celeryconfig.CONTROL_CONCURRENCY
+#: leaves the others to runs), and how long another waits in the queue before it looks again
+BACKUPS_AT_ONCE, BACKUP_WAIT = 1, 30
 #: retry backoff: base seconds, doubled per attempt, capped, with jitter
 BACKOFF_BASE, BACKOFF_CAP = 2.0, 60.0
 
@@ -128,9 +134,13 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
     time_limit=PULL_HARD_LIMIT,
 )
 def pull(self, run_id: str, node: str, image: str, deadline: float | None = None,  # type: ignore[no-untyped-def]
-         route: dict | None = None) -> str:
+         route: dict | None = None, began: float | None = None) -> str:
     """Get ``image`` onto ``node`` for run ``run_id``, from the sources of its ``route``
-    (the registry alone without one), and report the outcome."""
+    (the registry alone without one), and report the outcome.
+
+    ``began``: when this attempt's ``time_out`` began, for a pull put back in
+    its queue to wait for a holder to copy from (it resumes with what is left).
+    """
     attempts = self.request.retries + 1
     try:
         run_id, node, image = _pull_target(self, run_id, node, image)
@@ -140,6 +150,7 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
     refusal = None
     try:
         deadline, checked = taskargs.deadline(deadline), taskargs.route(settings, redis(), route, image)
+        began = taskargs.deadline(began)
     except RefusedTask as exc:
         refusal = exc
     state, started = run_store(settings, redis()).state(run_id)
@@ -157,8 +168,15 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             check = needs_check(self.request.retries, redelivered, started)
             attempt = Attempt(settings, settings.node(node), image, checked, run_id, check=check,
-                              last=self.request.retries >= self.max_retries, redis=redis())
+                              last=self.request.retries >= self.max_retries, redis=redis(),
+                              spent=spent_since(began), requeue=True)
             outcome, transient = get_image(attempt)
+        except WaitForHolder as wait:
+            if holder is not None:
+                _slots().give_back(node, holder)
+            _requeue(self, run_id, wait.delay, began=wait.began)
+            raise RetryLater(f"{node}: {image}: {wait.reason}; back in the queue for {wait.delay} s",
+                             when=wait.delay) from None
         except ConfigError as exc:
             outcome, transient = Outcome(node, image, FAILED, reason=exc.problems[0]), False
         except SoftTimeLimitExceeded:
@@ -178,7 +196,9 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
             # A pull being retried is a run making progress: its run must not
             # be taken for stuck while the retries last.
             run_store(settings, redis()).touch(run_id)
-            raise self.retry(countdown=delay)
+            # a retry is a new attempt, with a time_out of its own
+            kwargs = {k: v for k, v in (self.request.kwargs or {}).items() if k != "began"}
+            raise self.retry(countdown=delay, kwargs=kwargs)
     outcome.attempts = attempts
     if finish_pull(settings, redis(), run_id, outcome) == 2:
         send_backup(run_id)  # this pull completed the run
@@ -195,23 +215,44 @@ def _pull_target(task, run_id: object, node: object, image: object) -> tuple[str
     return run_id, node, taskargs.reference(image)
 
 
-def send_backup(run_id: str) -> None:
+def send_backup(run_id: str, countdown: float = 0) -> None:
     """Queue the backup of a run that just completed, on the control queue (with a backup configured).
 
     Its time limit grows with the images to check: each copy is bounded by time_out.
     """
     if settings.backup is None:
         return
-    images = len(backup.BackupStore(redis()).candidates(run_id) or {})
+    images = len(BackupStore(redis()).candidates(run_id) or {})
     rounds = -(-images // settings.max_parallel)
     limit = rounds * (settings.time_out + 30) + SYNC_TIME_LIMIT
-    back_up.apply_async(args=(run_id,), queue=CONTROL_QUEUE, time_limit=limit, soft_time_limit=limit - 30)
+    back_up.apply_async(args=(run_id,), queue=CONTROL_QUEUE, time_limit=limit, soft_time_limit=limit - 30,
+                        countdown=countdown or None)
 
 
-@app.task(name="imagesync.backup", ignore_result=True)
-def back_up(run_id: str) -> str:
-    """Copy into the backup registry what run ``run_id`` wanted and the backup lacks."""
-    record = backup.back_up(settings, redis(), run_id, send_backup_push)
+# Acknowledged when it starts, not when it ends: a backup may run far longer than
+# the visibility timeout, and a second delivery while the first still copies
+# would start it again. A backup whose worker dies is ended by its record's
+# deadline (finalize); the next run's backup brings the backup up to date.
+@app.task(name="imagesync.backup", ignore_result=True, bind=True, acks_late=False)
+def back_up(self, run_id: str) -> str:  # type: ignore[no-untyped-def]
+    """Copy into the backup registry what run ``run_id`` wanted and the backup lacks.
+
+    At most ``BACKUPS_AT_ONCE`` backup holds one of the control worker's
+    processes; another waits in the queue, holding none, so that the others
+    stay free for runs (``sync``) and ``finalize``.
+    """
+    run_id = taskargs.run_id(run_id)
+    hard_limit = (self.request.timelimit or (None, None))[0] or SYNC_TIME_LIMIT
+    running = Semaphore(redis(), keys.BACKUPS_RUNNING, BACKUPS_AT_ONCE, hard_limit + 60)
+    holder = self.request.id or run_id
+    if not running.acquire(holder):
+        log.info("run %s: another backup is under way; this one waits %d s in the queue", run_id, BACKUP_WAIT)
+        send_backup(run_id, countdown=BACKUP_WAIT)
+        return "waiting"
+    try:
+        record = backup.back_up(settings, redis(), run_id, send_backup_push)
+    finally:
+        running.release(holder)
     return record["status"] if record else "no backup"
 
 
@@ -292,11 +333,18 @@ def _take_slot(task, run_id: str, node: str) -> str | None:  # type: ignore[no-u
     if holder is not None:
         return holder
     delay = requeue_delay()
-    # waiting for a slot, like a retry, is a run making progress: not stuck
-    run_store(settings, redis()).touch(run_id)
-    task.signature_from_request(task.request, countdown=delay, retries=task.request.retries).apply_async()
+    _requeue(task, run_id, delay)
     raise RetryLater(f"{node} runs max_parallel ({settings.max_parallel}) pulls; back in the queue for {delay} s",
                 when=delay)
+
+
+def _requeue(task, run_id: str, delay: float, **kwargs: object) -> None:  # type: ignore[no-untyped-def]
+    """Put the pull back on its queue for ``delay`` s and free its pool process: a retry
+    that counts no attempt (same ``retries``, task id and arguments, ``deadline`` included;
+    ``kwargs`` replaced). Waiting, like a retry, is a run making progress: not stuck."""
+    run_store(settings, redis()).touch(run_id)
+    task.signature_from_request(task.request, kwargs={**(task.request.kwargs or {}), **kwargs},
+                                countdown=delay, retries=task.request.retries).apply_async()
 
 
 @app.task(name="imagesync.finalize", ignore_result=True)

@@ -20,7 +20,7 @@ from .common import redis_client as _redis
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ..celeryconfig import CONTROL_QUEUE, node_queue
+    from ..celeryconfig import CONTROL_CONCURRENCY, CONTROL_QUEUE, node_queue
 
     settings = _settings()
     logs.check_log_dir(settings.log_dir)
@@ -29,7 +29,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise CommandError("--concurrency goes with --nodes or --all-nodes: a worker of one node runs "
                            "max_parallel pulls", EXIT_CONFIG)
     if args.control:
-        argv = ["-Q", CONTROL_QUEUE, "-c", "2", "-n", "control@%h"]
+        argv = ["-Q", CONTROL_QUEUE, "-c", str(CONTROL_CONCURRENCY), "-n", "control@%h"]
     elif args.nodes or args.all_nodes:
         argv = shared_worker_argv(settings, args.nodes, args.concurrency)
     else:
