@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from . import keys
 from .budgets import LIST_TIMEOUT
 from .config import Node
+from .config.problems import explain
 from .config.sources import AGENT_VARIABLE
 from .errors import ConfigError, NodeError, one_line
 from .inventory import examine, examine_command, interpret
@@ -72,9 +73,7 @@ def agent_node(settings: Settings, name: str | None = None, environ: Mapping[str
     try:
         node = Node.model_validate({key: value for key, value in fields.items() if value is not None})
     except ValidationError as exc:
-        from .config.problems import _explain
-
-        raise ConfigError([f"agent node {_explain(error, {})}" for error in exc.errors(include_url=False)]) from None
+        raise ConfigError([f"agent node {explain(error, {})}" for error in exc.errors(include_url=False)]) from None
     if any(configured.name == node.name for configured in settings.nodes):
         raise ConfigError([f"agent node name {node.name!r} is a node of the configuration ([[nodes]]) too: "
                            "give the agent another name (--name, NODE_NAME), or remove that node from the file"])

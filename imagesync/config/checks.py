@@ -49,7 +49,7 @@ _CRONTAB_FIELDS = (
 #
 # Every field is checked by one of these functions, which raise errors that
 # already carry the final text.  Translating pydantic's own errors
-# (problems._explain) is then left with the shape of the document: missing
+# (problems.explain) is then left with the shape of the document: missing
 # keys, unknown keys, a value where a table or a list belongs.
 
 

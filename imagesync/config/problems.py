@@ -23,7 +23,7 @@ from .model import Node, RegistryLogin, Settings, SSHSettings
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def _explain(error: ErrorDetails, labels: Mapping[Location, str]) -> str:
+def explain(error: ErrorDetails, labels: Mapping[Location, str]) -> str:
     """One line for one pydantic error: where, what is wrong, what to do."""
     context = error.get("ctx") or {}
     location: Location = _untagged(tuple(context.get("at", error["loc"])))

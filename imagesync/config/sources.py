@@ -28,7 +28,7 @@ from imagesync.errors import ConfigError
 from .backup import BackupSettings
 from .checks import Location, _show, _suggest
 from .model import _TOP_KEYS, Settings, SSHSettings
-from .problems import _explain
+from .problems import explain
 from .shellconf import _is_legacy, _read_legacy
 
 DEFAULT_CONFIG_PATH = Path("/etc/imagesync/imagesync.toml")
@@ -149,7 +149,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         try:
             settings = Settings.model_validate(document.values)
         except ValidationError as exc:
-            problems += [_explain(error, document.labels) for error in exc.errors(include_url=False)]
+            problems += [explain(error, document.labels) for error in exc.errors(include_url=False)]
     problems += environment_problems
     if problems or settings is None or document is None:
         # values are shown with repr-style escapes; this is for anything else
