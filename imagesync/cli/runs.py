@@ -19,7 +19,7 @@ from rich.table import Table
 
 from .. import logs
 from ..config import Settings
-from ..runs import Run
+from ..runs import Run, summary_lines
 from . import common
 from .common import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, CommandError, read_settings, redis_client, say
 
@@ -108,8 +108,6 @@ def follow(settings: Settings, redis, run_id: str) -> int:
 
 
 def print_run(run: Run) -> None:
-    from ..runs import summary_lines
-
     lines = summary_lines(run)
     common.line(lines[0])
     for line in lines[1:]:
