@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
 
 import paramiko
 from paramiko.ssh_exception import NoValidConnectionsError
@@ -17,8 +19,31 @@ from paramiko.ssh_exception import NoValidConnectionsError
 from ..errors import AuthenticationFailed, HostKeyChanged, HostKeyUnknown, NodeError, NodeUnreachable
 from .hostkeys import known_hosts_name
 
-if TYPE_CHECKING:
-    from .ssh import SSHTransport
+
+class Connecting(Protocol):
+    """What :func:`connect_error` reads of the transport that failed to connect
+    (:class:`~imagesync.transport.ssh.SSHTransport`, its jump host one as well)."""
+
+    node: str
+    role: str | None
+    host: str
+    port: int
+    user: str
+    connect_timeout: float
+    key_files: Sequence[Path]
+    known_hosts_files: Sequence[Path]
+
+    @property
+    def jump(self) -> Connecting | None: ...
+
+    @property
+    def known_hosts(self) -> Path: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def subject(self) -> str: ...
 
 
 def handshake_dropped(exc: BaseException) -> bool:
@@ -53,7 +78,7 @@ def for_node(exc: NodeError, node: str) -> NodeError:
     return error
 
 
-def connect_error(transport: SSHTransport, exc: BaseException, attempts: int = 1, took: float = 0.0) -> BaseException:
+def connect_error(transport: Connecting, exc: BaseException, attempts: int = 1, took: float = 0.0) -> BaseException:
     """The NodeError for ``transport``'s failed connection (``exc`` itself if it is no
     connection's error); ``attempts`` handshakes in ``took`` seconds, when sshd dropped them."""
     where = known_hosts_name(transport.host, transport.port)
