@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import references, runtimes
 from .backupstore import BACKED_UP, BACKUP_FAILED, BackupOutcome, BackupStore, report
-from .budgets import KILL_AFTER, SSH_GRACE
+from .budgets import KILL_AFTER, SSH_GRACE, stale_after
 from .errors import NodeError, RefusedReference
 from .planning.plan import most_held
 from .transport import transport_for
@@ -61,6 +61,8 @@ HELD, MISSING, STALE, UNKNOWN = "held", "missing", "stale", "unknown"
 #: registry answers that mean "no such image" rather than "cannot tell"
 _NOT_THERE = re.compile(r"manifest unknown|name unknown|not found|404", re.IGNORECASE)
 _SKOPEO_NOISE = re.compile(r'^time="[^"]*" level=\w+ msg="?|"$')
+#: seconds skopeo may run past its own --command-timeout before it is killed
+SKOPEO_GRACE = 10
 
 
 # -- what the backup should hold ----------------------------------------------------------------
@@ -103,7 +105,8 @@ class Skopeo:
         seconds = self.settings.time_out
         argv = ["skopeo", "--command-timeout", f"{seconds}s", *args]
         try:
-            result = subprocess.run(argv, capture_output=True, timeout=seconds + 10, stdin=subprocess.DEVNULL)
+            result = subprocess.run(argv, capture_output=True, timeout=seconds + SKOPEO_GRACE,
+                                    stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return 124, b"", f"skopeo did not finish within time_out ({seconds} s)"
         except FileNotFoundError:
@@ -230,13 +233,24 @@ def back_up(settings: Settings, redis: Redis, run_id: str, send_push: SendPush) 
     with skopeo(settings) as tool:
         checks = check(settings, wanted, tool)
         todo = [found for found in checks if found.state != HELD]
-        if not store.start(run_id, len(todo), len(checks) - len(todo)):
+        if not store.start(run_id, [found.image for found in todo], len(checks) - len(todo),
+                           record_deadline(settings, len(todo))):
             return store.get(run_id)  # a redelivered task: the first one did it
         if not todo:
             log.info("run %s: backup holds all %d images", run_id, len(checks))
         with ThreadPoolExecutor(max_workers=min(settings.max_parallel, max(1, len(todo)))) as pool:
             list(pool.map(lambda found: _bring(settings, store, run_id, found, tool, send_push), todo))
     return store.get(run_id)
+
+
+def record_deadline(settings: Settings, copies: int) -> float:
+    """Seconds a backup's record may take to fill once started: its copies, ``max_parallel``
+    at a time, each within skopeo's time; then a push from a node, which may wait behind a
+    pull in that node's queue (``stale_after``) and takes ``time_out`` with its graces. Past
+    it, the record is abandoned (:mod:`imagesync.backupstore`)."""
+    rounds = -(-copies // settings.max_parallel)
+    push = settings.time_out + KILL_AFTER + SSH_GRACE + stale_after(settings)
+    return rounds * (settings.time_out + SKOPEO_GRACE) + push
 
 
 def _bring(settings: Settings, store: BackupStore, run_id: str, found: Check, tool: Skopeo,
@@ -261,6 +275,7 @@ def _bring(settings: Settings, store: BackupStore, run_id: str, found: Check, to
     if found.holders:
         log.info("run %s: %s cannot be copied from %s (%s): %s pushes it", run_id, found.image, ref.domain,
                  reason, found.holders[0])
+        store.pushing(run_id, found.image, found.holders[0])
         send_push(found.holders[0], run_id, found.image, found.name)
         return
     done(BACKUP_FAILED, reason=f"from {ref.domain}: {reason}; no node that holds it can push it (ctr needed)")

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 from helpers import measured, started_run, wait_for
 
-from imagesync import backup, references, runtimes
+from imagesync import backup, keys, references, runtimes
+from imagesync.backupstore import BACKED_UP, BackupOutcome, BackupStore, abandon_overdue, summary_lines
 from imagesync.config import Settings, load_settings
 from imagesync.errors import ConfigError
 from imagesync.facts import NodeFacts
 from imagesync.planning.plan import BACKUP, REGISTRY, Policy
 from imagesync.planning.planner import make_plan
 from imagesync.planning.policy import policy_for
+from imagesync.redisvalues import server_time
 from imagesync.runtimes import Image
 
 BACKUP_PASSWORD = "bk pass 7f3e!"
@@ -160,6 +162,51 @@ def test_node_commands_quote_names_and_check_the_digest():
     assert "--skip-verify" not in secure and "--plain-http" not in secure
     with pytest.raises(Exception, match="not a valid"):
         ctr.push_command("bk.local/x:1", "reg.local/a:1;reboot", 30, bk.insecure, bk.login())
+
+
+# -- the record of a run's backup, in a real Redis ----------------------------------------------
+
+
+def _backed_up(image):
+    return BackupOutcome(image, f"bk.local/{image}", BACKED_UP)
+
+
+def test_a_second_delivery_of_a_backup_changes_nothing_and_the_record_waits_for_every_copy(redis_client):
+    """A long backup delivered twice: the second delivery finds fewer images to copy (the first
+    copied some) and must not shrink what the record expects, or it would be done while copies run."""
+    store = BackupStore(redis_client)
+    store.remember("r1", {image: {} for image in "abc"})
+    assert store.start("r1", ["a", "b", "c"], 0, 600)
+    assert store.record("r1", _backed_up("a")) == 1
+    assert not store.start("r1", ["b", "c"], 1, 600)  # the second delivery: the backup holds a now
+    assert store.record("r1", _backed_up("b")) == 1  # c still copying: not done
+    record = store.get("r1")
+    assert (record["status"], record["expected"], record["held"]) == ("running", 3, 0)
+    assert store.record("r1", _backed_up("c")) == 2
+    assert store.get("r1")["status"] == "done"
+
+
+def test_a_backup_past_its_deadline_is_abandoned_naming_what_never_came(redis_client):
+    """The backup's worker died, or a node asked to push has no worker: the record does not stay
+    running for ever. Its deadline passed, a reader or finalize marks it abandoned, with why."""
+    store = BackupStore(redis_client)
+    redis_client.lpush(keys.HISTORY, "r2")
+    store.remember("r2", {image: {} for image in "abc"})
+    now = server_time(redis_client)
+    assert store.start("r2", ["a", "b", "c"], 0, 600, now=now)
+    assert store.record("r2", _backed_up("a")) == 1
+    store.pushing("r2", "c", "node-1")
+    assert abandon_overdue(redis_client, now=now + 599) == []
+    assert store.get("r2")["status"] == "running"
+    assert abandon_overdue(redis_client, now=now + 601) == ["r2"]
+    record = store.get("r2")
+    assert record["status"] == "abandoned" and record["finished"] == pytest.approx(now + 601)
+    assert record["reason"] == ("no outcome by its deadline for 2 of 3 images (1 copy by the control worker and "
+                                "pushes from node-1): that worker stopped or never took them; the next run's "
+                                "backup copies what the backup still lacks")
+    assert summary_lines("r2", record)[1] == f"run r2: backup abandoned: {record['reason']}"
+    assert store.record("r2", _backed_up("b")) == 0  # a late outcome is kept, and reopens nothing
+    assert store.get("r2")["status"] == "abandoned" and abandon_overdue(redis_client, now=now + 700) == []
 
 
 def _skopeo_raw(reference: str, login: tuple[str, str]) -> bytes:
@@ -466,3 +513,33 @@ def test_on_a_crictl_only_node_the_backup_source_fails_with_its_reason(tmp_path)
             assert ("ctr is not installed on node-2: a crictl-only node can pull the backup name but cannot "
                     "give the image its original name back; install containerd's ctr") in outcome["reason"]
             assert ref not in node.images()
+
+
+@pytest.mark.cluster
+def test_a_push_asked_of_a_node_without_its_worker_leaves_the_backup_abandoned_not_running(bk):
+    """Upstream lost an image only node-1 holds: the backup asks node-1 to push it, on node-1's
+    queue, but node-1's worker is gone. Past the record's deadline (moved here once the record
+    is seen running), ``history`` shows the backup abandoned, naming node-1, not running for ever."""
+    from redis import Redis
+
+    d, c = bk, bk.cluster
+    c.seed({"node-1": ["bcm11/orphan:1"]})
+    c.registry.delete_image("bcm11/orphan", "1")
+    d.services.stop("worker-node-1")
+    try:
+        run_id = started_run(d.cli("sync", "--node", "node-2", "--wait"))
+
+        def waiting_for_the_push():
+            record = d.history(run_id).get("backup") or {}
+            return record.get("status") == "running" and record["expected"] - len(record["results"]) == 1 and record
+
+        record = wait_for(waiting_for_the_push, 60, "the backup to wait for node-1's push")
+        assert record["deadline"] > record["started"]
+        redis = Redis.from_url(c.redis.url)
+        redis.hset(keys.run_backup(run_id), "deadline", server_time(redis) - 1)
+        shown = d.cli("history", run_id, env={"COLUMNS": "1000"})
+        assert "backup abandoned: no outcome by its deadline for 1 of " in shown.stdout, shown.stdout
+        assert "(pushes from node-1): that worker stopped or never took them" in shown.stdout, shown.stdout
+        assert d.history(run_id)["backup"]["status"] == "abandoned"
+    finally:
+        d.services.start_worker("node-1")
