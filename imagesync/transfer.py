@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import keys, references, runtimes
-from .attempt import Attempt, WaitForHolder
-from .budgets import KILL_AFTER, SSH_GRACE, stale_after
+from .attempt import Attempt, NodeFailed, WaitForHolder
+from .budgets import KILL_AFTER, LIST_TIMEOUT, SSH_GRACE, stale_after
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .outcomes import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome
 from .planning.plan import PEERS
@@ -98,15 +98,8 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
         image = references.normalize(attempt.image)
     except RefusedReference as exc:
         return attempt.outcome(FAILED, f"refused: {exc.reason}"), False
-    target = ctr_for(node)
-    if attempt.check:
-        try:
-            present = transport_for(settings, node).run(
-                f"echo {target.digest_of(image)}", timeout=settings.ssh.connect_timeout + SSH_GRACE)
-        except NodeError as exc:
-            return attempt.outcome(FAILED, exc.message), exc.transient
-        if present.ok and present.stdout.strip():
-            return attempt.outcome(PRESENT), False
+    if attempt.check and _holds(attempt, image):
+        return attempt.outcome(PRESENT), False
     holders = Holders(attempt, image)
     tried: dict[str, str] = {}  # source -> why its copy failed
     transient = False
@@ -163,9 +156,24 @@ def requeue_delay() -> float:
     return round(random.uniform(*REQUEUE_AFTER), 2)
 
 
-def ctr_for(node: Node) -> runtimes.Ctr:
-    """containerd's own client on ``node``, in its namespace and at its endpoint."""
-    return runtimes.Ctr(address=node.endpoint, namespace=node.namespace)
+def _holds(attempt: Attempt, image: str) -> bool:
+    """Whether the node holds ``image`` already, as its containerd says within
+    :data:`~imagesync.budgets.LIST_TIMEOUT` (or what is left of ``time_out``).
+
+    The check runs under the node's ``timeout``: closing the SSH channel would stop
+    nothing there. A node that cannot answer is the node's own failure, whatever the source.
+    """
+    node = attempt.node
+    seconds = max(1, min(int(LIST_TIMEOUT), attempt.remaining()))
+    try:
+        answer = transport_for(attempt.settings, node).run(
+            runtimes.ctr_for(node).presence_command(image, seconds), timeout=seconds + KILL_AFTER + SSH_GRACE)
+    except NodeError as exc:
+        raise NodeFailed(attempt.outcome(FAILED, exc.message), exc.transient) from exc
+    if answer.exit_code in runtimes.TIMEOUT_EXIT_CODES:
+        reason = f"containerd on {node.name} did not say within {seconds} s whether it holds {image}"
+        raise NodeFailed(attempt.outcome(FAILED, reason), True)
+    return answer.ok and bool(answer.stdout.strip())
 
 
 class Holders:
@@ -287,7 +295,7 @@ def copy(settings: Settings, source: Node, target: Node, image: str, digest: str
     def left() -> float:
         return max(0.001, deadline - time.monotonic())
 
-    export = ctr_for(source).export_command(image, seconds, platform)
+    export = runtimes.ctr_for(source).export_command(image, seconds, platform)
     try:
         reader = transport_for(settings, source).open(export)
     except NodeError as exc:
@@ -304,7 +312,7 @@ def copy(settings: Settings, source: Node, target: Node, image: str, digest: str
             return Copied(False, f"{source.name} now holds {image} as {held}, not {digest} as planned")
         try:
             writer = transport_for(settings, target).open(
-                ctr_for(target).import_command(image, held, seconds, platform))
+                runtimes.ctr_for(target).import_command(image, held, seconds, platform))
         except NodeError as exc:
             return Copied(False, f"cannot start the import on {target.name}: {exc.message}", exc.transient)
         size = 0

@@ -19,7 +19,8 @@ from collections import Counter
 import pytest
 from helpers import finish, measured, start_cli, started_run, wait_for
 
-from imagesync.attempt import Attempt
+from imagesync.attempt import Attempt, NodeFailed
+from imagesync.budgets import KILL_AFTER
 from imagesync.config import load_settings
 from imagesync.outcomes import COPIED
 from imagesync.planning.plan import PEERS, Route
@@ -212,6 +213,42 @@ def test_a_missing_digest_is_refused_and_the_import_removed(d):
     assert not copied.ok
     assert f"node-1 now holds {ref} as" in copied.reason
     assert ref not in d.cluster.node("node-2").images()
+
+
+def test_a_presence_check_that_hangs_ends_on_the_node(d):
+    """A checked copy first asks its target whether it holds the image, under the node's
+    ``timeout``: closing the SSH channel stops nothing on the node, so without it the check's
+    ``sh`` and ``ctr`` stay there for as long as containerd does not answer."""
+    settings = load_settings(d.config_path).model_copy(update={"time_out": 3})
+    target = d.cluster.node("node-4")
+    ref = d.cluster.ref("bcm11/never:1")
+    route = Route((PEERS,), ("node-1",), platform="linux/amd64")
+    attempt = Attempt(settings, settings.node("node-4"), ref, route, check=True)
+    # a containerd that takes the connection and never answers: ctr waits as long as it must
+    wrapper = target.bin_dir / "ctr"
+    wrapper.write_text('#!/bin/sh\ncase "$*" in\n  *"images ls"*) sleep 600 ;;\n  *) exec /usr/bin/ctr "$@" ;;\nesac\n')
+    wrapper.chmod(0o755)
+    try:
+        began = time.monotonic()
+        try:
+            answer: object = from_peers(attempt)
+        except NodeFailed as exc:
+            answer = exc
+        took = time.monotonic() - began
+        settle = time.monotonic() + 2  # killed processes take a moment to go
+        while (left := target.processes(r"\bctr\b|\bsh -c\b|\btimeout\b|\bsleep\b")) and time.monotonic() < settle:
+            time.sleep(0.1)
+    finally:
+        unstall(target)
+    for process in left:  # the node for the next test
+        os.kill(process.pid, signal.SIGKILL)
+    assert left == [], left
+    # the node's own failure: no other source could do better, the route ends here
+    assert isinstance(answer, NodeFailed), answer
+    reason = answer.outcome.reason
+    assert answer.transient and reason.startswith("containerd on node-4 did not say within "), reason
+    assert reason.endswith(f" s whether it holds {ref}"), reason
+    assert took < 3 + KILL_AFTER + 3, took
 
 
 # -- whole runs ---------------------------------------------------------------------------------------------
