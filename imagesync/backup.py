@@ -46,7 +46,7 @@ from .backupstore import BACKED_UP, BACKUP_FAILED, BackupOutcome, BackupStore, r
 from .budgets import KILL_AFTER, SSH_GRACE, stale_after
 from .errors import NodeError, RefusedReference
 from .planning.plan import most_held
-from .transport import transport_for
+from .transport import PROGRESS_TAIL, transport_for
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -289,7 +289,8 @@ def push_from_node(settings: Settings, redis: Redis, run_id: str, node: Node, im
     try:
         command = runtimes.ctr_for(node).push_command(name, image, settings.time_out, settings.backup.insecure,
                                                        settings.backup.login())
-        result = transport_for(settings, node).run(command, timeout=settings.time_out + KILL_AFTER + SSH_GRACE)
+        result = transport_for(settings, node).run(command, timeout=settings.time_out + KILL_AFTER + SSH_GRACE,
+                                                   tail=PROGRESS_TAIL)
         if result.exit_code in runtimes.TIMEOUT_EXIT_CODES:
             status, reason = BACKUP_FAILED, f"push did not finish within time_out ({settings.time_out} s)"
         elif not result.ok:
