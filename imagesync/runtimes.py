@@ -7,11 +7,15 @@ Two runtimes are supported, chosen per node:
 * ``ctr`` talks to containerd directly: ``ctr -n k8s.io images ls`` and
   ``ctr -n k8s.io images pull`` (honouring the node's registry hosts dir).
 
-This is the one place that builds command lines for a node. Every argument
-that is not a constant is shell-quoted, and image references are only ever
-passed after :mod:`imagesync.references` has accepted them. Pulls run under
-the node's own ``timeout`` so that the node-side process ends even if the
-task that started it is killed.
+This is the one place that builds command lines for a node: the pulls, and
+``ctr``'s copy between nodes (export, import, a presence check), restore from
+the backup registry and push into it. Every argument that is not a constant
+is shell-quoted, and image references and digests are only ever passed after
+:mod:`imagesync.references` has accepted them: some arrive in a task's
+arguments, and the lines run as root. Every command but a listing runs whole
+under the node's own ``timeout``, so that nothing of it stays on the node when
+the task that started it gives up or is killed (closing an SSH channel stops
+nothing there), even when containerd hangs.
 """
 
 from __future__ import annotations
