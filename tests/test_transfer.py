@@ -9,18 +9,22 @@ order. Every assertion on images asks the nodes' containerd directly.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import finish, measured, start_cli, started_run, wait_for
+from helpers import finish, measured, start_cli, started_run, wait_for, wait_for_run_end
 
 from imagesync.attempt import Attempt, NodeFailed
 from imagesync.budgets import KILL_AFTER
+from imagesync.celeryconfig import node_queue
 from imagesync.config import load_settings
 from imagesync.outcomes import COPIED
 from imagesync.planning.plan import PEERS, Route
@@ -349,6 +353,54 @@ def test_a_seed_that_fails_sends_the_nodes_waiting_for_it_to_the_registry(d):
 
 
 # -- waiting for a holder ---------------------------------------------------------------------------------
+
+
+def copies_first(d, nodes) -> None:
+    """Put the queued copies of ``nodes`` before their seeds' pulls, as retries, slot requeues and
+    take-backs can leave them: each node's worker takes a copy that waits for the other's seed first."""
+    def seeds_first(message: bytes) -> bool:
+        kwargs = json.loads(base64.b64decode(json.loads(message)["body"]))[1]
+        return (kwargs.get("route") or {}).get("sources", ["registry"])[0] != "peers"
+
+    with d.cluster.redis.client() as client:
+        for node in nodes:
+            queue = node_queue(node)
+            messages = client.lrange(queue, 0, -1)
+            # a worker takes from the right end: the seeds to the left, behind the copies
+            ordered = sorted(messages, key=seeds_first, reverse=True)
+            pipe = client.pipeline()
+            pipe.delete(queue)
+            pipe.rpush(queue, *ordered)
+            pipe.execute()
+
+
+def test_copies_waiting_on_each_others_seeds_give_way_to_them(d):
+    x, y = d.cluster.push("bcm11/mutual-x", "1"), d.cluster.push("bcm11/mutual-y", "1")
+    use(d, source="peers-first", images=[x, y], max_parallel=1)
+    nodes = [node.name for node in d.cluster.nodes]
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(d.services.stop, [f"worker-{node}" for node in nodes]))
+    try:
+        run_id = started_run(d.cli("sync"))  # the pulls wait in their queues
+        seeds = {route.seed for route in routes_of(d, x).values()} | {route.seed for route in routes_of(d, y).values()}
+        assert seeds == {"node-1", "node-2", None}, seeds  # node-1 seeds x, node-2 y: each waits for the other
+        copies_first(d, nodes)
+    finally:
+        for node in nodes:
+            d.services.start_worker(node, wait=False)
+        for node in nodes:
+            d.services.wait_ready(f"worker-{node}")
+    began = time.monotonic()
+    run = wait_for_run_end(d, run_id, 2 * SETTINGS["time_out"])
+    took = time.monotonic() - began
+    measured("two nodes, one process each, each taking first a copy of what the other seeds: run (s)",
+             round(took, 1))
+    results = {(r["node"], r["image"]): r for r in run["results"] if r["image"] in (x, y)}
+    statuses = Counter(r["status"] for r in results.values())
+    # the seeds pulled while the copies waited in their queues, and the copies then copied
+    assert statuses == {"pulled": 2, "copied": 6}, results
+    assert results[("node-1", x)]["status"] == results[("node-2", y)]["status"] == "pulled"
+    assert took < SETTINGS["time_out"] / 2, took  # no copy held its node's one process until it gave up waiting
 
 
 def routes_of(d, ref):
