@@ -60,8 +60,8 @@ def needs_check(retries: int, redelivered: bool, run_started: float | None, now:
     return (now or time.time()) - run_started > FRESH_PLAN
 
 
-#: seconds of the budget below which no further source is tried
-MIN_SECONDS = 1
+#: seconds of ``time_out`` below which the next source is not tried
+MIN_SOURCE_SECONDS = 1
 #: what a runtime says when an image has nothing for the node's platform
 NO_PLATFORM = re.compile(r"no match for platform", re.IGNORECASE)
 #: the node's own trouble, whatever the source: a runtime that does not answer its
@@ -90,7 +90,7 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
     tried: list[str] = []  # what each source that handed over answered
     outcome, transient = attempt.outcome(FAILED, "no source to try"), False
     for source in attempt.route.sources:
-        if tried and attempt.remaining() < MIN_SECONDS:
+        if tried and attempt.remaining() < MIN_SOURCE_SECONDS:
             budget = f"time_out ({attempt.settings.time_out} s) spent before {source} could be tried"
             outcome, transient = attempt.outcome(TIMED_OUT, budget), False
             break

@@ -1,4 +1,6 @@
-"""Copying an image from a node that holds it: the "peers" source of a route.
+"""Copying an image from a node that holds it: one idea under three names, the
+``transfer`` setting that allows it, the ``peers`` source of a route that does
+it, and the ``copied`` outcome of a pull it served.
 
 The copy streams ``ctr images export`` on the source node into ``ctr images
 import`` on the target, through this process: two commands, one per node
@@ -68,8 +70,8 @@ SERVES = 1
 POLL = 0.5
 #: seconds a serving slot is held without being refreshed, should its copy die
 SERVE_LEASE = 30.0
-#: seconds of the budget below which no further holder is tried
-MIN_SECONDS = 5
+#: seconds of ``time_out`` below which no copy from a further holder is started
+MIN_COPY_SECONDS = 5
 #: the share of ``time_out`` a copy waits for a holder at most (:func:`wait_limit`)
 WAIT_SHARE = 0.5
 #: seconds a waiting copy stays back in its queue before it looks again (jittered)
@@ -109,7 +111,7 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
         candidates = [peer for peer in holders.current() if peer not in tried and peer != node.name]
         if not candidates and (tried or not holders.may_appear()):
             break
-        if tried and attempt.remaining() < MIN_SECONDS:
+        if tried and attempt.remaining() < MIN_COPY_SECONDS:
             return attempt.outcome(TIMED_OUT, f"time_out ({settings.time_out} s) was spent"), False
         source = _take_a_source(attempt, candidates, holder_id)
         if source is None:
