@@ -23,23 +23,7 @@ from redis.exceptions import WatchError
 
 from . import keys
 from .errors import ImagesyncError
-
-# what the run store uses; the others only until their importers have moved to .outcomes
-from .outcomes import (  # noqa: F401
-    COPIED,
-    EXPIRED,
-    FAILED,
-    NOT_APPLICABLE,
-    NOT_FAILURES,
-    OUTCOMES,
-    PRESENT,
-    PULLED,
-    RESTORED,
-    SKIPPED,
-    SUCCESSES,
-    TIMED_OUT,
-    Outcome,
-)
+from .outcomes import COPIED, NOT_FAILURES, OUTCOMES, SKIPPED, Outcome
 from .redisvalues import as_text, server_time
 
 RUNNING, COMPLETED, ABANDONED, CANCELLED = "running", "completed", "abandoned", "cancelled"
