@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import runtimes
+from ..budgets import SSH_GRACE
 from ..config import Node, Settings
 from ..errors import NodeError
 from ..planning import room
@@ -151,7 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         runtime = runtimes.for_node(node)
         try:
             transport = transport_for(settings, node)
-            transport.run("true", timeout=settings.ssh.connect_timeout + 10)
+            transport.run("true", timeout=settings.ssh.connect_timeout + SSH_GRACE)
             row["ssh"] = "ok"
             version = transport.run(runtime.version_command(), timeout=30)
             if version.exit_code == runtimes.COMMAND_NOT_FOUND:
