@@ -12,8 +12,8 @@ This is the one place that builds command lines for a node: the pulls, and
 the backup registry and push into it. Every argument that is not a constant
 is shell-quoted, and image references and digests are only ever passed after
 :mod:`imagesync.references` has accepted them: some arrive in a task's
-arguments, and the lines run as root. Every command but a listing runs whole
-under the node's own ``timeout``, so that nothing of it stays on the node when
+arguments, and the lines run as root. Every command but a listing or a version
+query runs whole under the node's own ``timeout``, so that nothing of it stays on the node when
 the task that started it gives up or is killed (closing an SSH channel stops
 nothing there), even when containerd hangs.
 """
@@ -229,7 +229,7 @@ class Ctr:
             pull = f"sh -c {shlex.quote(script)}"
         return _pull_under_timeout(pull, time_out, presence)
 
-    def digest_of(self, reference: str) -> str:
+    def _digest_of(self, reference: str) -> str:
         """A shell expression: the manifest digest the node holds ``reference`` under ("" if none).
 
         Its ``ctr`` has no timeout of its own: every command that uses it runs under one."""
@@ -240,7 +240,7 @@ class Ctr:
     def presence_command(self, reference: str, time_out: int) -> str:
         """Prints the digest the node holds ``reference`` under (an empty line if none), under
         the node's ``timeout``: exits 0 either way, 124 or 137 when containerd did not answer."""
-        return _under_timeout(f'echo "{self.digest_of(reference)}"', time_out)
+        return _under_timeout(f'echo "{self._digest_of(reference)}"', time_out)
 
     def export_command(self, reference: str, time_out: int, platform: str | None = None) -> str:
         """First a line ``EXPORT_MARKER DIGEST`` (the digest the node holds ``reference``
@@ -248,7 +248,7 @@ class Ctr:
         both under the node's ``timeout``."""
         ref = _checked(reference)
         only = f" --platform {shlex.quote(platform)}" if platform else ""
-        script = f'echo "{EXPORT_MARKER} {self.digest_of(reference)}"; exec {self._base()} images export{only} - {ref}'
+        script = f'echo "{EXPORT_MARKER} {self._digest_of(reference)}"; exec {self._base()} images export{only} - {ref}'
         return _under_timeout(script, time_out)
 
     def import_command(self, reference: str, digest: str, time_out: int, platform: str | None = None) -> str:
@@ -266,8 +266,8 @@ class Ctr:
         only = f" --platform {shlex.quote(platform)}" if platform else ""
         imported = _pull_under_timeout(f"{self._base()} images import{only} -", time_out).command
         script = (
-            f"before={self.digest_of(reference)}; {imported}; status=$?; "
-            f"after={self.digest_of(reference)}; removed=0; "
+            f"before={self._digest_of(reference)}; {imported}; status=$?; "
+            f"after={self._digest_of(reference)}; removed=0; "
             f'if [ -n "$after" ] && [ "$after" != "$before" ] && '
             f'{{ [ $status -ne 0 ] || [ "$after" != {digest} ]; }}; then '
             f"{self._base()} images rm {ref} >/dev/null 2>&1; removed=1; fi; "

@@ -179,7 +179,7 @@ def test_every_ctr_line_refuses_invalid_references(evil):
                   lambda: ctr.restore_command(evil, "reg.local/a:1", 30),
                   lambda: ctr.push_command("bk.local/a:1", evil, 30),
                   lambda: ctr.pull_command("reg.local/a:1", 30, also_as=evil),
-                  lambda: ctr.digest_of(evil),
+                  lambda: ctr.presence_command(evil, 30),
                   lambda: ctr.export_command(evil, 30),
                   lambda: ctr.import_command(evil, "sha256:" + "a" * 64, 30)):
         with pytest.raises(RefusedReference):
