@@ -62,7 +62,7 @@ def reference(value: object) -> str:
     try:
         references.parse(value)  # type: ignore[arg-type]
     except RefusedReference as exc:
-        raise RefusedTask(f"image {exc}") from None
+        raise RefusedTask(f"image {exc.reference!r}: {exc.reason}") from None
     return value  # type: ignore[return-value]
 
 

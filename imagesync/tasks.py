@@ -143,20 +143,22 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
     """
     attempts = self.request.retries + 1
     try:
-        run_id, node, image = _pull_target(self, run_id, node, image)
+        run_id, node = _pull_target(self, run_id, node)
     except RefusedTask as exc:
         log.error("pull of %r onto %r for run %r: %s; nothing done", image, node, run_id, exc)
         return FAILED
+    # a run and a node of this worker: what else is refused is reported into that run
     refusal = None
     try:
+        image = taskargs.reference(image)
         deadline, checked = taskargs.deadline(deadline), taskargs.route(settings, redis(), route, image)
         began = taskargs.deadline(began)
     except RefusedTask as exc:
         refusal = exc
     state, started = run_store(settings, redis()).state(run_id)
     if refusal is not None:
-        log.error("run %s: %s: %s: %s; nothing done", run_id, node, image, refusal)
-        outcome = Outcome(node, image, FAILED, reason=str(refusal))
+        log.error("run %s: %s: %r: %s; nothing done", run_id, node, image, refusal)
+        outcome = Outcome(node, str(image), FAILED, reason=f"refused: {refusal.reason}")
     elif state not in (None, RUNNING):
         outcome = Outcome(node, image, SKIPPED, reason=f"run was already {state} when this pull started")
     elif deadline is not None and time.time() > deadline:
@@ -205,14 +207,14 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
     return outcome.status
 
 
-def _pull_target(task, run_id: object, node: object, image: object) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
-    """The run, node and image of a pull message, checked (taskargs): the node one this worker
+def _pull_target(task, run_id: object, node: object) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The run and node of a message for a node, checked (taskargs): the node one this worker
     serves, on its own queue."""
     run_id = taskargs.run_id(run_id)
     node = taskargs.nodes(settings, redis(), [node])[0]
     routing_key = (task.request.delivery_info or {}).get("routing_key")
     taskargs.delivered_to(node, routing_key, node_queue(node))
-    return run_id, node, taskargs.reference(image)
+    return run_id, node
 
 
 def send_backup(run_id: str, countdown: float = 0) -> None:
@@ -266,7 +268,8 @@ def backup_push(run_id: str, node: str, image: str, name: str) -> str:
     """Push ``image`` from ``node`` to the backup as ``name`` (upstream no longer has it);
     on the node's queue, so under its max_parallel."""
     try:
-        run_id, node, image = _pull_target(backup_push, run_id, node, image)
+        run_id, node = _pull_target(backup_push, run_id, node)
+        image = taskargs.reference(image)
         if settings.backup is None or name != references.backup_name(settings.backup.registry, image):
             raise RefusedTask(f"{name!r} is not the backup's name of {image}")
     except RefusedTask as exc:

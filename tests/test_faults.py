@@ -709,15 +709,17 @@ def test_crafted_image_names_from_a_node_are_refused_and_never_run(deploy, tmp_p
     main_log = "".join(p.read_text() for p in d.cluster.log_dir.glob("*/image-sync.log"))
     assert not any(line.startswith("touch") for line in main_log.splitlines())
 
-    # A forged pull message carrying the names (someone with access to Redis) is refused too.
+    # A forged pull message carrying the names (someone with access to Redis) is refused too,
+    # and reported into the run it names (a run id of imagesync's grammar: another is refused unreported).
+    forged = "20261204-000000-f0f0f0"
     send = ("import json, sys; from imagesync.tasks import send_pull\n"
-            "for name in json.load(sys.stdin): send_pull('node-2', name, 'forged', 600)")
+            f"for name in json.load(sys.stdin): send_pull('node-2', name, '{forged}', 600)")
     subprocess.run([sys.executable, "-c", send], input=json.dumps(names), text=True, check=True, timeout=60,
                    env={**os.environ, "IMAGESYNC_CONFIG": str(d.config_path)})
 
     def forged_lines():
         text = "".join(p.read_text() for p in d.cluster.log_dir.glob("*/failed_images.log"))
-        return [line for line in text.splitlines() if " run=forged " in line]
+        return [line for line in text.splitlines() if f" run={forged} " in line]
 
     lines = wait_for(lambda: len(forged_lines()) >= len(names) and forged_lines(), 60, "the forged pulls reported")
     assert len(lines) == len(names)  # one line each: no name split a line in two

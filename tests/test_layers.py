@@ -22,7 +22,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 def test_every_module_imports_only_from_its_layer_or_below():
     result = lint_imports(REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "2 kept, 0 broken" in result.stdout
 
 
 def test_a_lower_module_importing_a_higher_one_breaks_the_contract(tmp_path):
@@ -33,3 +33,12 @@ def test_a_lower_module_importing_a_higher_one_breaks_the_contract(tmp_path):
     result = lint_imports(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "imagesync.keys -> imagesync.sync" in result.stdout, result.stdout
+
+
+def test_planning_importing_a_node_transport_breaks_the_contract(tmp_path):
+    shutil.copytree(REPO / "imagesync", tmp_path / "imagesync", ignore=shutil.ignore_patterns("__pycache__"))
+    planner = tmp_path / "imagesync" / "planning" / "planner.py"
+    planner.write_text(planner.read_text() + "\n\ndef _later() -> None:\n    from .. import transport  # noqa: F401\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "imagesync.planning is not allowed to import imagesync.transport" in result.stdout, result.stdout
