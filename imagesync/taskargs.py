@@ -47,13 +47,13 @@ class RefusedTask(ImagesyncError):
 
 def run_id(value: object) -> str:
     if not isinstance(value, str) or RUN_ID.fullmatch(value) is None:
-        raise RefusedTask(f"run id {_shown(value)} is not one imagesync writes (YYYYMMDD-HHMMSS-hex)")
+        raise RefusedTask(f"run id {shown(value)} is not one imagesync writes (YYYYMMDD-HHMMSS-hex)")
     return value
 
 
 def request_id(value: object) -> str:
     if not isinstance(value, str) or REQUEST_ID.fullmatch(value) is None:
-        raise RefusedTask(f"inventory request {_shown(value)} is not one imagesync writes")
+        raise RefusedTask(f"inventory request {shown(value)} is not one imagesync writes")
     return value
 
 
@@ -70,13 +70,13 @@ def digest(value: object) -> str:
     try:
         return references.parse_digest(value)
     except RefusedReference as exc:
-        raise RefusedTask(f"digest {_shown(value)}: {exc.reason}") from None
+        raise RefusedTask(f"digest {shown(value)}: {exc.reason}") from None
 
 
 def delivered_to(node: str, routing_key: str | None, queue: str) -> None:
     """A message for ``node`` came off ``node``'s own queue (when the broker says which)."""
     if routing_key and routing_key != queue:
-        raise RefusedTask(f"a message for node {_shown(node)} arrived on queue {_shown(routing_key)}")
+        raise RefusedTask(f"a message for node {shown(node)} arrived on queue {shown(routing_key)}")
 
 
 def nodes(settings: Settings, redis: Redis | None, names: Iterable[object]) -> list[str]:
@@ -87,7 +87,7 @@ def nodes(settings: Settings, redis: Redis | None, names: Iterable[object]) -> l
     known = set(known_nodes(settings, redis))
     for name in names:
         if not isinstance(name, str) or name not in known:
-            raise RefusedTask(f"node {_shown(name)} is neither configured nor a registered agent")
+            raise RefusedTask(f"node {shown(name)} is neither configured nor a registered agent")
     return names  # type: ignore[return-value]
 
 
@@ -100,13 +100,13 @@ def route(settings: Settings, redis: Redis | None, data: object, image: str) -> 
     if data is None:
         return Route.from_dict(None)
     if not isinstance(data, Mapping):
-        raise RefusedTask(f"route {_shown(data)} is not a mapping")
+        raise RefusedTask(f"route {shown(data)} is not a mapping")
     unknown = set(data) - ROUTE_FIELDS
     if unknown:
         raise RefusedTask(f"route has fields no plan writes: {', '.join(sorted(map(str, unknown)))}")
     sources = _strings(data.get("sources") or (REGISTRY,), "route sources")
     if not sources or not set(sources) <= SOURCES:
-        raise RefusedTask(f"route sources {_shown(sources)}: known sources are {', '.join(sorted(SOURCES))}")
+        raise RefusedTask(f"route sources {shown(sources)}: known sources are {', '.join(sorted(SOURCES))}")
     peers = _strings(data.get("peers") or (), "route peers")
     seed = data.get("seed")
     nodes(settings, redis, [*peers, *([seed] if seed is not None else [])])
@@ -114,7 +114,7 @@ def route(settings: Settings, redis: Redis | None, data: object, image: str) -> 
         digest(data["digest"])
     platform = data.get("platform")
     if platform is not None and (not isinstance(platform, str) or PLATFORM.fullmatch(platform) is None):
-        raise RefusedTask(f"route platform {_shown(platform)} is not os/architecture[/variant]")
+        raise RefusedTask(f"route platform {shown(platform)} is not os/architecture[/variant]")
     if data.get("pull_as") is not None:
         _pulled_as(settings, reference(data["pull_as"]), image)
     if not isinstance(data.get("pin", False), bool):
@@ -132,7 +132,7 @@ def _pulled_as(settings: Settings, pull_as: str, image: str) -> None:
 
 def trigger(value: object) -> str:
     if not isinstance(value, str) or not value.isprintable() or len(value) > MAX_TRIGGER:
-        raise RefusedTask(f"trigger {_shown(value)} is not a short printable text")
+        raise RefusedTask(f"trigger {shown(value)} is not a short printable text")
     return value
 
 
@@ -140,16 +140,17 @@ def deadline(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RefusedTask(f"deadline {_shown(value)} is not a number")
+        raise RefusedTask(f"deadline {shown(value)} is not a number")
     return float(value)
 
 
 def _strings(value: Any, what: str) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
-        raise RefusedTask(f"{what} {_shown(value)} is not a list of names")
+        raise RefusedTask(f"{what} {shown(value)} is not a list of names")
     return list(value)
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
+    """``value`` for a log line or a run record: repr, so escaped, and cut at 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

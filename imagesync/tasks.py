@@ -157,8 +157,10 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
         refusal = exc
     state, started = run_store(settings, redis()).state(run_id)
     if refusal is not None:
-        log.error("run %s: %s: %r: %s; nothing done", run_id, node, image, refusal)
-        outcome = Outcome(node, str(image), FAILED, reason=f"refused: {refusal.reason}")
+        log.error("run %s: %s: %s: %s; nothing done", run_id, node, taskargs.shown(image), refusal)
+        # a refused name goes on into log lines and the run record escaped, as the plan shows refusals
+        named = image if isinstance(image, str) and references.is_valid(image) else taskargs.shown(image)
+        outcome = Outcome(node, named, FAILED, reason=f"refused: {refusal.reason}")
     elif state not in (None, RUNNING):
         outcome = Outcome(node, image, SKIPPED, reason=f"run was already {state} when this pull started")
     elif deadline is not None and time.time() > deadline:
