@@ -28,7 +28,9 @@ which hands over to the next source at once. It waits without holding its pool
 process or its node's slot: the task puts the pull back in its queue for a few
 seconds (:class:`~imagesync.attempt.WaitForHolder`), so that the seed pulls
 behind it in the queue get to run. A wait lasts half of ``time_out`` at most
-(:func:`wait_limit`); the next source, the registry, gets what is left. Each
+(:func:`wait_limit`); the next source, the registry, gets what is left. (A copy
+that is the route's last source, after the registry failed, waits for a busy
+holder as long as ``time_out`` allows, in its process: no seed is behind it.) Each
 source serves at most :data:`SERVES` copies at once (a
 :class:`~imagesync.semaphore.Semaphore` per node), so the holders double in
 each round instead of all copying from the first.
@@ -115,15 +117,19 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
             return attempt.outcome(TIMED_OUT, f"time_out ({settings.time_out} s) was spent"), False
         source = _take_a_source(attempt, candidates, holder_id)
         if source is None:
-            # Only the first holder is waited for: once a copy failed, the next source is tried.
             waiting = "every holder was busy" if candidates else "no node came to hold it"
-            if tried:
-                gave_up = "every other holder was busy"
-                break
-            if attempt.elapsed() >= wait_limit(settings):
-                gave_up = f"{waiting} within {wait_limit(settings):g} s (half of time_out)"
-                break  # the next source gets what is left of time_out
-            if attempt.requeue:
+            if _followed(attempt):
+                # another source gets the rest of time_out: only the first holder is
+                # waited for, half of time_out at most
+                if tried:
+                    gave_up = "every other holder was busy"
+                    break
+                if attempt.elapsed() >= wait_limit(settings):
+                    gave_up = f"{waiting} within {wait_limit(settings):g} s (half of time_out)"
+                    break
+            elif attempt.remaining() < MIN_COPY_SECONDS:
+                return attempt.outcome(TIMED_OUT, f"{waiting} until time_out ({settings.time_out} s) was spent"), False
+            if attempt.requeue and not tried:
                 raise WaitForHolder(requeue_delay(), time.time() - attempt.elapsed(),
                                     f"{waiting} yet to copy {image} from")
             time.sleep(POLL)
@@ -148,9 +154,15 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
 
 
 def wait_limit(settings: Settings) -> float:
-    """Seconds a copy waits for a holder, or for a free one, at most: half of ``time_out``,
-    so that the next source (the registry) still has the other half."""
+    """Seconds a copy that another source follows waits for a holder, or for a free one, at
+    most: half of ``time_out``, so that the next source (the registry) has the other half."""
     return settings.time_out * WAIT_SHARE
+
+
+def _followed(attempt: Attempt) -> bool:
+    """Whether another source follows the copy in the route (under peers-first, the registry).
+    A copy that is the last source waits for a free holder as long as ``time_out`` allows."""
+    return attempt.route.sources[-1:] != (PEERS,)
 
 
 def requeue_delay() -> float:

@@ -16,12 +16,22 @@ from imagesync.budgets import stale_after
 from imagesync.config import Node, Settings
 from imagesync.errors import CommandTimedOut, RefusedReference
 from imagesync.facts import NodeFacts
-from imagesync.outcomes import FAILED, PULLED, Outcome
+from imagesync.outcomes import FAILED, PULLED, TIMED_OUT, Outcome
 from imagesync.planning.plan import DEFAULT_ROUTE, PEERS, REGISTRY, Policy, Route
 from imagesync.planning.planner import make_plan
 from imagesync.runs import Run, pull_key, summary_lines
 from imagesync.runtimes import Ctr, Image
-from imagesync.transfer import REQUEUE_AFTER, Holders, from_peers, note_holder, wait_limit
+from imagesync.semaphore import Semaphore
+from imagesync.transfer import (
+    MIN_COPY_SECONDS,
+    REQUEUE_AFTER,
+    SERVE_LEASE,
+    SERVES,
+    Holders,
+    from_peers,
+    note_holder,
+    wait_limit,
+)
 from imagesync.transport import LocalTransport
 
 REF = "reg.local:5000/bcm11/app:1"
@@ -162,6 +172,31 @@ def test_a_waiting_copy_goes_back_to_its_queue_and_keeps_its_budget(monkeypatch)
     assert (outcome.status, transient) == (FAILED, False)
     assert outcome.reason == f"no node came to hold it within {wait_limit(config):g} s (half of time_out)"
     assert outcome.duration >= wait_limit(config)
+
+
+def test_a_copy_after_the_registry_waits_for_a_busy_holder_as_long_as_time_out_allows(monkeypatch, redis_client):
+    """A real Redis: a holder's serving slots are a semaphore, a Lua script."""
+    class Waited(Exception):
+        pass
+
+    def sleep(seconds):
+        raise Waited
+
+    monkeypatch.setattr("imagesync.transfer.time.sleep", sleep)
+    redis = redis_client
+    config = settings()
+    Semaphore(redis, keys.node_serves("n1"), SERVES, SERVE_LEASE).acquire("another copy")
+    route = Route((REGISTRY, PEERS), ("n1",), platform="linux/amd64")
+    # the last source, after the registry (so the pull waits in its process, see pulls.get_image):
+    # no source after it to give half of time_out to
+    past_half = Attempt(config, config.node("n2"), REF, route, "r1", check=False, redis=redis,
+                        spent=wait_limit(config) + 1)
+    with pytest.raises(Waited):
+        from_peers(past_half)
+    spent = replace(past_half, spent=config.time_out - MIN_COPY_SECONDS + 1)
+    outcome, transient = from_peers(spent)
+    assert (outcome.status, transient) == (TIMED_OUT, False)
+    assert outcome.reason == f"every holder was busy until time_out ({config.time_out} s) was spent"
 
 
 def test_the_summary_says_where_copies_came_from():
