@@ -93,9 +93,9 @@ def test_an_export_on_a_hung_containerd_ends_on_the_node(node):
 
 def test_a_presence_check_answers_or_times_out_on_the_node(node):
     ctr, transport = runtimes.ctr_for(node.config), transport_for(node.settings, node.config)
-    held = transport.run(ctr.presence_command(node.ref, SECONDS), timeout=SECONDS + KILL_AFTER + SSH_GRACE)
+    held = transport.run(ctr.presence_command(node.ref, 30), timeout=30 + KILL_AFTER + SSH_GRACE)
     assert (held.exit_code, held.stdout.strip()) == (0, node.cluster.digests[node.ref])
-    absent = transport.run(ctr.presence_command(node.cluster.ref("bcm11/never:1"), SECONDS), timeout=30)
+    absent = transport.run(ctr.presence_command(node.cluster.ref("bcm11/never:1"), 30), timeout=50)
     assert (absent.exit_code, absent.stdout.strip()) == (0, "")
     status, took, left = _run_on_hung_node(node, ctr.presence_command(node.ref, SECONDS))
     assert left == [], left
