@@ -1,12 +1,15 @@
 """Getting one image onto one node, from the sources its route names, in order.
 
-:func:`get_image` follows the plan's :class:`~imagesync.plan.Route`: the
+:func:`get_image` follows the plan's :class:`~imagesync.planning.plan.Route`: the
 registry (one command on the node, one SSH round trip), then, when the
 registry cannot serve the image, the backup registry and the nodes that hold
 it. All of them share one budget, ``time_out``: it bounds getting the image,
 whatever was tried. A source that fails for good hands over to the next; one
 that may succeed if tried again makes the task retry first (the whole route),
-and only on the last attempt hands over.
+and only on the last attempt hands over. A copy that waits for a holder may send
+the pull back to its queue meanwhile (:class:`~imagesync.attempt.WaitForHolder`),
+only as the route's first source, so that no source is tried twice; its
+``time_out`` goes on through the wait.
 
 A pull on its first delivery was planned from an inventory taken seconds
 earlier, so it just pulls: pulling an image that is already there is harmless
@@ -34,6 +37,7 @@ from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
 from .outcomes import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
 from .planning.plan import BACKUP, PEERS, REGISTRY
+from .planning.platforms import node_platform, record_failed_pull
 from .restore import from_backup
 from .transfer import from_peers, note_holder
 from .transport import PROGRESS_TAIL, transport_for
@@ -193,10 +197,8 @@ SOURCES: dict[str, Fetch] = {REGISTRY: from_registry, BACKUP: from_backup, PEERS
 
 def _keep_platform_verdict(attempt: Attempt, reason: str) -> None:
     """Remember that the digest this pull judged has nothing for the node's platform, so
-    that the next plan leaves it off such nodes (imagesync.platforms). The platform is
+    that the next plan leaves it off such nodes (imagesync.planning.platforms). The platform is
     the route's or the node's setting, else one ``uname -m`` on the node: this is rare."""
-    from .planning.platforms import node_platform, record_failed_pull
-
     platform = attempt.route.platform or attempt.node.platform
     if platform is None and attempt.redis is not None:
         try:
