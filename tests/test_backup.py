@@ -24,6 +24,7 @@ from imagesync.planning.planner import make_plan
 from imagesync.planning.policy import policy_for
 from imagesync.redisvalues import server_time
 from imagesync.runtimes import Image
+from imagesync.transport import close_all
 
 BACKUP_PASSWORD = "bk pass 7f3e!"
 
@@ -293,7 +294,9 @@ def bk(tmp_path_factory):
                 "registry": f"{registry.address}/bk", "username": "bkuser", "password_file": str(password_file),
                 "insecure": True, "insecure_sources": [reg]})
             d.start()
+            close_all()  # the tests that restore in this process: no transport to another cluster's node
             yield d
+            close_all()
 
 
 def _bk_repo(d, image):

@@ -25,6 +25,7 @@ from imagesync.backup import push_from_node
 from imagesync.config import load_settings
 from imagesync.planning.plan import BACKUP, Route
 from imagesync.restore import from_backup
+from imagesync.transport import close_all
 
 LOGIN = ("bkuser", "tls bk pass")
 
@@ -113,8 +114,10 @@ def tls(tmp_path_factory):
             named(workdir / "https", host, tls=True, login=LOGIN) as https, \
             named(workdir / "http", host, tls=False, login=LOGIN) as plain:
         cluster.seed({"node-1": ["bcm11/app:1", "bcm11/lib:1", "bcm11/web:1"]})
+        close_all()  # this process's transports are kept by node name: none may lead to another cluster's node
         yield SimpleNamespace(cluster=cluster, https=https, http=plain, workdir=workdir,
                               redis=Redis.from_url(cluster.redis.url))
+        close_all()
 
 
 def _settings(t, registry, insecure: bool, hosts_dir: Path | None = None):

@@ -17,7 +17,7 @@ from imagesync import runtimes
 from imagesync.budgets import KILL_AFTER, SSH_GRACE
 from imagesync.config import load_settings
 from imagesync.errors import CommandTimedOut
-from imagesync.transport import transport_for
+from imagesync.transport import close_all, transport_for
 
 pytestmark = pytest.mark.cluster
 
@@ -37,8 +37,10 @@ def node(tmp_path_factory):
     with Cluster(workdir / "cluster", nodes=1) as cluster:
         cluster.seed({"node-1": ["bcm11/app:1"]})
         settings = load_settings(cluster.write_config(workdir / "imagesync.toml"))
+        close_all()  # this process's transports are kept by node name: none may lead to another cluster's node-1
         yield SimpleNamespace(cluster=cluster, node=cluster.node("node-1"), settings=settings,
                               config=settings.node("node-1"), ref=cluster.ref("bcm11/app:1"))
+        close_all()
 
 
 @contextmanager
