@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from . import agents, backup, keys, logs, references, taskargs
 from .attempt import Attempt, WaitForHolder, spent_since
-from .backupstore import BackupStore
+from .backupstore import BackupStore, abandon_overdue
 from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, refuse, settings
 from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, node_queue
@@ -354,9 +354,12 @@ def _requeue(task, run_id: str, delay: float, **kwargs: object) -> None:  # type
 
 @app.task(name="imagesync.finalize", ignore_result=True)
 def finalize() -> list[str]:
-    """Housekeeping: finalize runs that stopped making progress and free their lock;
-    remove day folders of log_dir older than log_keep_days."""
+    """Housekeeping: finalize runs that stopped making progress and free their lock; end
+    backup records past their deadline (their worker died); remove day folders of log_dir
+    older than log_keep_days."""
     ended = finalize_stale(settings, redis())
+    if settings.backup is not None:
+        abandon_overdue(redis())
     logs.prune(settings.log_dir, settings.log_keep_days)
     return ended
 

@@ -2,7 +2,8 @@
 
 On the real cluster (Redis, the control and node workers, the registry behind
 its proxy, a backup registry): two runs' backups are held under way (the proxy
-holds their downloads from upstream), and a third run still starts at once.
+holds their downloads from upstream), and a third run still starts at once; a
+backup record whose worker died is ended by ``finalize`` past its deadline.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from celery import Celery
 from helpers import started_run, wait_for
 
 from imagesync import keys
+from imagesync.backupstore import BackupStore
 from imagesync.celeryconfig import CONTROL_QUEUE
+from imagesync.redisvalues import server_time
 
 pytestmark = pytest.mark.cluster
 
 
-def test_backups_under_way_leave_the_control_worker_free_for_runs(deploy, tmp_path):
+def test_backups_leave_the_control_worker_free_for_runs_and_finalize_ends_an_overdue_one(deploy, tmp_path):
     from testcluster.registry import Registry
 
     d = deploy(nodes=2)
@@ -50,3 +53,17 @@ def test_backups_under_way_leave_the_control_worker_free_for_runs(deploy, tmp_pa
                      120, f"the backup of run {run_id}")
         assert backup.manifest_digest(f"bk/{c.registry_address.replace(':', '_')}/bcm11/big", "1") == \
             c.digests[c.ref("bcm11/big:1")]
+
+        # a backup whose worker died keeps its record running only until its deadline:
+        # beat's finalize, run by the control worker, ends it
+        with c.redis.client() as client:
+            store = BackupStore(client)
+            dead = "20261204-000000-dead00"
+            client.lpush(keys.HISTORY, dead)
+            store.remember(dead, {c.ref("bcm11/big:1"): {}})
+            assert store.start(dead, [c.ref("bcm11/big:1")], 0, 60, now=server_time(client) - 120)
+            Celery(broker=c.redis.url).send_task("imagesync.finalize", queue=CONTROL_QUEUE)
+            # read raw: a reader of the record (store.get) would end it itself
+            wait_for(lambda: client.hget(keys.run_backup(dead), "status") == b"abandoned", 30,
+                     "finalize to end the overdue backup")
+        assert f"run {dead}: backup abandoned: no outcome by its deadline" in d.services.log("control")

@@ -283,18 +283,19 @@ def test_a_pull_that_waited_past_its_expiry_is_reported_expired(deploy):
     image = d.cluster.ref("bcm11/a:1")
     from imagesync.runs import RunStore
 
+    RUN = "20261204-000000-e0e0e0"  # a run id of imagesync's grammar: another is refused unreported
     RunStore(d.cluster.redis.client(), stale_after=600, lock_ttl=600).create(
-        "r-expiry", trigger="test", pulls=[("node-2", image)], skipped={}, drift=[], refused=[], wanted=1)
+        RUN, trigger="test", pulls=[("node-2", image)], skipped={}, drift=[], refused=[], wanted=1)
+    # already past its expiry when sent, while node-2's worker is not running yet
     send = ("import sys; from imagesync.tasks import send_pull; "
-            "send_pull('node-2', sys.argv[1], 'r-expiry', 1)")
+            f"send_pull('node-2', sys.argv[1], '{RUN}', -1)")
     subprocess.run([sys.executable, "-c", send, image], check=True, timeout=60,
                    env={**os.environ, "IMAGESYNC_CONFIG": str(d.config_path)})
-    time.sleep(2)  # node-2's worker is not running yet: the pull outlives its expiry in the queue
     d.services.start_worker("node-2")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and d.history("r-expiry")["status"] == "running":
+    while time.monotonic() < deadline and d.history(RUN)["status"] == "running":
         time.sleep(0.5)
-    run = d.history("r-expiry")
+    run = d.history(RUN)
     assert run["status"] == "completed"
     assert [(r["node"], r["status"]) for r in run["results"]] == [("node-2", "expired")]
     assert image not in d.held("node-2")
