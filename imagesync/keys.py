@@ -17,6 +17,9 @@ WEBHOOK_PENDING = f"{NAMESPACE}:webhook:pending"
 WEBHOOK_PUSHES = f"{NAMESPACE}:webhook:pushes"
 #: sorted set (a semaphore): the backups under way, each holding a process of the control worker
 BACKUPS_RUNNING = f"{NAMESPACE}:backups-running"
+#: hash: every image declared in some run (normalized) -> the id of the last run that declared it;
+#: what `imagesync prune` may take back from a node once it is declared no more (imagesync.declared)
+DECLARED = f"{NAMESPACE}:declared"
 
 
 def sync_taken(task_id: str) -> str:
