@@ -21,117 +21,12 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import WatchError
 
-from . import keys
+from . import keys, runscripts
 from .errors import ImagesyncError
 from .outcomes import COPIED, NOT_FAILURES, OUTCOMES, SKIPPED, Outcome
 from .redisvalues import as_text, server_time
 
 RUNNING, COMPLETED, ABANDONED, CANCELLED = "running", "completed", "abandoned", "cancelled"
-
-# The time inside a script is Redis's own (TIME), unless a caller passes one
-# (tests), so that the clocks of the hosts never decide staleness. Scripts that
-# read TIME and then write need effects replication (the default from Redis 7).
-_NOW = """
-if redis.replicate_commands then redis.replicate_commands() end
-local function now(given)
-    if given and given ~= '' then return tonumber(given) end
-    local t = redis.call('TIME')
-    return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-"""
-
-# A pull reports; returns -1 unknown run, 0 duplicate, 1 recorded,
-# 2 recorded and the run is now complete (lock released), 3 late report.
-# A script whose reply was lost is run again by redis-py's retry with the same
-# arguments: that re-run answers what the first run answered (the outcome JSON,
-# stamped with its finishing time, tells a re-run from a second delivery).
-_RECORD = _NOW + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('SADD', KEYS[2], ARGV[2]) == 0 then
-    if redis.call('HGET', KEYS[3], ARGV[2]) ~= ARGV[3] then return 0 end
-    if redis.call('HGET', KEYS[1], 'completed_by') == ARGV[2] then return 2 end
-    if redis.call('HGET', KEYS[1], 'status') == 'running' then return 1 end
-    return 3
-end
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'n:' .. ARGV[4], 1)
-redis.call('HINCRBY', KEYS[1], 'p:' .. string.match(ARGV[2], '^[^ ]+') .. ':' .. ARGV[4], 1)  -- per node (exporter)
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 3 end
-local t = now(ARGV[5])
-redis.call('HSET', KEYS[1], 'last_progress', string.format('%.6f', t))
-if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expected')) then
-    redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', string.format('%.6f', t), 'completed_by', ARGV[2])
-    redis.call('ZREM', KEYS[4], ARGV[1])
-    if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
-    return 2
-end
-redis.call('ZADD', KEYS[4], t + tonumber(ARGV[6]), ARGV[1])
-if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
-return 1
-"""
-
-# A pull still working for a run (a retry): counts as progress, as a report
-# does. Returns 1 if the run is running and was touched.
-_TOUCH = _NOW + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local t = now(ARGV[4])
-redis.call('HSET', KEYS[1], 'last_progress', string.format('%.6f', t))
-redis.call('ZADD', KEYS[2], t + tonumber(ARGV[2]), ARGV[1])
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
-return 1
-"""
-
-# Mark a run abandoned; returns 1 if this call did it (a re-run of the same
-# call, same token, answers 1 again). Unless forced, the run must still be
-# stale at this instant: a pull that reported since it was found stale saves it.
-_ABANDON = _NOW + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'abandoned' and redis.call('HGET', KEYS[1], 'abandon_token') == ARGV[4] then return 1 end
-if status ~= 'running' then
-    redis.call('ZREM', KEYS[2], ARGV[1])
-    return 0
-end
-local t = now(ARGV[2])
-if ARGV[5] ~= 'force' then
-    local deadline = redis.call('ZSCORE', KEYS[2], ARGV[1])
-    if deadline and tonumber(deadline) > t then return 0 end
-end
-redis.call('HSET', KEYS[1], 'status', 'abandoned', 'finished', string.format('%.6f', t), 'reason', ARGV[3],
-           'abandon_token', ARGV[4])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
-return 1
-"""
-
-# An operator cancels a run (``imagesync cancel``); returns 1 if this call did
-# it (a re-run of the same call, same token, answers 1 again), 0 if the run is
-# no longer running, -1 if there is no such run. The run stops making progress
-# at once: it leaves the stale-run check, its lock is released, and its pulls
-# still queued find it cancelled and are skipped; those already running finish
-# and report late. A run that holds the lock but has no record yet (it is still
-# listing images) gets one here, cancelled, and stops before it sends a pull.
-_CANCEL = _NOW + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'cancelled' and redis.call('HGET', KEYS[1], 'cancel_token') == ARGV[5] then return 1 end
-local t = now(ARGV[2])
-local finished = string.format('%.6f', t)
-if not status then
-    if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
-    redis.call('HSET', KEYS[1], 'id', ARGV[1], 'status', 'cancelled', 'started', finished, 'finished', finished,
-               'last_progress', finished, 'expected', 0, 'cancelled_by', ARGV[3], 'reason', ARGV[4],
-               'cancel_token', ARGV[5])
-    redis.call('LPUSH', KEYS[4], ARGV[1])
-    redis.call('DEL', KEYS[3])
-    return 1
-end
-if status ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', finished, 'cancelled_by', ARGV[3],
-           'reason', ARGV[4], 'cancel_token', ARGV[5])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
-return 1
-"""
-
 
 class RunCancelled(ImagesyncError):
     """The run was cancelled while it was being started."""
@@ -209,10 +104,11 @@ class RunStore:
         self.stale_after = int(stale_after)
         self.lock_ttl = int(lock_ttl)
         self.history = int(history)
-        self._record = redis.register_script(_RECORD)
-        self._abandon = redis.register_script(_ABANDON)
-        self._touch = redis.register_script(_TOUCH)
-        self._cancel = redis.register_script(_CANCEL)
+        self._record = redis.register_script(runscripts.RECORD)
+        self._abandon = redis.register_script(runscripts.ABANDON)
+        self._touch = redis.register_script(runscripts.TOUCH)
+        self._cancel = redis.register_script(runscripts.CANCEL)
+        self._exclude = redis.register_script(runscripts.EXCLUDE)
 
     def create(
         self,
@@ -300,6 +196,13 @@ class RunStore:
                       outcome.status, "", self.stale_after, self.lock_ttl],
             )
         )
+
+    def exclude(self, run_id: str, excluded: dict[str, dict[str, dict[str, str]]], now: float | None = None) -> int:
+        """Leave out of a running run pulls it planned but never sent: node -> image -> {"kind",
+        "reason"}. Returns 0 if the run is not running, 1 if it goes on, 2 if it is now complete."""
+        return int(self._exclude(keys=[keys.run(run_id), keys.run_done(run_id), keys.run_results(run_id),
+                                       keys.ACTIVE, keys.LOCK],
+                                 args=[run_id, json.dumps(excluded, separators=(",", ":")), _given(now)]))
 
     def status(self, run_id: str) -> str | None:
         return as_text(self.redis.hget(keys.run(run_id), "status"))

@@ -27,8 +27,9 @@ from .lock import RunLock
 from .outcomes import Outcome
 from .pending import Pending
 from .planning import room
-from .planning.plan import Plan, Route
+from .planning.plan import NOT_FOR_NODE, Plan, Route
 from .planning.planner import make_plan
+from .planning.platforms import PlatformCheck
 from .planning.policy import policy_for
 from .runs import CANCELLED, RunCancelled, RunStore, new_run_id, summary_lines
 from .survey import SendInventory, survey
@@ -85,24 +86,28 @@ def _known(settings: Settings, redis: Redis | None) -> list[str]:
 
 
 def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None,
-             send_inventory: SendInventory | None = None) -> Plan:
+             send_inventory: SendInventory | None = None, platform_check: PlatformCheck | None = None) -> Plan:
     """Inventory every node and plan, without changing anything; ``send_inventory`` queues
-    the inventory tasks of agent nodes (needed with ``agents = true``)."""
+    the inventory tasks of agent nodes (needed with ``agents = true``). With ``platform_check``
+    made to defer, the pairs that wait for a registry's verdict stay planned (see :func:`start_run`)."""
     inventory = survey(settings, redis, send_inventory)
     return make_plan(
         inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
-        facts=inventory.facts, policy=policy_for(settings, redis, nodes=_known(settings, redis)),
+        facts=inventory.facts,
+        policy=policy_for(settings, redis, nodes=_known(settings, redis), platform_check=platform_check),
         exclude=settings.exclude,
     )
 
 
 def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None,
-                redis: Redis | None = None, send_inventory: SendInventory | None = None) -> Plan:
+                redis: Redis | None = None, send_inventory: SendInventory | None = None,
+                platform_check: PlatformCheck | None = None) -> Plan:
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
     inventory = survey(settings, redis, send_inventory)
     return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
                      facts=inventory.facts,
-                     policy=policy_for(settings, redis, limited=True, nodes=_known(settings, redis)),
+                     policy=policy_for(settings, redis, limited=True, nodes=_known(settings, redis),
+                                       platform_check=platform_check),
                      exclude=settings.exclude)
 
 
@@ -161,8 +166,14 @@ def start_run(
                 return Started("nothing-to-do", None, message)
         trigger = images_trigger(trigger, images)
     try:
-        plan = (plan_now(settings, targets, redis, send_inventory) if images is None
-                else plan_images(settings, images, targets, redis, send_inventory))
+        check = PlatformCheck(settings, redis, defer=True)
+        plan = (plan_now(settings, targets, redis, send_inventory, check) if images is None
+                else plan_images(settings, images, targets, redis, send_inventory, check))
+        awaiting = set(check.awaiting) & set(plan.pulls)
+        if len(awaiting) == plan.total:
+            # no pull could go ahead of the registries' answers: ask them now, as the plan does
+            _keep_off(plan, check.settle(awaiting))
+            awaiting = set()
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
         for refusal in plan.refused:
@@ -204,13 +215,27 @@ def start_run(
         # The lock's TTL ran from before the inventory, which may have taken long.
         _keep_lock(lock, store, run_id, "after the inventory")
         per_node = Counter(node for node, _ in pulls)
-        log.info("run %s started by %s: %d pulls on %d nodes (%s)", run_id, trigger, plan.total,
-                 len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())))
+        log.info("run %s started by %s: %d pulls on %d nodes (%s)%s", run_id, trigger, plan.total,
+                 len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())),
+                 f"; {len(awaiting)} wait for their registry's platform verdict" if awaiting else "")
         expiry = {node: pull_expiry(settings, count) for node, count in per_node.items()}
-        for sent, (node, image) in enumerate(pulls, 1):
-            send_pull(node, image, run_id, expiry[node], plan.route(node, image))
-            if sent % RENEW_EVERY == 0:
-                _keep_lock(lock, store, run_id, f"after sending {sent} of {len(pulls)} pulls")
+        sender = _Sender(send_pull, plan, run_id, expiry, lambda when: _keep_lock(lock, store, run_id, when))
+        sender.send([pull for pull in pulls if pull not in awaiting], len(pulls))
+        if awaiting:
+            # the pulls that need no verdict are on their way; the others follow as the registries answer
+            kept_off = check.settle(awaiting)
+            _keep_off(plan, kept_off)
+            log.info("run %s: platform verdicts in: %d pulls kept off (n/a), %d sent now",
+                     run_id, len(kept_off), len(awaiting) - len(kept_off))
+            if kept_off and store.exclude(run_id, _as_exclusions(kept_off)) == 2:
+                # every pull it sent had reported: the run is complete, its lock released
+                if pending is not None:
+                    pending.settle(taken)
+                write_summary(settings, store, run_id)
+                return Started("started", run_id, f"run {run_id} started: {plan.total} pulls", plan.total, plan,
+                               missed)
+            _keep_lock(lock, store, run_id, "after the platform verdicts")
+            sender.send([pull for pull in pulls if pull in awaiting and pull not in kept_off], len(pulls))
         _keep_lock(lock, store, run_id, "after sending every pull")
         if pending is not None:
             pending.settle(taken)
@@ -230,6 +255,35 @@ def start_run(
         raise
     message = f"run {run_id} started: {plan.total} pulls" + (f"; {_missed_line(missed)}" if missed else "")
     return Started("started", run_id, message, plan.total, plan, missed)
+
+
+class _Sender:
+    """Sends a run's pulls, renewing its lock every :data:`RENEW_EVERY` pulls."""
+
+    def __init__(self, send_pull: SendPull, plan: Plan, run_id: str, expiry: Mapping[str, float],
+                 keep_lock: Callable[[str], None]) -> None:
+        self.send_pull, self.plan, self.run_id, self.expiry = send_pull, plan, run_id, expiry
+        self.keep_lock = keep_lock
+        self.sent = 0
+
+    def send(self, pulls: Iterable[tuple[str, str]], total: int) -> None:
+        for node, image in pulls:
+            self.send_pull(node, image, self.run_id, self.expiry[node], self.plan.route(node, image))
+            self.sent += 1
+            if self.sent % RENEW_EVERY == 0:
+                self.keep_lock(f"after sending {self.sent} of {total} pulls")
+
+
+def _keep_off(plan: Plan, kept_off: Mapping[tuple[str, str], str]) -> None:
+    for (node, image), reason in kept_off.items():
+        plan.exclude(node, image, NOT_FOR_NODE, reason)
+
+
+def _as_exclusions(kept_off: Mapping[tuple[str, str], str]) -> dict[str, dict[str, dict[str, str]]]:
+    found: dict[str, dict[str, dict[str, str]]] = {}
+    for (node, image), reason in kept_off.items():
+        found.setdefault(node, {})[image] = {"kind": NOT_FOR_NODE, "reason": reason}
+    return found
 
 
 def node_counts(plan: Plan) -> dict[str, dict[str, int]]:

@@ -29,6 +29,7 @@ from imagesync.outcomes import PULLED
 from imagesync.planning.plan import REGISTRY, Route
 from imagesync.pulls import from_registry
 from imagesync.registry import RegistryClient
+from imagesync.runs import pull_key
 from imagesync.runtimes import PINNED_LABEL
 from testcluster.cluster import Cluster
 from testcluster.image import write_oci_index
@@ -114,8 +115,10 @@ def d(tmp_path_factory):
                 deployment.digests = {name: future.result() for name, future in pushed.items()}
             cluster.push_many(["amd/tool:1", "library/ubuntu:xenial", "kenhill/abc123:test", "pinning/kept:1"])
             reach_only_from_nodes(cluster, NODES_ONLY)
-            ctr_pull(deployment, "node-1", "bcm11/arm-only:1", platform="linux/arm64")
-            ctr_pull(deployment, "node-1", "bcm11/again:1", platform="linux/arm64")
+            # held by the arm64 node: the amd64 nodes need their registry's verdict (an amd64 holder
+            # would vouch for them, test_a_run_asks_only_what_no_holder_vouches_for_...)
+            ctr_pull(deployment, "node-3", "bcm11/arm-only:1", platform="linux/arm64")
+            ctr_pull(deployment, "node-3", "bcm11/again:1", platform="linux/arm64")
             ctr_pull(deployment, "node-1", "bcm11/multi:1")
             # seed 003's file as it is, its registry names pointed at the test registry
             image_config = workdir / "image.config"
@@ -160,7 +163,6 @@ def test_an_image_with_nothing_for_amd64_is_na_there_and_the_rest_syncs(d):
     plan = d.first_plan
     assert plan["excluded"]["node-2"][arm_only] == {
         "kind": "n/a", "reason": "no manifest for linux/amd64: the image has linux/arm64"}
-    assert arm_only in plan["missing"]["node-3"]
     declared = d.cluster.ref("arm/declared:1")
     for node in ("node-1", "node-2"):
         assert plan["excluded"][node][declared]["kind"] == "n/a"
@@ -172,7 +174,7 @@ def test_an_image_with_nothing_for_amd64_is_na_there_and_the_rest_syncs(d):
     assert pulls[("node-3", declared)] == "pulled" and ("node-1", declared) not in pulls
     assert run["excluded"]["node-2"][arm_only]["kind"] == "n/a"
     assert arm_only not in d.cluster.node("node-2").images()
-    # the arm64 node pulled it (ctr --platform linux/arm64), and the multi-arch index went everywhere
+    # the arm64 node holds it (ctr --platform linux/arm64), and the multi-arch index went everywhere
     assert d.cluster.node("node-3").images()[arm_only] == d.digests["arm-only"]
     for node in ("node-2", "node-3"):
         assert d.cluster.node(node).images()[multi] == d.digests["multi"]
@@ -293,7 +295,7 @@ def test_a_registry_that_does_not_answer_does_not_hold_the_plan(d):
     late = d.cluster.ref("bcm11/late:1")
     # for no node's platform: once judged, no node pulls it, and the module's nodes stay up to date
     push_index(d.cluster, d.workdir, "bcm11/late:1", ["linux/s390x"])
-    ctr_pull(d, "node-1", "bcm11/late:1", platform="linux/s390x")
+    ctr_pull(d, "node-3", "bcm11/late:1", platform="linux/s390x")
     d.cluster.proxy.clear()
     d.cluster.proxy.hang(match="bcm11/late/manifests/sha256")
     try:
@@ -329,3 +331,47 @@ def test_a_tag_pushed_again_for_more_platforms_is_judged_again_while_its_holders
     assert app not in run["excluded"].get("node-3", {})
     assert {node: d.cluster.node(node).images()[app] for node in ("node-1", "node-2", "node-3")} == {
         "node-1": old, "node-2": old, "node-3": new}
+
+
+def test_a_run_asks_only_what_no_holder_vouches_for_and_sends_the_rest_first(d):
+    vouched, slow = d.cluster.ref("bcm11/vouched:1"), d.cluster.ref("bcm11/slow:1")
+    d.cluster.registry.push_image("bcm11/vouched", "1")  # one manifest: amd64
+    ctr_pull(d, "node-1", "bcm11/vouched:1")
+    d.cluster.proxy.clear()
+    # node-1 vouches for node-2, of its platform: the plan asks the registry nothing about the image
+    plan = cli_json(d, "plan", "--node", "node-2")
+    assert vouched in plan["missing"]["node-2"]
+    assert not [r.path for r in d.cluster.proxy.requests if "bcm11/vouched" in r.path]
+    # ... while node-3, of another platform, is asked about
+    assert vouched in cli_json(d, "plan", "--node", "node-3")["excluded"]["node-3"]
+    assert [r.path for r in d.cluster.proxy.requests if "bcm11/vouched/manifests/sha256" in r.path]
+
+    # a run: the question about slow's platforms hangs; the pull of vouched goes ahead of it
+    push_index(d.cluster, d.workdir, "bcm11/slow:1", ["linux/amd64", "linux/arm64"])
+    ctr_pull(d, "node-3", "bcm11/slow:1", platform="linux/arm64")  # no amd64 node vouches for it
+    question = "bcm11/slow/manifests/sha256"
+    d.cluster.proxy.clear()
+    d.cluster.proxy.hang(match=question)
+    with d.cluster.redis.client() as client:
+        before = client.lindex(keys.HISTORY, 0)
+        with ThreadPoolExecutor(1) as pool:
+            sync = pool.submit(d.cli, "sync", "--node", "node-2", "--wait")
+            try:
+                run_id = wait_for(lambda: (r := client.lindex(keys.HISTORY, 0)) != before and r, 60,
+                                  "the run's record").decode()
+                wait_for(lambda: client.hexists(keys.run_results(run_id), pull_key("node-2", vouched)), 60,
+                         "node-2's pull of the vouched image")
+                # the question was asked and is still unanswered
+                assert not [r for r in d.cluster.proxy.requests if question in r.path]
+            finally:
+                d.cluster.proxy.passthrough()
+            result = sync.result()
+    assert result.returncode == 0, result.stdout + result.stderr
+    asked = [r for r in d.cluster.proxy.requests if question in r.path]
+    assert asked and asked[0].mode == "hang"
+    run = d.history(run_id)
+    # no verdict within the budget: slow is pulled, as before, into the same run
+    assert {(r["node"], r["image"], r["status"]) for r in run["results"]} == {
+        ("node-2", vouched, PULLED), ("node-2", slow, PULLED)}
+    assert (run["status"], run["expected"]) == ("completed", 2)
+

@@ -14,9 +14,11 @@ from imagesync import keys
 from imagesync.config import Node, Settings, load_settings
 from imagesync.errors import ConfigError
 from imagesync.facts import NodeFacts
+from imagesync.outcomes import PULLED, Outcome
 from imagesync.planning.plan import NOT_FOR_NODE, Policy
 from imagesync.planning.planner import make_plan
 from imagesync.planning.platforms import (
+    PlatformCheck,
     Verdicts,
     arch_references,
     judge,
@@ -26,6 +28,7 @@ from imagesync.planning.platforms import (
     record_failed_pull,
 )
 from imagesync.registry import LookupFailed, RegistryClient, look_up
+from imagesync.runs import COMPLETED, RUNNING, RunStore
 from imagesync.runtimes import Crictl, Ctr, Image
 
 D1 = "sha256:" + "1" * 64
@@ -143,6 +146,61 @@ def test_a_registry_that_does_not_answer_costs_the_budget_and_no_verdict(redis_c
     plan = plan_with(redis_client, FakeRegistry({}), {"amd": [], "arm": [image(ARM_ONLY)]})
     assert plan.missing == {"amd": [ARM_ONLY]}  # unknown: pulled as usual
     assert Verdicts(redis_client).read([D1]) == {}
+
+
+def test_a_node_of_a_holders_platform_needs_no_verdict(redis_client):
+    registry = FakeRegistry({D1: ["linux/amd64"]})
+    facts = {"amd": AMD64, "amd2": AMD64, "arm": ARM64}
+    amd_only = "reg.local:5000/bcm11/amd-only:1"
+    # the amd64 holder vouches for the other amd64 node: nothing is asked
+    plan = plan_with(redis_client, registry, {"amd": [image(amd_only)], "amd2": []}, facts)
+    assert plan.missing == {"amd2": [amd_only]} and registry.asked == []
+    # a node of another platform is asked about
+    plan = plan_with(redis_client, registry, {"amd": [image(amd_only)], "amd2": [], "arm": []}, facts)
+    assert plan.excluded["arm"][amd_only].kind == NOT_FOR_NODE and registry.asked == [D1]
+    assert plan.missing == {"amd2": [amd_only]}
+    # what Redis knows still applies: a failed pull's verdict outweighs a holder
+    record_failed_pull(redis_client, f"no match for platform in manifest {D2}: not found", "linux/amd64")
+    plan = plan_with(redis_client, registry, {"amd": [image(ARM_ONLY, D2)], "amd2": []}, facts)
+    assert plan.excluded["amd2"][ARM_ONLY].reason == "no manifest for linux/amd64 (a pull found none)"
+
+
+def test_a_deferred_check_leaves_the_pairs_it_must_ask_about_planned_until_settled(redis_client):
+    registry = FakeRegistry({D1: ["linux/arm64"]})
+    facts = {"amd": AMD64, "amd2": AMD64, "arm": ARM64}
+    config = settings()
+    check = PlatformCheck(config, redis_client, registry, defer=True)
+    held = "reg.local:5000/bcm11/held:1"
+    plan = make_plan({"amd": [image(held, D2)], "amd2": [], "arm": [image(ARM_ONLY)]}, config.prefixes,
+                     facts=facts, policy=Policy(conditions=(check,)))
+    # nothing was asked while planning; the amd64 nodes' pulls of ARM_ONLY wait for an answer
+    assert registry.asked == [] and registry.resolved == []
+    assert check.awaiting == {("amd", ARM_ONLY): "linux/amd64", ("amd2", ARM_ONLY): "linux/amd64",
+                              ("arm", held): "linux/arm64/v8"}
+    assert plan.missing == {"amd": [ARM_ONLY], "amd2": [ARM_ONLY, held], "arm": [held]}
+    kept_off = check.settle({("amd", ARM_ONLY), ("amd2", ARM_ONLY)})
+    assert kept_off == {pair: "no manifest for linux/amd64: the image has linux/arm64"
+                        for pair in (("amd", ARM_ONLY), ("amd2", ARM_ONLY))}
+    assert registry.asked == [D1] and check.awaiting == {}
+
+
+def test_a_run_leaves_out_the_pulls_a_late_verdict_keeps_off_and_completes_when_the_rest_reported(redis_client):
+    store = RunStore(redis_client, stale_after=60, lock_ttl=60)
+    redis_client.set("imagesync:lock", "r1")
+    store.create("r1", trigger="t", pulls=[("a", "x"), ("b", "x"), ("b", "y")], skipped={}, drift=[],
+                 refused=[], wanted=2)
+    assert store.record("r1", Outcome("b", "y", PULLED)) == 1
+    why = {"kind": NOT_FOR_NODE, "reason": "no manifest for linux/amd64"}
+    assert store.exclude("r1", {"a": {"x": why}}) == 1
+    assert store.exclude("r1", {"a": {"x": why}}) == 1  # the same call again counts nothing twice
+    run = store.get("r1")
+    assert (run.status, run.expected, run.expected_per_node) == (RUNNING, 2, {"b": 2})
+    assert store.exclude("r1", {"b": {"x": why}}) == 2
+    run = store.get("r1")
+    assert (run.status, run.expected, run.expected_per_node, run.unreported()) == (COMPLETED, 1, {"b": 1}, {})
+    assert run.excluded == {"a": {"x": why}, "b": {"x": why}}
+    assert redis_client.get("imagesync:lock") is None and store.stale(now=10**12) == []
+    assert store.exclude("r1", {"a": {"y": why}}) == 0  # over: nothing changes
 
 
 def test_a_failed_pull_leaves_a_verdict_the_next_plan_uses(redis_client):

@@ -4,6 +4,12 @@ A node whose platform an image has no manifest for cannot pull it: the pull
 fails with "no match for platform", run after run. Such a (node, image) is
 *not applicable* (``n/a``): not pulled, not missing, not a failure.
 
+A node of the platform of a node that holds the image (under the digest judged)
+needs no verdict: that holder pulled the image for that platform, so nothing is
+asked about it. (A holder that pulled another platform's image with ``ctr pull
+--platform`` vouches wrongly: the pull then finds nothing, reports ``not
+applicable``, and the verdict it leaves applies from the next plan.)
+
 What an image has is learned once per manifest digest and kept in Redis
 (:func:`imagesync.keys.platforms`), from two places:
 
@@ -33,7 +39,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .. import keys, references
@@ -148,52 +154,101 @@ def node_platform(node_platform_setting: str | None, machine: str | None) -> str
 # -- the planner's conditions ------------------------------------------------------------
 
 
-def platform_condition(settings: Settings, redis: Redis | None, client: RegistryClient | None = None):
+def platform_condition(settings: Settings, redis: Redis | None, client: RegistryClient | None = None,
+                       defer: bool = False) -> PlatformCheck:
     """The condition that keeps off each node the images that have nothing for its platform."""
-    per_arch = settings.per_architecture()
+    return PlatformCheck(settings, redis, client, defer)
 
-    def condition(plan: Plan) -> None:
-        if redis is None:
+
+class PlatformCheck:
+    """The platform condition (see the module's docstring), asking a registry only what no node vouches for.
+
+    A node of the platform of a node that holds the image, under the digest judged, needs no
+    verdict: that holder pulled the image for that platform. What Redis knows of a digest is
+    applied as before; a tag it would keep off a node is asked again (pushed again since?).
+    The other pairs wait for the registry's answer: at once (:meth:`settle` from the
+    condition), or, made with ``defer``, they stay planned in :attr:`awaiting` and the run
+    calls :meth:`settle` after sending the pulls that need no answer.
+    """
+
+    def __init__(self, settings: Settings, redis: Redis | None, client: RegistryClient | None = None,
+                 defer: bool = False) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.client = client
+        self.defer = defer
+        #: (node, image) -> the node's platform: the pairs that wait for a registry's answer
+        self.awaiting: dict[tuple[str, str], str] = {}
+        #: image -> the digest its holders hold (most of them)
+        self._held: dict[str, str] = {}
+
+    def __call__(self, plan: Plan) -> None:
+        self.awaiting, self._held = {}, {}
+        if self.redis is None:
             return  # nothing learned to go by: the pulls find out, and say n/a
         # a per-architecture entry's ref is a different image on each architecture
+        per_arch = self.settings.per_architecture()
         pairs = [(node, image) for node, images in plan.missing.items() for image in images
                  if plan.facts.get(node) is not None and plan.facts[node].platform
                  and image not in per_arch and (node, image) not in plan.pull_as]
-        digests: dict[str, str] = {}
-        unheld = []
+        vouching: dict[str, set[tuple[str, str, str]]] = {}  # image -> the platforms of its holders
         for image in {image for _, image in pairs}:
-            digest = most_held(plan.by_digest(image))
+            by_digest = plan.by_digest(image)
+            digest = most_held(by_digest)
             if digest:
-                digests[image] = digest
-            else:
-                unheld.append(image)
+                self._held[image] = digest
+                vouching[image] = {normalize(plan.facts[n].platform or "") for n in by_digest[digest]
+                                   if plan.facts.get(n) is not None and plan.facts[n].platform}
+        known = Verdicts(self.redis).read(self._held.values())
+        for node, image in pairs:
+            platform = plan.facts[node].platform or ""
+            verdict = known.get(self._held.get(image, ""))
+            reason = judge(verdict, platform)
+            if reason and "@" in image:
+                plan.exclude(node, image, NOT_FOR_NODE, reason)  # a digest names the same image forever
+            elif reason or image not in self._held or (
+                    "has" not in (verdict or {}) and normalize(platform) not in vouching[image]):
+                self.awaiting[(node, image)] = platform
+        if not self.defer:
+            for (node, image), why in self.settle().items():
+                plan.exclude(node, image, NOT_FOR_NODE, why)
+
+    def settle(self, pairs: Collection[tuple[str, str]] | None = None) -> dict[tuple[str, str], str]:
+        """Ask the registries about the awaiting pairs (of ``pairs``: those the plan still has), within
+        one :data:`LOOKUP_BUDGET`; the pairs to keep off their node, with why. A pair the registry
+        could not judge is pulled."""
+        awaiting = {pair: platform for pair, platform in self.awaiting.items() if pairs is None or pair in pairs}
+        self.awaiting = {}
+        if not awaiting or self.redis is None:
+            return {}
+        images = {image for _, image in awaiting}
+        digests = {image: digest for image, digest in self._held.items() if image in images}
         # an image no node holds (a declared one): the digest its tag names now, so
         # that a verdict learned from its registry or a failed pull applies to it too
-        registry = client or RegistryClient(settings)
+        unheld = sorted(images - set(digests))
+        registry = self.client or RegistryClient(self.settings)
         # one budget for every round of questions: a registry that hangs costs the plan LOOKUP_BUDGET at most
         began = time.monotonic()
-        digests.update(resolve_all(registry, sorted(unheld)))
-        verdicts = Verdicts(redis)
+        digests.update(resolve_all(registry, unheld))
+        verdicts = Verdicts(self.redis)
         known = _known(verdicts, registry, digests, began)
         # a held tag that would be kept off a node may have been pushed again since, with that
         # node's platform, while its holders keep the old digest: the digest its tag names now is
         # judged instead (one small request per such tag)
-        doubted = sorted({image for node, image in pairs if image not in unheld and "@" not in image
-                          and judge(known.get(digests[image]), plan.facts[node].platform or "")})
+        doubted = sorted({image for (_, image), platform in awaiting.items() if image in self._held
+                          and "@" not in image and judge(known.get(digests[image]), platform)})
         now = resolve_all(registry, doubted, _left(began)) if doubted else {}
         pushed = {image: digest for image, digest in now.items() if digest != digests[image]}
         if pushed:
             digests.update(pushed)
             known.update(_known(verdicts, registry, pushed, began))
-        for node, image in pairs:
+        kept_off = {}
+        for (node, image), platform in awaiting.items():
             digest = digests.get(image)
-            if digest is None:
-                continue
-            reason = judge(known.get(digest), plan.facts[node].platform or "")
+            reason = judge(known.get(digest), platform) if digest else None
             if reason:
-                plan.exclude(node, image, NOT_FOR_NODE, reason)
-
-    return condition
+                kept_off[(node, image)] = reason
+        return kept_off
 
 
 def _left(began: float) -> float:

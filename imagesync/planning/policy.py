@@ -22,14 +22,16 @@ if TYPE_CHECKING:
 
 
 def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False,
-               nodes: Iterable[str] = ()) -> Policy:
+               nodes: Iterable[str] = (), platform_check: platforms.PlatformCheck | None = None) -> Policy:
     """The policy of ``settings``; ``redis`` holds what earlier runs learned of ``nodes``
     (every node a run may target; conditions that need Redis do without, and say so,
     when it is None). ``limited``: the run wants only some images (it cannot tell about
-    the others)."""
+    the others). ``platform_check``: the platform condition to use, one that a run
+    settles after sending the pulls that need no registry's answer (by default, the
+    condition asks the registries itself)."""
     conditions: list[Condition] = []
     conditions.append(platforms.per_architecture(settings.per_architecture()))
-    conditions.append(platforms.platform_condition(settings, redis))
+    conditions.append(platform_check or platforms.platform_condition(settings, redis))
     # evicted images first, so that the room check promises nothing to them
     conditions += room.conditions_for(settings, redis, limited, nodes)
     return Policy(
