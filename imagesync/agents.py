@@ -60,7 +60,8 @@ def agent_node(settings: Settings, name: str | None = None, environ: Mapping[str
                **runtime: str | None) -> Node:
     """The node an agent serves: ``name``, else ``NODE_NAME`` (the Kubernetes downward API),
     else the host name; its runtime settings (``runtime``, ``endpoint``, ``namespace``,
-    ``hosts_dir``, ``image_fs``, ``platform``) as given, else the ``agent_*`` settings.
+    ``hosts_dir``, ``image_fs``, ``platform``) and ``labels`` (comma-separated) as given,
+    else the ``agent_*`` settings.
     ConfigError, one line per problem, if that makes no valid node."""
     environ = os.environ if environ is None else environ
     chosen = name or environ.get("NODE_NAME") or socket.gethostname()
@@ -68,7 +69,8 @@ def agent_node(settings: Settings, name: str | None = None, environ: Mapping[str
     fields = {
         "name": chosen, "transport": "local", "runtime": settings.agent_runtime,
         "endpoint": settings.agent_endpoint, "namespace": settings.agent_namespace,
-        "hosts_dir": settings.agent_hosts_dir, "image_fs": settings.agent_image_fs, **given,
+        "hosts_dir": settings.agent_hosts_dir, "image_fs": settings.agent_image_fs,
+        "labels": settings.agent_labels, **given,
     }
     try:
         node = Node.model_validate({key: value for key, value in fields.items() if value is not None})

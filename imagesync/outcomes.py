@@ -12,12 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 
 #: pull outcomes; the successes mean the node now holds the image: pulled from the
-#: registry, found present, copied from another node, restored from the backup
-PULLED, PRESENT, COPIED, RESTORED = "pulled", "present", "copied", "restored"
+#: registry, found present, copied from another node, restored from the backup, or
+#: updated (the node held the tag under a digest the registry has since moved from)
+PULLED, PRESENT, COPIED, RESTORED, UPDATED = "pulled", "present", "copied", "restored", "updated"
 FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped"
 #: the image has nothing for the node's platform: not pulled, and not a failure
 NOT_APPLICABLE = "not_applicable"
-SUCCESSES = (PULLED, PRESENT, COPIED, RESTORED)
+SUCCESSES = (PULLED, PRESENT, COPIED, RESTORED, UPDATED)
 OUTCOMES = (*SUCCESSES, NOT_APPLICABLE, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
 #: outcomes that do not make a run fail
 NOT_FAILURES = (*SUCCESSES, NOT_APPLICABLE)
@@ -36,6 +37,9 @@ class Outcome:
     finished: float = field(default_factory=time.time)
     #: where the image came from when not from its registry: a node, or the backup registry
     source: str = ""
+    #: of an update: the digest the node held the tag under, and the one it holds now
+    replaced: str = ""
+    digest: str = ""
 
     @property
     def succeeded(self) -> bool:
@@ -49,11 +53,20 @@ class Outcome:
         """``copied from node-1``, ``timed out``: the status as the logs and summaries say it."""
         text = self.status.replace("_", " ")
         if self.source:
-            text += f" {'from' if self.status in (COPIED, RESTORED) else 'via'} {self.source}"
+            text += f" {'from' if self.status in (COPIED, RESTORED, UPDATED) else 'via'} {self.source}"
+        if self.replaced:
+            text += f" ({short(self.replaced)} -> {short(self.digest) or 'new digest'})"
         return text
 
     def to_json(self) -> str:
         data = asdict(self)
-        if not self.source:
-            del data["source"]
+        for name in ("source", "replaced", "digest"):
+            if not data[name]:
+                del data[name]
         return json.dumps(data, separators=(",", ":"))
+
+
+def short(digest: str) -> str:
+    """``sha256:0123456789ab``: a digest as a log line shows it, its first 12 hex digits."""
+    algorithm, _, hex_digits = digest.partition(":")
+    return f"{algorithm}:{hex_digits[:12]}" if hex_digits else digest

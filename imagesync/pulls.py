@@ -18,6 +18,11 @@ it was redelivered after a worker died, retried, or waited long in its queue,
 is *checked*: the same node-side command first asks the runtime about the one
 image and pulls only if the node lacks it, reporting "present" otherwise.
 
+A route that names a moved tag (``replaces``: the node holds the tag under the
+digest its registry has moved from) is never checked: the node holds the name,
+so a presence check would find it and fetch nothing. Its outcome, when a source
+brought the image, is "updated", naming both digests.
+
 Either way the command runs under the node's own ``timeout``, and the SSH
 command gets a little longer than that, so the node-side process is always the
 first to stop, and the task's time limits cover the whole command.
@@ -35,7 +40,7 @@ from .attempt import Attempt, Fetch, NodeFailed
 from .budgets import KILL_AFTER, SSH_GRACE
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .inventory import runtime_missing
-from .outcomes import FAILED, NOT_APPLICABLE, PRESENT, PULLED, TIMED_OUT, Outcome
+from .outcomes import COPIED, FAILED, NOT_APPLICABLE, PRESENT, PULLED, RESTORED, TIMED_OUT, UPDATED, Outcome
 from .planning.plan import BACKUP, PEERS, REGISTRY
 from .planning.platforms import node_platform, record_failed_pull
 from .restore import from_backup
@@ -91,6 +96,9 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
     the route: the budget is spent, no source can give the node an image that
     has nothing for its platform, or none can reach a node that is down.
     """
+    if attempt.route.replaces:
+        # the node holds the moved tag's name: asking whether it holds it would skip the update
+        attempt = replace(attempt, check=False)
     tried: list[str] = []  # what each source that handed over answered
     outcome, transient = attempt.outcome(FAILED, "no source to try"), False
     for source in attempt.route.sources:
@@ -117,6 +125,8 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
     if tried:
         outcome.reason = "; ".join([*tried, outcome.reason] if outcome.reason else tried)
     outcome.duration = round(attempt.elapsed(), 3)
+    if attempt.route.replaces and outcome.status in (PULLED, COPIED, RESTORED):
+        outcome.status, outcome.replaced, outcome.digest = UPDATED, attempt.route.replaces, attempt.route.digest or ""
     note_holder(attempt, outcome)
     return outcome, transient
 

@@ -1,7 +1,8 @@
 """A small HTTP client of container registries (the distribution API): which digest a
 tag names now, and which platforms a manifest has. The planner's platform check
-(:mod:`imagesync.planning.platforms`) asks it, on the control host, before
-anything is pulled.
+(:mod:`imagesync.planning.platforms`) and its check for moved tags
+(:mod:`imagesync.planning.refresh`, one ``HEAD`` per tag) ask it, on the control
+host, before anything is pulled.
 
 Lookups run in parallel, each request bounded by :data:`REQUEST_TIMEOUT` and
 all of them by :data:`LOOKUP_BUDGET`, so a registry that does not answer costs
@@ -37,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
 
 from . import references
+from .errors import RefusedReference
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -108,18 +110,19 @@ class RegistryClient:
     def _api_host(self, domain: str) -> str:
         return "registry-1.docker.io" if domain == "docker.io" else domain
 
-    def get(self, domain: str, path: str, accept: Iterable[str]) -> tuple[str, bytes]:
-        """(content type, body) of ``GET /v2/<path>`` on ``domain``."""
+    def get(self, domain: str, path: str, accept: Iterable[str], method: str = "GET") -> tuple[str, bytes]:
+        """(content type, body) of ``GET /v2/<path>`` on ``domain``; of a ``HEAD``, the body is
+        the ``Docker-Content-Digest`` header's value."""
         errors = []
         for scheme in self._schemes(domain):
             url = f"{scheme}://{self._api_host(domain)}/v2/{path}"
             try:
-                return self._get(url, domain, accept)
+                return self._get(url, domain, accept, method)
             except OSError as exc:  # refused, TLS to a plain-HTTP port, timed out: try the next scheme
                 errors.append(f"{scheme}: {getattr(exc, 'reason', exc)}")
         raise LookupFailed(f"{domain} did not answer ({'; '.join(errors)})")
 
-    def _get(self, url: str, domain: str, accept: Iterable[str]) -> tuple[str, bytes]:
+    def _get(self, url: str, domain: str, accept: Iterable[str], method: str = "GET") -> tuple[str, bytes]:
         headers = {"Accept": ", ".join(accept)}
         login = self.settings.login_for(domain)
         if domain in self._tokens:
@@ -127,7 +130,7 @@ class RegistryClient:
         elif login:
             headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
         try:
-            return self._open(url, headers)
+            return self._open(url, headers, method)
         except urllib.error.HTTPError as exc:
             challenge = exc.headers.get("WWW-Authenticate", "") if exc.code == 401 else ""
             if not challenge.lower().startswith("bearer"):
@@ -135,14 +138,17 @@ class RegistryClient:
         self._tokens[domain] = "Bearer " + self._token(challenge, login, url, domain)
         headers["Authorization"] = self._tokens[domain]
         try:
-            return self._open(url, headers)
+            return self._open(url, headers, method)
         except urllib.error.HTTPError as exc:
             raise LookupFailed(f"{url}: HTTP {exc.code}") from None
 
-    def _open(self, url: str, headers: dict[str, str]) -> tuple[str, bytes]:
-        request = urllib.request.Request(url, headers=headers)
+    def _open(self, url: str, headers: dict[str, str], method: str = "GET") -> tuple[str, bytes]:
+        request = urllib.request.Request(url, headers=headers, method=method)
         with _OPENER.open(request, timeout=self.timeout) as response:
-            return response.headers.get("Content-Type", ""), response.read(4 * 1024 * 1024)
+            kind = response.headers.get("Content-Type", "")
+            if method == "HEAD":
+                return kind, response.headers.get("Docker-Content-Digest", "").encode()
+            return kind, response.read(4 * 1024 * 1024)
 
     def _insecure(self, domain: str) -> bool:
         """Whether ``domain`` may be spoken to in plain HTTP: a loopback registry, or one declared insecure."""
@@ -179,6 +185,24 @@ class RegistryClient:
         repo = ref.repository.split("/", 1)[1] if "/" in ref.repository else ref.repository
         _, body = self.get(ref.domain, f"{repo}/manifests/{ref.tag or 'latest'}", INDEX_TYPES + MANIFEST_TYPES)
         return "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def current_digest(self, image: str) -> str:
+        """The manifest digest ``image`` (a tag) names in its registry now, from one ``HEAD``:
+        the ``Docker-Content-Digest`` the registry answers, for the manifest types a runtime
+        accepts. A registry that names none is asked for the manifest itself (:meth:`digest_of`)."""
+        ref = references.parse(image)
+        if ref.digest:
+            return ref.digest
+        repo = ref.repository.split("/", 1)[1] if "/" in ref.repository else ref.repository
+        _, named = self.get(ref.domain, f"{repo}/manifests/{ref.tag or 'latest'}", INDEX_TYPES + MANIFEST_TYPES,
+                            method="HEAD")
+        digest = named.decode("ascii", "replace").strip()
+        if not digest:
+            return self.digest_of(image)
+        try:
+            return references.parse_digest(digest)
+        except RefusedReference:
+            raise LookupFailed(f"{image}: the registry names no valid digest ({digest[:80]!r})") from None
 
     def platforms(self, image: str, digest: str) -> list[str]:
         """The platforms of ``image``'s manifest ``digest``: an index's entries, or a manifest's config."""
@@ -222,6 +246,13 @@ def look_up(client: RegistryClient, wanted: Mapping[str, str], budget: float = L
 def resolve_all(client: RegistryClient, images: Iterable[str], budget: float = LOOKUP_BUDGET) -> dict[str, str]:
     """image -> the digest its tag names in its registry now, asked in parallel (as :func:`look_up`)."""
     calls = {image: (image, lambda image=image: client.digest_of(image)) for image in images}
+    return _ask_all(calls, budget, "digest")
+
+
+def current_all(client: RegistryClient, images: Iterable[str], budget: float = LOOKUP_BUDGET) -> dict[str, str]:
+    """image -> the digest its tag names in its registry now, one ``HEAD`` each, in parallel
+    (as :func:`look_up`): what does not answer within ``budget`` seconds is left out."""
+    calls = {image: (image, lambda image=image: client.current_digest(image)) for image in images}
     return _ask_all(calls, budget, "digest")
 
 

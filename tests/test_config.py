@@ -161,6 +161,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         webhook_secret_file = "{key}"
         source = "peers-first"
         transfer = false
+        refresh = false
         min_free = "50GiB"
         exclude = ["bcm11/scratch", "*/ci-*"]
         agents = true
@@ -173,6 +174,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         agent_namespace = "k8s.io"
         agent_hosts_dir = "/etc/containerd/certs.d"
         agent_image_fs = "/var/lib/rancher"
+        agent_labels = ["gpu", "a100"]
         [backup]
         registry = "harbor.local:8443/backup"
         username = "robot$backup"
@@ -206,6 +208,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         transport = "local"
         platform = "linux/arm64/v8"
         image_fs = "/srv/containerd"
+        labels = ["gpu"]
         """,
     )
     # a trailing "/" is dropped, and with it the repeat
@@ -247,7 +250,8 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         "/etc/containerd/certs.d",
         "local",
     )
-    assert (node.platform, node.image_fs) == ("linux/arm64/v8", "/srv/containerd")
+    assert (node.platform, node.image_fs, node.labels) == ("linux/arm64/v8", "/srv/containerd", ["gpu"])
+    assert (settings.refresh, settings.agent_labels) == (False, ["gpu", "a100"])
     # webhook_secret and webhook_secret_file are one or the other, as are the backup's password and password_file
     sources = {key: source for key, source in settings.sources.items()
                if key not in ("webhook_secret", "backup.password")}
@@ -583,6 +587,7 @@ def test_every_override(tmp_path):
         "IMAGESYNC_RETRIES": "1",
         "IMAGESYNC_SOURCE": "peers-first",
         "IMAGESYNC_TRANSFER": "false",
+        "IMAGESYNC_REFRESH": "false",
         "IMAGESYNC_MIN_FREE": "50GiB",
         "IMAGESYNC_EXPORTER_ADDRESS": "0.0.0.0",
         "IMAGESYNC_EXPORTER_PORT": "9900",
@@ -612,6 +617,7 @@ def test_every_override(tmp_path):
         "IMAGESYNC_AGENT_NAMESPACE": "moby",
         "IMAGESYNC_AGENT_HOSTS_DIR": "/etc/containerd/certs.d",
         "IMAGESYNC_AGENT_IMAGE_FS": "/srv/containerd",
+        "IMAGESYNC_AGENT_LABELS": "gpu, a100",
         "IMAGESYNC_AGENT_NODE": '{"name": "not a setting: ignored"}',  # what `imagesync agent` hands its worker
         "PATH": "/usr/bin",  # not ours: ignored
     }
@@ -629,7 +635,8 @@ def test_every_override(tmp_path):
     assert settings.redis_master_name == "mymaster"
     assert settings.log_keep_days == 0
     assert settings.timezone == "Europe/Berlin"
-    assert (settings.source, settings.transfer) == ("peers-first", False)
+    assert (settings.source, settings.transfer, settings.refresh) == ("peers-first", False, False)
+    assert settings.agent_labels == ["gpu", "a100"]
     assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("0.0.0.0", 9901, key)
     assert settings.ssh == SSHSettings(

@@ -287,7 +287,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         whole = plan.to_dict()
         common.out.print_json(json.dumps({"nodes": plan.nodes, "skipped": plan.skipped, "holdings": plan.holdings,
-                                          **{key: whole[key] for key in ("excluded", "evicted", "facts", "drift")}}))
+                                          **{key: whole[key] for key in ("excluded", "evicted", "facts", "drift",
+                                                                            "moved", "labels")}}))
         return EXIT_OK
     _print_notes(plan)
     from ..agents import kinds
@@ -323,8 +324,9 @@ def backup_status(settings: Settings, plan: Plan, as_json: bool) -> int:
 
 def status_table(plan: Plan, kinds: dict[str, str] | None = None) -> Table:
     """Images down, nodes across; a cell shows the digest a node holds, that it lacks the
-    image, or why it does not pull it (``n/a``: nothing for its platform; ``skipped``).
-    Under each node: its platform, and how it is reached (``ssh``, ``local``, ``agent``)."""
+    image, or why it does not pull it (``n/a``: nothing for its platform or its labels;
+    ``skipped``); a moved tag, the digest held and the one its registry names now.
+    Under each node: its platform, how it is reached (``ssh``, ``local``, ``agent``), its labels."""
     drifted = {d.reference for d in plan.drift}
     table = Table(title=f"{len(plan.wanted)} images x {len(plan.nodes)} nodes")
     table.add_column("image", overflow="fold")
@@ -332,7 +334,8 @@ def status_table(plan: Plan, kinds: dict[str, str] | None = None) -> Table:
         facts = plan.facts.get(node)
         platform = facts.platform if facts is not None and facts.platform else "platform ?"
         via = "agent" if facts is not None and facts.via_agent else (kinds or {}).get(node, "ssh")
-        table.add_column(f"{node}\n[dim]{escape(platform)}, {via}[/]", justify="center")
+        labels = "".join(f", {label}" for label in plan.labels.get(node, ()))
+        table.add_column(f"{node}\n[dim]{escape(platform)}, {via}{escape(labels)}[/]", justify="center")
     for node in plan.skipped:
         table.add_column(f"{node} (skipped)", justify="center", style="dim")
     for image in plan.wanted:
@@ -340,7 +343,10 @@ def status_table(plan: Plan, kinds: dict[str, str] | None = None) -> Table:
         for node in plan.nodes:
             held, digest = plan.held(node, image)
             excluded = plan.excluded.get(node, {}).get(image)
-            if held:
+            moved = plan.moved.get((node, image))
+            if moved is not None:
+                cells.append(f"[yellow]{moved[0].split(':')[-1][:8]} -> {moved[1].split(':')[-1][:8]}[/]")
+            elif held:
                 text = digest.split(":")[-1][:8] if digest else "yes"
                 cells.append(f"[yellow]{text}[/]" if image in drifted else f"[green]{text}[/]")
             elif excluded is not None:

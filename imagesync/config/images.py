@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from .. import references
+from ..errors import RefusedReference
 from .checks import _check, _invalid, _text
+from .labels import Labels
 
 if TYPE_CHECKING:
     from .model import Settings
@@ -36,6 +39,8 @@ class ImageEntry(BaseModel):
     arch: dict[_Arch, _ImageRef] = Field(default_factory=dict)
     # keep it from the kubelet's image garbage collection, where containerd can (>= 1.7)
     pin: bool = False
+    # the labels a node needs to receive it (none: every node)
+    nodes: Labels = Field(default_factory=list)
 
 
 #: ``images``: plain references and tables, each read as what it looks like
@@ -43,6 +48,32 @@ Images = list[Annotated[
     Annotated[_ImageRef, Tag("reference")] | Annotated[ImageEntry, Tag("table")],
     Discriminator(lambda value: "table" if isinstance(value, (dict, ImageEntry)) else "reference"),
 ]]
+
+
+def _normalized(entry: ImageEntry) -> str | None:
+    """The entry's ``ref`` normalized; None when it is no valid reference (the plan refuses it)."""
+    try:
+        return references.normalize(entry.ref)
+    except RefusedReference:
+        return None
+
+
+def pinned_images(items: list[str | ImageEntry]) -> frozenset[str]:
+    """The entries of ``items`` written with ``pin = true``, normalized."""
+    return frozenset(ref for item in items if isinstance(item, ImageEntry) and item.pin
+                     and (ref := _normalized(item)) is not None)
+
+
+def per_architecture(items: list[str | ImageEntry]) -> dict[str, dict[str, str]]:
+    """The per-architecture entries of ``items``: ``ref`` (normalized) -> architecture -> the reference to pull."""
+    return {ref: dict(item.arch) for item in items if isinstance(item, ImageEntry) and item.arch
+            and (ref := _normalized(item)) is not None}
+
+
+def image_selections(items: list[str | ImageEntry]) -> dict[str, tuple[str, ...]]:
+    """The entries of ``items`` written with ``nodes = [...]``: ``ref`` (normalized) -> the labels a node needs."""
+    return {ref: tuple(item.nodes) for item in items if isinstance(item, ImageEntry) and item.nodes
+            and (ref := _normalized(item)) is not None}
 
 
 def read_images_file(path: Path, settings: Settings) -> list[ImageEntry]:

@@ -42,7 +42,6 @@ from .checks import (
     _invalid,
     _path,
     _positive_seconds,
-    _prefix,
     _redis_url,
     _schedule,
     _secret,
@@ -53,7 +52,8 @@ from .checks import (
     _without_repeats,
     host_timezone,
 )
-from .images import ImageEntry, Images, read_images_file
+from .images import ImageEntry, Images, image_selections, per_architecture, pinned_images, read_images_file
+from .labels import Labels, Prefix
 from .sshtargets import SSHTarget, resolve
 
 Runtime = Literal["crictl", "ctr"]
@@ -85,7 +85,7 @@ _OptionalUserName = Annotated[str | None, _check(_text("a user name"), optional=
 _KeyFile = Annotated[Path | None, _check(_existing_file, optional=True)]
 _LocalPath = Annotated[Path, _check(_path)]
 _Namespace = Annotated[str, _check(_text("a containerd namespace", _NAMESPACE, _NAMESPACE_RULE))]
-_Prefixes = Annotated[list[Annotated[str, _check(_prefix)]], AfterValidator(_without_repeats)]
+_Prefixes = Annotated[list[Prefix], AfterValidator(_without_repeats)]
 
 
 class RegistryLogin(BaseModel):
@@ -159,6 +159,8 @@ class Node(BaseModel):
     platform: Annotated[str | None, _check(_text("a platform", _PLATFORM, _PLATFORM_RULE), optional=True)] = None
     # the filesystem that holds the runtime's images (containerd's root), for the room check
     image_fs: Annotated[str, _check(_text("a directory on the node"))] = "/var/lib/containerd"
+    # what the node is, for the prefixes and images that name the labels they need (config.labels)
+    labels: Labels = Field(default_factory=list)
 
     @field_validator("host", mode="before")
     @classmethod
@@ -215,6 +217,8 @@ class Settings(BaseModel):
     source: Annotated[SourceMode, _check(_choice(SourceMode))] = "registry"
     # copy from a node that holds the image when the registry cannot serve it
     transfer: bool = True
+    # ask each run which digest every held tag names in its registry now, and update moved tags
+    refresh: bool = True
     # images never synced nor backed up, though under a prefix (scratch, CI builds)
     exclude: Patterns = []
     # a registry that keeps a copy of every synced image: [backup]
@@ -248,6 +252,7 @@ class Settings(BaseModel):
     agent_namespace: _Namespace = "k8s.io"
     agent_hosts_dir: Annotated[str | None, _check(_text("a directory on the node"), optional=True)] = None
     agent_image_fs: Annotated[str, _check(_text("a directory on the node"))] = "/var/lib/containerd"
+    agent_labels: Labels = Field(default_factory=list)
     # a factory, for the same reason as known_hosts' default
     ssh: SSHSettings = Field(default_factory=SSHSettings)
 
@@ -361,34 +366,18 @@ class Settings(BaseModel):
 
     def pinned_images(self) -> frozenset[str]:
         """The declared images written with ``pin = true``, normalized (invalid ones left to the plan)."""
-        from imagesync import references
-        from imagesync.errors import RefusedReference
-
-        pinned = set()
-        for item in [*self.images, *self._file_images]:
-            if isinstance(item, ImageEntry) and item.pin:
-                try:
-                    pinned.add(references.normalize(item.ref))
-                except RefusedReference:
-                    continue
-        return frozenset(pinned)
+        return pinned_images([*self.images, *self._file_images])
 
     def per_architecture(self) -> dict[str, dict[str, str]]:
         """The per-architecture entries: ``ref`` (normalized) -> architecture -> the reference to pull.
 
         A ``ref`` that is not a valid reference is left out here; the plan refuses it.
         """
-        from imagesync import references
-        from imagesync.errors import RefusedReference
+        return per_architecture([*self.images, *self._file_images])
 
-        entries: dict[str, dict[str, str]] = {}
-        for item in [*self.images, *self._file_images]:
-            if isinstance(item, ImageEntry) and item.arch:
-                try:
-                    entries[references.normalize(item.ref)] = dict(item.arch)
-                except RefusedReference:
-                    continue
-        return entries
+    def image_selections(self) -> dict[str, tuple[str, ...]]:
+        """The declared images written with ``nodes = [...]``, normalized -> the labels a node needs."""
+        return image_selections([*self.images, *self._file_images])
 
     def node_key_file(self, node: Node) -> Path | None:
         """The SSH key for ``node``: its own, else ``ssh.key_file``; None leaves it to SSH."""

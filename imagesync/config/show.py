@@ -34,9 +34,11 @@ def describe(settings: Settings, top_keys: list[str]) -> list[tuple[str, str, st
             value = [node.name for node in settings.nodes]
         elif key == "registries":
             value = list(settings.registries)
+        elif key == "prefixes":
+            value = [prefix.describe() for prefix in settings.prefixes]
         elif key == "images":
-            value = [item if isinstance(item, str) else f"{item.ref} ({', '.join(item.arch) or 'no arch'})"
-                     for item in settings.images]
+            value = [item if isinstance(item, str) else f"{item.ref} ({', '.join(item.arch) or 'no arch'}"
+                     + (f"; nodes: {', '.join(item.nodes)})" if item.nodes else ")") for item in settings.images]
         elif key == "redis_url":
             value = mask_url(value)
         elif key == "webhook_secret" and value is not None:

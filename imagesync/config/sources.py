@@ -59,6 +59,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_RETRIES": ("retries",),
     "IMAGESYNC_SOURCE": ("source",),
     "IMAGESYNC_TRANSFER": ("transfer",),
+    "IMAGESYNC_REFRESH": ("refresh",),
     "IMAGESYNC_MIN_FREE": ("min_free",),
     "IMAGESYNC_EXCLUDE": ("exclude",),
     "IMAGESYNC_BACKUP_REGISTRY": ("backup", "registry"),
@@ -84,6 +85,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_AGENT_NAMESPACE": ("agent_namespace",),
     "IMAGESYNC_AGENT_HOSTS_DIR": ("agent_hosts_dir",),
     "IMAGESYNC_AGENT_IMAGE_FS": ("agent_image_fs",),
+    "IMAGESYNC_AGENT_LABELS": ("agent_labels",),
     "IMAGESYNC_SSH_USER": ("ssh", "user"),
     "IMAGESYNC_SSH_KEY_FILE": ("ssh", "key_file"),
     "IMAGESYNC_SSH_KNOWN_HOSTS": ("ssh", "known_hosts"),
@@ -93,7 +95,8 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
 }
 
 #: keys whose environment variable holds a comma-separated list
-_LIST_KEYS = {("prefixes",), ("images",), ("exclude",), ("backup", "images"), ("backup", "insecure_sources")}
+_LIST_KEYS = {("prefixes",), ("images",), ("exclude",), ("backup", "images"), ("backup", "insecure_sources"),
+              ("agent_labels",)}
 
 
 @dataclass

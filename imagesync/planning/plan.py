@@ -66,6 +66,9 @@ class Route:
     pull_as: str | None = None
     #: label the image pinned after the pull (a declared image with pin = true, containerd >= 1.7)
     pin: bool = False
+    #: the digest the node holds the tag under, which its registry has moved from (to ``digest``):
+    #: the pull fetches the tag again even though the node holds its name, and reports "updated"
+    replaces: str | None = None
 
     def describe(self) -> str:
         """``registry, then node-1 if not found``: the route as ``plan`` shows it."""
@@ -77,13 +80,14 @@ class Route:
                 words.append(f"registry ({self.pull_as})")
             else:
                 words.append(source)
+        moved = f" (moved: {_short(self.replaces)} -> {_short(self.digest or '')})" if self.replaces else ""
         if len(words) == 1:
-            return words[0]
-        return words[0] + "".join(f", then {word}" for word in words[1:]) + " if not found"
+            return words[0] + moved
+        return words[0] + "".join(f", then {word}" for word in words[1:]) + " if not found" + moved
 
     def to_dict(self) -> dict:
         data: dict = {"sources": list(self.sources)}
-        for name in ("peers", "digest", "seed", "platform", "pull_as", "pin"):
+        for name in ("peers", "digest", "seed", "platform", "pull_as", "pin", "replaces"):
             value = getattr(self, name)
             if value:
                 data[name] = list(value) if isinstance(value, tuple) else value
@@ -101,10 +105,17 @@ class Route:
             platform=data.get("platform"),
             pull_as=data.get("pull_as"),
             pin=bool(data.get("pin", False)),
+            replaces=data.get("replaces"),
         )
 
 
 DEFAULT_ROUTE = Route()
+
+
+def _short(digest: str) -> str:
+    """``sha256:0123456789ab``: a digest as ``plan`` shows it."""
+    algorithm, _, hex_digits = digest.partition(":")
+    return f"{algorithm}:{hex_digits[:12]}" if hex_digits else digest
 
 
 def _peers_text(route: Route) -> str:
@@ -148,6 +159,11 @@ class Plan:
     pull_as: dict[tuple[str, str], str] = field(default_factory=dict)
     #: node -> images it held at the end of the last run and lacks now (imagesync.room)
     evicted: dict[str, list[str]] = field(default_factory=dict)
+    #: (node, image) -> (the digest the node holds the tag under, the one its registry names now):
+    #: moved tags, which the node pulls again although it holds them (planning.refresh)
+    moved: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    #: node -> its labels, which select the images of a prefix or entry that names some (planning.labels)
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def pulls(self) -> list[tuple[str, str]]:
@@ -168,18 +184,32 @@ class Plan:
 
     def exclude(self, node: str, image: str, kind: str, reason: str) -> None:
         """Keep ``image`` off ``node`` in this run, saying why: a condition's one way to act."""
+        self.drop(node, image)
+        self.excluded.setdefault(node, {})[image] = Exclusion(kind, reason)
+
+    def drop(self, node: str, image: str) -> None:
+        """Take ``image`` off what ``node`` pulls in this run, saying nothing (a moved tag not refreshed there)."""
         images = self.missing.get(node)
         if images is not None and image in images:
             images.remove(image)
             if not images:
                 del self.missing[node]
-        self.excluded.setdefault(node, {})[image] = Exclusion(kind, reason)
+        self.moved.pop((node, image), None)
+
+    def move(self, node: str, image: str, held: str, now: str) -> None:
+        """``node`` holds the tag ``image`` under ``held``, and its registry names ``now``: it pulls it again."""
+        images = self.missing.setdefault(node, [])
+        if image not in images:
+            images.append(image)
+            images.sort()
+        self.moved[(node, image)] = (held, now)
 
     def excluded_as_dict(self) -> dict[str, dict[str, dict[str, str]]]:
         return {node: {image: why.to_dict() for image, why in sorted(images.items())}
                 for node, images in sorted(self.excluded.items())}
 
-    def holders(self, image: str, platform: str | None = None) -> tuple[list[str], str | None]:
+    def holders(self, image: str, platform: str | None = None, digest: str | None = None
+                ) -> tuple[list[str], str | None]:
         """The reachable nodes that hold ``image`` and can export it, and the digest they hold.
 
         Holders whose runtime names no digest for it count only when no holder
@@ -187,11 +217,14 @@ class Plan:
         the digest most of them hold wins,
         so that a copy spreads what the cluster mostly runs. With ``platform``,
         only holders of that platform count: a node keeps only its own
-        platform's layers of a multi-platform image.
+        platform's layers of a multi-platform image. With ``digest``, only its holders
+        count (a moved tag's, under the digest its registry names now).
         """
         candidates = [node for node, facts in self.facts.items() if facts.can_copy
                       and not (platform and facts.platform and facts.platform != platform)]
         by_digest = self.by_digest(image, candidates)
+        if digest is not None:
+            return by_digest.get(digest, []), digest
         if not by_digest:
             # holders whose runtime names no digest (an image imported with ctr):
             # the copy then checks against the digest the source exports
@@ -228,7 +261,11 @@ class Plan:
             "excluded": self.excluded_as_dict(),
             "evicted": dict(sorted(self.evicted.items())),
             "facts": {node: facts.to_dict() for node, facts in sorted(self.facts.items())},
+            "labels": {node: list(labels) for node, labels in sorted(self.labels.items()) if labels},
             "drift": [{"reference": d.reference, "digests": dict(d.digests)} for d in self.drift],
+            "moved": {node: {image: {"held": held, "now": now} for (n, image), (held, now) in sorted(self.moved.items())
+                             if n == node}
+                      for node in sorted({n for n, _ in self.moved})},
             "refused": [r.__dict__ for r in self.refused],
             "notes": self.notes,
         }

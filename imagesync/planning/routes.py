@@ -20,6 +20,9 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
     (its *seed*; seeds are spread over the nodes), and the others of that
     platform copy it from whoever holds it: a node keeps only its own
     platform's layers, so a seed of another platform has nothing to give.
+
+    A moved tag (:attr:`Plan.moved`) names the digest the node holds it under and
+    the one its registry names now; its holders are those of the new digest.
     """
     chosen: dict[tuple[str, str], Route] = {}
     load: Counter[str] = Counter()  # images each node seeds
@@ -29,7 +32,9 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
             facts = plan.facts.get(node)
             platform = facts.platform if facts else None
             can_copy = policy.transfer and facts is not None and facts.can_copy
-            peers, digest = plan.holders(image, platform) if can_copy else ([], None)
+            # a moved tag comes from the holders of the digest its registry names now
+            held, now = plan.moved.get((node, image), (None, None))
+            peers, digest = plan.holders(image, platform, now) if can_copy else ([], now)
             sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
             waits_for = None
             if can_copy and policy.source == "peers-first":
@@ -46,12 +51,13 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
                     sources.append(PEERS)
             elif peers:
                 sources.append(PEERS)
-            if policy.backup and not peers and waits_for is None:
+            if policy.backup and not peers and waits_for is None and now is None:
                 # a restore must arrive under the digest the cluster runs, whoever holds it
                 digest = plan.digest_held(image, platform)
             route = Route(tuple(sources), tuple(peers), digest, waits_for, platform if can_copy else None,
-                          plan.pull_as.get((node, image)), pin=image in policy.pinned and bool(facts and facts.can_pin))
-            if route.sources != (REGISTRY,) or route.pull_as or route.pin:
+                          plan.pull_as.get((node, image)), pin=image in policy.pinned and bool(facts and facts.can_pin),
+                          replaces=held)
+            if route.sources != (REGISTRY,) or route.pull_as or route.pin or route.replaces:
                 chosen[(node, image)] = route
     return chosen
 
