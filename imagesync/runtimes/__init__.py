@@ -7,9 +7,10 @@ Two runtimes are supported, chosen per node:
 * ``ctr`` talks to containerd directly: ``ctr -n k8s.io images ls`` and
   ``ctr -n k8s.io images pull`` (honouring the node's registry hosts dir).
 
-This is the one place that builds command lines for a node: the pulls, and
-``ctr``'s copy between nodes (export, import, a presence check), restore from
-the backup registry and push into it. Every argument that is not a constant
+This package is the one place that builds command lines for a node: here the
+listings, the pulls, and ``ctr``'s copy between nodes (export, import, a
+presence check), restore from the backup registry and push into it; in
+:mod:`.removal`, prune's (which images containers use, and a removal). Every argument that is not a constant
 is shell-quoted, and image references and digests are only ever passed after
 :mod:`imagesync.references` has accepted them: some arrive in a task's
 arguments, and the lines run as root. Every command but a listing or a version
@@ -26,12 +27,12 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from . import references
-from .budgets import KILL_AFTER
+from .. import references
+from ..budgets import KILL_AFTER
 
 if TYPE_CHECKING:
-    from .config import Node
-    from .transport import CommandResult
+    from ..config import Node
+    from ..transport import CommandResult
 
 #: exit codes of coreutils ``timeout``: the command timed out, or was killed after it
 TIMEOUT_EXIT_CODES = {124, 137}
@@ -48,6 +49,9 @@ class Image:
     digests: tuple[str, ...] = ()
     size: int = 0
     pinned: bool = False
+    #: the other names the runtime keeps it under: containerd's CRI names each image
+    #: ``sha256:<config digest>`` too (the crictl id), which ``ctr images ls`` lists as a row
+    aliases: tuple[str, ...] = ()
 
 
 #: (username, password) for a private registry
@@ -103,7 +107,7 @@ def _pull_under_timeout(pull: str, time_out: int, presence_test: str | None = No
     return PullCommand(f"timeout -k {KILL_AFTER} {int(time_out)} {pull}", int(time_out))
 
 
-def _under_timeout(script: str, seconds: int) -> str:
+def under_timeout(script: str, seconds: int) -> str:
     """``script`` as one ``sh`` under the node's ``timeout``, which signals the whole process
     group: the shell and every ``ctr`` it started end when time is up."""
     return f"timeout -k {KILL_AFTER} {int(seconds)} sh -c {shlex.quote(script)}"
@@ -114,7 +118,7 @@ def found_present(result: CommandResult) -> bool:
     return result.ok and PRESENT_MARKER in result.stdout
 
 
-def _checked(reference: str) -> str:
+def checked(reference: str) -> str:
     """The reference, shell-quoted, after the grammar has accepted it."""
     references.parse(reference)
     return shlex.quote(reference)
@@ -149,7 +153,7 @@ class Crictl:
         nor a way to tag or label: ``platform``, ``also_as`` and ``pin`` are not used.
         """
         creds = f" --creds {shlex.quote(':'.join(login))}" if login else ""
-        ref = _checked(reference)
+        ref = checked(reference)
         presence = f"{self._base()} inspecti -q {ref} >/dev/null 2>&1" if check else None
         return _pull_under_timeout(f"{self._base()} pull{creds} {ref}", time_out, presence)
 
@@ -211,7 +215,7 @@ class Ctr:
         hosts = f" --hosts-dir {shlex.quote(self.hosts_dir)}" if self.hosts_dir else ""
         user = f" --user {shlex.quote(':'.join(login))}" if login else ""
         chosen = f" --platform {shlex.quote(platform)}" if platform else ""
-        ref = _checked(reference)
+        ref = checked(reference)
         presence = None
         if check:
             listing = f"{self._base()} images ls -q {shlex.quote('name==' + reference)} 2>/dev/null"
@@ -219,9 +223,9 @@ class Ctr:
         pull = f"{self._base()} images pull{hosts}{user}{chosen} {ref}"
         steps = []
         if also_as:
-            steps.append(f"{self._base()} images tag --force {ref} {_checked(also_as)} >/dev/null")
+            steps.append(f"{self._base()} images tag --force {ref} {checked(also_as)} >/dev/null")
         if pin:
-            for name in (ref, _checked(also_as)) if also_as else (ref,):
+            for name in (ref, checked(also_as)) if also_as else (ref,):
                 steps.append(f"{self._base()} images label {name} {PINNED_LABEL} >/dev/null")
         if steps:
             # one process for timeout to signal; the tag and label only after a pull that succeeded
@@ -233,23 +237,23 @@ class Ctr:
         """A shell expression: the manifest digest the node holds ``reference`` under ("" if none).
 
         Its ``ctr`` has no timeout of its own: every command that uses it runs under one."""
-        _checked(reference)
+        checked(reference)
         listing = f"{self._base()} images ls {shlex.quote('name==' + reference)} 2>/dev/null"
         return f"$({listing} | awk 'NR==2 {{print $3}}')"
 
     def presence_command(self, reference: str, time_out: int) -> str:
         """Prints the digest the node holds ``reference`` under (an empty line if none), under
         the node's ``timeout``: exits 0 either way, 124 or 137 when containerd did not answer."""
-        return _under_timeout(f'echo "{self._digest_of(reference)}"', time_out)
+        return under_timeout(f'echo "{self._digest_of(reference)}"', time_out)
 
     def export_command(self, reference: str, time_out: int, platform: str | None = None) -> str:
         """First a line ``EXPORT_MARKER DIGEST`` (the digest the node holds ``reference``
         under, empty if none), then ``ctr images export`` of it as a tar, on stdout;
         both under the node's ``timeout``."""
-        ref = _checked(reference)
+        ref = checked(reference)
         only = f" --platform {shlex.quote(platform)}" if platform else ""
         script = f'echo "{EXPORT_MARKER} {self._digest_of(reference)}"; exec {self._base()} images export{only} - {ref}'
-        return _under_timeout(script, time_out)
+        return under_timeout(script, time_out)
 
     def import_command(self, reference: str, digest: str, time_out: int, platform: str | None = None) -> str:
         """``ctr images import`` of a tar on stdin, under the node's ``timeout``, then a
@@ -259,7 +263,7 @@ class Ctr:
         status, or 65 when the digest was wrong. The checks and the removal run under
         a ``timeout`` too, :data:`~imagesync.budgets.KILL_AFTER` seconds longer than the
         import's, so that nothing is left on a node whose containerd hangs."""
-        ref = _checked(reference)
+        ref = checked(reference)
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ValueError(f"not a manifest digest: {digest!r}")
         digest = shlex.quote(digest)
@@ -274,7 +278,7 @@ class Ctr:
             f'echo "{IMPORT_MARKER} $status ${{before:--}} ${{after:--}} $removed"; '
             f'if [ $status -eq 0 ] && [ "$after" != {digest} ]; then exit {WRONG_DIGEST}; fi; exit $status'
         )
-        return _under_timeout(script, int(time_out) + KILL_AFTER)
+        return under_timeout(script, int(time_out) + KILL_AFTER)
 
     def restore_command(self, name: str, image: str, seconds: int, digest: str | None = None,
                         insecure: bool = False, login: Login | None = None) -> str:
@@ -288,7 +292,7 @@ class Ctr:
         task's arguments, and the line runs as root on the node.
         """
         ctr = self._base()
-        bk, orig = _checked(name), _checked(image)
+        bk, orig = checked(name), checked(image)
         got = f"$({ctr} images ls {shlex.quote('name==' + name)} | awk 'NR==2 {{print $3}}')"
         expected = shlex.quote("" if digest is None else references.parse_digest(digest))
         script = "; ".join([
@@ -302,14 +306,14 @@ class Ctr:
             f"now=$({ctr} images ls {shlex.quote('name==' + image)} | awk 'NR==2 {{print $3}}')",
             f'echo "{RESTORED_MARKER} $got $now"',
         ])
-        return _under_timeout(script, seconds)
+        return under_timeout(script, seconds)
 
     def push_command(self, name: str, image: str, seconds: int, insecure: bool = False,
                      login: Login | None = None) -> str:
         """``ctr images push NAME IMAGE``: the node's own copy of ``image`` pushed as ``name``."""
         push = _to_registry(f"{self._base()} images push{self._registry_flags(login)}",
-                            f"{_checked(name)} {_checked(image)}", insecure)
-        return _under_timeout(push, seconds)
+                            f"{checked(name)} {checked(image)}", insecure)
+        return under_timeout(push, seconds)
 
     def _registry_flags(self, login: Login | None) -> str:
         """How ``ctr`` reaches a registry other than the node's own (a restore's, a push's):
@@ -333,9 +337,10 @@ class Ctr:
             if len(columns) < 5:
                 continue
             ref, digest = columns[0], columns[2]
-            entry = by_digest.setdefault(digest, {"tags": [], "digests": [], "size": 0})
+            entry = by_digest.setdefault(digest, {"tags": [], "digests": [], "aliases": [], "size": 0})
             entry["size"] = _size(columns[3], columns[4])
             if re.fullmatch(r"sha256:[0-9a-f]{64}", ref):
+                entry["aliases"].append(ref)  # type: ignore[union-attr]
                 continue
             if "@" in ref:
                 entry["digests"].append(ref)  # type: ignore[union-attr]
@@ -348,7 +353,8 @@ class Ctr:
             tags = tuple(entry["tags"])  # type: ignore[arg-type]
             digests = tuple(dict.fromkeys(entry["digests"]))  # type: ignore[arg-type]
             if tags or digests:
-                images.append(Image(id=digest, tags=tags, digests=digests, size=int(entry["size"])))  # type: ignore[arg-type]
+                images.append(Image(id=digest, tags=tags, digests=digests, size=int(entry["size"]),  # type: ignore[arg-type]
+                                    aliases=tuple(entry["aliases"])))  # type: ignore[arg-type]
         return images
 
 
