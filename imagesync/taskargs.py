@@ -32,7 +32,7 @@ PLATFORM = re.compile(r"[a-z0-9_.-]{1,32}/[a-z0-9_.-]{1,32}(?:/[a-z0-9_.-]{1,32}
 #: an inventory request: a uuid4 in hex
 REQUEST_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 SOURCES = frozenset({REGISTRY, BACKUP, PEERS})
-ROUTE_FIELDS = frozenset({"sources", "peers", "digest", "seed", "platform", "pull_as", "pin"})
+ROUTE_FIELDS = frozenset({"sources", "peers", "digest", "seed", "platform", "pull_as", "pin", "replaces"})
 #: a trigger is shown in logs and history: printable, and short
 MAX_TRIGGER = 200
 
@@ -112,6 +112,8 @@ def route(settings: Settings, redis: Redis | None, data: object, image: str) -> 
     nodes(settings, redis, [*peers, *([seed] if seed is not None else [])])
     if data.get("digest") is not None:
         digest(data["digest"])
+    if data.get("replaces") is not None:
+        digest(data["replaces"])
     platform = data.get("platform")
     if platform is not None and (not isinstance(platform, str) or PLATFORM.fullmatch(platform) is None):
         raise RefusedTask(f"route platform {shown(platform)} is not os/architecture[/variant]")

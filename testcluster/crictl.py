@@ -10,6 +10,7 @@ imagesync uses::
            pull REF
            inspecti [-o json|table] REF...
            rmi REF...
+           ps [-a] [-q] [-o json|table]
 
 Endpoints come from the flags, then ``IMAGE_SERVICE_ENDPOINT`` /
 ``CONTAINER_RUNTIME_ENDPOINT``, then containerd's default socket. Errors are
@@ -94,7 +95,28 @@ _MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str]]]] = [
         ("image", 1, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".runtime.v1.Image"),
         ("info", 2, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, ".runtime.v1.ImageStatusResponse.InfoEntry"),
     ]),
+    # RuntimeService.ListContainers, for `ps`; a container's labels (8) and annotations (9) are left out
+    ("ContainerMetadata", [
+        ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
+        ("attempt", 2, _F.TYPE_UINT32, _F.LABEL_OPTIONAL, ""),
+    ]),
+    ("Container", [
+        ("id", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
+        ("pod_sandbox_id", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
+        ("metadata", 3, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".runtime.v1.ContainerMetadata"),
+        ("image", 4, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, ".runtime.v1.ImageSpec"),
+        ("image_ref", 5, _F.TYPE_STRING, _F.LABEL_OPTIONAL, ""),
+        ("state", 6, _F.TYPE_INT32, _F.LABEL_OPTIONAL, ""),  # the ContainerState enum
+        ("created_at", 7, _F.TYPE_INT64, _F.LABEL_OPTIONAL, ""),
+    ]),
+    # the filter (1) is never sent: every container, as `ps -a` asks
+    ("ListContainersRequest", []),
+    ("ListContainersResponse", [
+        ("containers", 1, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, ".runtime.v1.Container"),
+    ]),
 ]
+#: ContainerState as crictl's JSON spells it
+_STATES = {0: "CONTAINER_CREATED", 1: "CONTAINER_RUNNING", 2: "CONTAINER_EXITED", 3: "CONTAINER_UNKNOWN"}
 _MAPS = {"ImageSpec": "AnnotationsEntry", "ImageStatusResponse": "InfoEntry"}
 
 
@@ -233,9 +255,10 @@ class ImageClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: Any, response: str, timeout: float | None) -> Any:
+    def _call(self, method: str, request: Any, response: str, timeout: float | None,
+              service: str = "ImageService") -> Any:
         stub = self._channel.unary_unary(
-            f"/runtime.v1.ImageService/{method}",
+            f"/runtime.v1.{service}/{method}",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=MESSAGES[response].FromString,
         )
@@ -273,6 +296,22 @@ class ImageClient:
         request = MESSAGES["RemoveImageRequest"]()
         request.image.image = image
         self._call("RemoveImage", request, "RemoveImageResponse", self.timeout)
+
+    def containers(self) -> list[dict[str, Any]]:
+        """Every container the CRI knows (``RuntimeService.ListContainers``), in crictl's JSON form."""
+        reply = self._call("ListContainers", MESSAGES["ListContainersRequest"](), "ListContainersResponse",
+                           self.timeout, service="RuntimeService")
+        return [{
+            "id": c.id,
+            "podSandboxId": c.pod_sandbox_id,
+            "metadata": {"name": c.metadata.name, "attempt": c.metadata.attempt},
+            "image": {"image": c.image.image, "annotations": dict(c.image.annotations)},
+            "imageRef": c.image_ref,
+            "state": _STATES.get(c.state, "CONTAINER_UNKNOWN"),
+            "createdAt": str(c.created_at),
+            "labels": {},
+            "annotations": {},
+        } for c in reply.containers]
 
 
 # -- the command -------------------------------------------------------------------
@@ -434,6 +473,27 @@ def _cmd_rmi(client: ImageClient, args: argparse.Namespace) -> None:
         raise Fatal("unable to remove the image(s)")
 
 
+def _cmd_ps(client: ImageClient, args: argparse.Namespace) -> None:
+    try:
+        containers = client.containers()
+    except CRIError as err:
+        raise Fatal(f"listing containers: {err}") from None
+    if not args.all:
+        containers = [c for c in containers if c["state"] == "CONTAINER_RUNNING"]
+    if args.output == "json":
+        print(json.dumps({"containers": containers}, indent=2))
+        return
+    if args.quiet:
+        for container in containers:
+            print(container["id"])
+        return
+    rows = [["CONTAINER", "IMAGE", "STATE", "NAME", "ATTEMPT", "POD ID"]]
+    for c in containers:
+        rows.append([_truncate(c["id"]), c["image"]["image"], c["state"].removeprefix("CONTAINER_"),
+                     c["metadata"]["name"], str(c["metadata"]["attempt"]), _truncate(c["podSandboxId"])])
+    sys.stdout.write(_table(rows))
+
+
 def _log(level: str, msg: str) -> None:
     """One logrus text line (non-TTY form), as crictl writes to stderr."""
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -471,6 +531,12 @@ def _parser() -> argparse.ArgumentParser:
     rmi = sub.add_parser("rmi")
     rmi.add_argument("images", nargs="+")
     rmi.set_defaults(run=_cmd_rmi)
+
+    ps = sub.add_parser("ps")
+    ps.add_argument("-a", "--all", action="store_true")
+    ps.add_argument("-q", "--quiet", action="store_true")
+    ps.add_argument("-o", "--output", default=None, choices=["json", "table"])
+    ps.set_defaults(run=_cmd_ps)
     return parser
 
 
@@ -484,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     endpoint = args.image_endpoint or args.runtime_endpoint or DEFAULT_ENDPOINT
+    if args.command == "ps":  # the runtime service, not the image service
+        endpoint = args.runtime_endpoint or args.image_endpoint or DEFAULT_ENDPOINT
     timeout = args.timeout if args.timeout > 0 else DEFAULT_TIMEOUT
     try:
         with ImageClient(endpoint, timeout) as client:
