@@ -18,10 +18,12 @@ PULLED, PRESENT, COPIED, RESTORED, UPDATED = "pulled", "present", "copied", "res
 FAILED, TIMED_OUT, EXPIRED, SKIPPED = "failed", "timed_out", "expired", "skipped"
 #: the image has nothing for the node's platform: not pulled, and not a failure
 NOT_APPLICABLE = "not_applicable"
+#: prune outcomes (imagesync.prune): a retired image the node no longer holds; one it keeps, the reason said
+REMOVED, KEPT = "removed", "kept"
 SUCCESSES = (PULLED, PRESENT, COPIED, RESTORED, UPDATED)
-OUTCOMES = (*SUCCESSES, NOT_APPLICABLE, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
+OUTCOMES = (*SUCCESSES, NOT_APPLICABLE, REMOVED, KEPT, FAILED, TIMED_OUT, EXPIRED, SKIPPED)
 #: outcomes that do not make a run fail
-NOT_FAILURES = (*SUCCESSES, NOT_APPLICABLE)
+NOT_FAILURES = (*SUCCESSES, NOT_APPLICABLE, REMOVED, KEPT)
 
 
 @dataclass

@@ -162,6 +162,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         source = "peers-first"
         transfer = false
         refresh = false
+        prune = true
         min_free = "50GiB"
         exclude = ["bcm11/scratch", "*/ci-*"]
         agents = true
@@ -251,7 +252,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         "local",
     )
     assert (node.platform, node.image_fs, node.labels) == ("linux/arm64/v8", "/srv/containerd", ["gpu"])
-    assert (settings.refresh, settings.agent_labels) == (False, ["gpu", "a100"])
+    assert (settings.refresh, settings.agent_labels, settings.prune) == (False, ["gpu", "a100"], True)
     # webhook_secret and webhook_secret_file are one or the other, as are the backup's password and password_file
     sources = {key: source for key, source in settings.sources.items()
                if key not in ("webhook_secret", "backup.password")}
@@ -588,6 +589,7 @@ def test_every_override(tmp_path):
         "IMAGESYNC_SOURCE": "peers-first",
         "IMAGESYNC_TRANSFER": "false",
         "IMAGESYNC_REFRESH": "false",
+        "IMAGESYNC_PRUNE": "true",
         "IMAGESYNC_MIN_FREE": "50GiB",
         "IMAGESYNC_EXPORTER_ADDRESS": "0.0.0.0",
         "IMAGESYNC_EXPORTER_PORT": "9900",
@@ -635,7 +637,7 @@ def test_every_override(tmp_path):
     assert settings.redis_master_name == "mymaster"
     assert settings.log_keep_days == 0
     assert settings.timezone == "Europe/Berlin"
-    assert (settings.source, settings.transfer, settings.refresh) == ("peers-first", False, False)
+    assert (settings.source, settings.transfer, settings.refresh, settings.prune) == ("peers-first", False, False, True)
     assert settings.agent_labels == ["gpu", "a100"]
     assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("0.0.0.0", 9901, key)

@@ -221,6 +221,8 @@ class Settings(BaseModel):
     refresh: bool = True
     # images never synced nor backed up, though under a prefix (scratch, CI builds)
     exclude: Patterns = []
+    # after each run that beat started and that completed, remove retired images from the nodes (imagesync.prune)
+    prune: bool = False
     # a registry that keeps a copy of every synced image: [backup]
     backup: BackupSettings | None = None
     # what a pull must leave free on a node's image filesystem: "20%" keeps the node

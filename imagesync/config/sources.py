@@ -62,6 +62,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_REFRESH": ("refresh",),
     "IMAGESYNC_MIN_FREE": ("min_free",),
     "IMAGESYNC_EXCLUDE": ("exclude",),
+    "IMAGESYNC_PRUNE": ("prune",),
     "IMAGESYNC_BACKUP_REGISTRY": ("backup", "registry"),
     "IMAGESYNC_BACKUP_USERNAME": ("backup", "username"),
     "IMAGESYNC_BACKUP_PASSWORD": ("backup", "password"),

@@ -43,17 +43,26 @@ def label_condition(settings: Settings, redis: Redis | None) -> Condition:
         for node in plan.nodes:
             carried = plan.labels.get(node, ())
             for image in list(plan.missing.get(node, ())):
-                needed = rules.needed(image)
-                if needed is None or any(selects(labels, carried) for labels in needed):
+                reason = rules.unselected(carried, image)
+                if reason is None:
                     continue
                 if (node, image) in plan.moved:
                     plan.drop(node, image)  # it holds the image: no exclusion to report, just no update
                 else:
-                    wants = " or ".join(", ".join(labels) for labels in needed)
-                    plan.exclude(node, image, NOT_FOR_NODE,
-                                 f"{NOT_FOR_LABELS} (it needs {wants}; the node has {', '.join(carried) or 'none'})")
+                    plan.exclude(node, image, NOT_FOR_NODE, reason)
 
     return condition
+
+
+def unselected(settings: Settings, labels: Iterable[str], reference: str) -> str | None:
+    """Why a node carrying ``labels`` is not for ``reference`` (a normalized name), as the
+    plan says it; None when it is: under a plain prefix, declared plainly, or selected."""
+    return Selections(settings).unselected(tuple(labels), reference)
+
+
+def labels_of(settings: Settings, redis: Redis | None, node: str) -> tuple[str, ...]:
+    """``node``'s labels: a configured node's own, else those its agent registered."""
+    return node_labels(settings, redis, [node])[node]
 
 
 class Selections:
@@ -71,6 +80,14 @@ class Selections:
             if name not in self.images:
                 self.everywhere.add(name)
         self.any = bool(self.images) or any(prefix.nodes for prefix in self.prefixes)
+
+    def unselected(self, carried: tuple[str, ...], image: str) -> str | None:
+        """Why a node carrying ``carried`` is not for ``image``; None when it is."""
+        needed = self.needed(image)
+        if needed is None or any(selects(labels, carried) for labels in needed):
+            return None
+        wants = " or ".join(", ".join(labels) for labels in needed)
+        return f"{NOT_FOR_LABELS} (it needs {wants}; the node has {', '.join(carried) or 'none'})"
 
     def needed(self, image: str) -> list[tuple[str, ...]] | None:
         """The label sets of which a node must carry one to receive ``image``; None: every node."""
