@@ -201,3 +201,100 @@ def test_a_restore_checks_the_digest_most_nodes_of_its_platform_hold():
     plan = make_plan(inventories, ["registry.test"], facts={"a1": amd, "a2": amd, "r1": arm, "r2": arm, "r3": arm},
                      policy=Policy(transfer=False, backup=True))
     assert (plan.route("a2", held).digest, plan.route("r3", held).digest) == (D1, D2)
+
+
+# -- moved tags (planning.refresh) and labels (planning.labels) ------------------------------------
+
+
+class _Registry:
+    """A registry client answering each tag's current digest from a dict (no answer: not there)."""
+
+    def __init__(self, current):
+        self.current = current
+        self.asked = []
+
+    def current_digest(self, image):
+        self.asked.append(image)
+        if image not in self.current:
+            from imagesync.registry import LookupFailed
+
+            raise LookupFailed(f"{image}: HTTP 404")
+        return self.current[image]
+
+
+def _settings(**values):
+    from imagesync.config import Settings
+
+    values.setdefault("prefixes", PREFIXES)
+    values.setdefault("nodes", [{"name": "w1"}, {"name": "w2"}, {"name": "w3"}])
+    return Settings(**values)
+
+
+def test_a_moved_tag_is_pulled_again_by_the_nodes_holding_the_old_digest_and_pinned_digests_never_move():
+    from imagesync.planning.refresh import moved_tags
+
+    app, gone = "nvcr.io/nvidia/app:1", "nvcr.io/nvidia/gone:1"
+    registry = _Registry({app: D2})
+    facts = {node: NodeFacts(platform="linux/amd64", ctr=True) for node in ("w1", "w2", "w3")}
+    policy = Policy(conditions=(moved_tags(_settings(), registry),), transfer=True)
+    same = [image(gone, D1), image(None, D3, repo="nvcr.io/nvidia/triton")]
+    plan = make_plan({"w1": [image(app, D1), *same], "w2": [image(app, D2), *same], "w3": [image(app, D1), *same]},
+                     PREFIXES, facts=facts, policy=policy)
+    # w2 holds the registry's digest: it is the source the others may copy from
+    assert plan.moved == {("w1", app): (D1, D2), ("w3", app): (D1, D2)}
+    assert app in plan.missing["w1"] and app in plan.missing["w3"] and "w2" not in plan.missing
+    route = plan.route("w1", app)
+    assert (route.replaces, route.digest, route.sources, route.peers) == (D1, D2, (REGISTRY, PEERS), ("w2",))
+    assert "moved: sha256:111111111111 -> sha256:222222222222" in route.describe()
+    # the tag gone upstream stays drift-free and unmoved; a digest reference is never asked about
+    assert all(image_ != gone for _, image_ in plan.moved)
+    assert not any("@" in asked for asked in registry.asked)
+    assert plan.to_dict()["moved"]["w1"] == {app: {"held": D1, "now": D2}}
+
+
+def test_refresh_false_leaves_a_moved_tag_as_drift():
+    from imagesync.planning.policy import policy_for
+
+    app = "nvcr.io/nvidia/app:1"
+    plan = make_plan({"w1": [image(app, D1)], "w2": [image(app, D2)]}, PREFIXES,
+                     policy=policy_for(_settings(refresh=False)))
+    assert plan.moved == {} and plan.total == 0 and [d.reference for d in plan.drift] == [app]
+
+
+def test_a_labelled_prefix_goes_only_to_nodes_carrying_its_labels_and_they_still_hold_what_they_hold():
+    from imagesync.planning.labels import NOT_FOR_LABELS, label_condition, unselected
+    from imagesync.planning.refresh import moved_tags
+
+    settings = _settings(
+        nodes=[{"name": "w1", "labels": ["gpu", "a100"]}, {"name": "w2", "labels": ["gpu"]}, {"name": "w3"}],
+        prefixes=["bcm11.local:5000", {"name": "nvcr.io/nvidia", "nodes": ["gpu"]}],
+        images=[{"ref": "docker.io/library/big:1", "nodes": ["a100"]}, "docker.io/library/small:1"])
+    cuda, app = "nvcr.io/nvidia/cuda:12", "bcm11.local:5000/app:1"
+    registry = _Registry({cuda: D2})
+    policy = Policy(conditions=(moved_tags(settings, registry), label_condition(settings, None)))
+    plan = make_plan({"w1": [image(cuda, D1)], "w2": [image(app, D3)], "w3": [image(cuda, D1)]},
+                     settings.prefixes, settings.declared_images(), policy=policy)
+    assert plan.missing == {
+        "w1": ["bcm11.local:5000/app:1", "docker.io/library/big:1", "docker.io/library/small:1", cuda],  # cuda moved
+        "w2": ["docker.io/library/small:1", cuda],
+        "w3": ["bcm11.local:5000/app:1", "docker.io/library/small:1"],
+    }
+    why = plan.excluded["w3"]
+    assert why["docker.io/library/big:1"].kind == "n/a"
+    assert why["docker.io/library/big:1"].reason == f"{NOT_FOR_LABELS} (it needs a100; the node has none)"
+    assert "docker.io/library/big:1" in plan.excluded["w2"]
+    # w3 holds cuda: not updated there, not excluded, and still a holder
+    assert ("w3", cuda) not in plan.moved and cuda not in why and plan.held("w3", cuda) == (True, D1)
+    assert plan.labels == {"w1": ("gpu", "a100"), "w2": ("gpu",), "w3": ()}
+    assert unselected(settings, ["gpu"], cuda) is None
+    assert unselected(settings, [], cuda).startswith(NOT_FOR_LABELS)
+    assert unselected(settings, [], app) is None
+
+
+def test_plain_prefixes_mean_every_node():
+    from imagesync.planning.labels import label_condition
+
+    settings = _settings(nodes=[{"name": "w1", "labels": ["gpu"]}, {"name": "w2"}])
+    plan = make_plan({"w1": [image("nvcr.io/nvidia/cuda:12")], "w2": []}, settings.prefixes,
+                     policy=Policy(conditions=(label_condition(settings, None),)))
+    assert plan.missing == {"w2": ["nvcr.io/nvidia/cuda:12"]} and plan.excluded == {}
