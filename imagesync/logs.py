@@ -6,6 +6,10 @@ Under ``log_dir`` each day has its own folder, holding the seed's three files::
     log_dir/2026-11-22/success_images.log   one line per image that a node now holds
     log_dir/2026-11-22/failed_images.log    one line per image a node could not get
 
+and a fourth, ``pruned_images.log``: one line per retired image that ``imagesync
+prune`` removed from a node or kept there, and why (a removal that failed goes to
+``failed_images.log``).
+
 Several processes (one worker per node, beat, the CLI) append to the same
 files, so every line is written with a single ``write`` on a file opened with
 O_APPEND, and a file is never rotated under a writer: a new day is a new folder.
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 MAIN_LOG = "image-sync.log"
 SUCCESS_LOG = "success_images.log"
 FAILED_LOG = "failed_images.log"
+PRUNED_LOG = "pruned_images.log"
 
 FORMAT = "%(asctime)s %(levelname)s [%(processName)s] %(message)s"
 
@@ -184,6 +189,17 @@ def report_unwritable(log_dir: Path, error: OSError) -> None:
 
 def record_pull(log_dir: Path, run_id: str, outcome: Outcome) -> None:
     """One line in success_images.log or failed_images.log for a finished pull."""
+    # "not applicable" is not a failure: it goes with the successes, its reason said
+    append(log_dir, FAILED_LOG if outcome.failed else SUCCESS_LOG, _line(run_id, outcome), outcome.finished)
+
+
+def record_prune(log_dir: Path, run_id: str, outcome: Outcome) -> None:
+    """One line in pruned_images.log (removed, or kept and why) or failed_images.log for an
+    image a prune judged retired on a node."""
+    append(log_dir, FAILED_LOG if outcome.failed else PRUNED_LOG, _line(run_id, outcome), outcome.finished)
+
+
+def _line(run_id: str, outcome: Outcome) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(outcome.finished))
     line = (
         f"{stamp} run={run_id} node={outcome.node} image={outcome.image} "
@@ -193,5 +209,4 @@ def record_pull(log_dir: Path, run_id: str, outcome: Outcome) -> None:
     if outcome.reason:
         reason = outcome.reason.replace("\n", " ").replace('"', "'")
         line += f' reason="{reason}"'
-    # "not applicable" is not a failure: it goes with the successes, its reason said
-    append(log_dir, FAILED_LOG if outcome.failed else SUCCESS_LOG, line, outcome.finished)
+    return line
