@@ -1,3 +1,4 @@
+import json
 import shlex
 from pathlib import Path
 
@@ -204,3 +205,127 @@ def test_every_ctr_line_of_a_copy_runs_whole_under_the_nodes_timeout():
         words = shlex.split(line)
         assert words[:3] == ["timeout", "-k", str(KILL_AFTER)] and words[4:6] == ["sh", "-c"], what
     assert shlex.split(lines["import"])[3] == str(30 + KILL_AFTER)  # the checks after the import's own 30 s
+
+
+# -- prune's commands (runtimes/removal.py) ---------------------------------------------------------
+
+ID = "sha256:" + "c" * 64
+DIGEST = "sha256:" + "d" * 64
+RETIRED = runtimes.Image(id=ID, tags=("reg.local/app:1",), digests=(f"reg.local/app@{DIGEST}",))
+#: crictl ps -a -o json as crictl 1.26 prints it (a kubelet names the image by its id)
+CRICTL_PS = {"containers": [{
+    "id": "5a1b" + "0" * 60, "podSandboxId": "9f" + "0" * 62, "metadata": {"name": "web", "attempt": 0},
+    "image": {"image": ID, "annotations": {}}, "imageRef": ID, "state": "CONTAINER_EXITED",
+    "createdAt": "1733300000000000000", "labels": {}, "annotations": {}}]}
+CTR_LS = ("CONTAINER    IMAGE                  RUNTIME\n"
+          "job-1        reg.local/other:2      io.containerd.runc.v2\n")
+
+
+def _node(runtime="crictl"):
+    from imagesync.config import Node
+
+    return Node(name="n", runtime=runtime)
+
+
+def test_a_crictl_nodes_containers_are_the_cris_and_ctrs_where_it_answers():
+    from imagesync.runtimes import removal
+
+    output = (json.dumps(CRICTL_PS) + f"\n{removal.CONTAINERS_MARKER} crictl 0\n"
+              + CTR_LS + f"{removal.CONTAINERS_MARKER} ctr 0\n")
+    containers = removal.parse_containers(_node(), output)
+    assert containers.using(RETIRED) == ("web (5a1b000000000)",)
+    assert containers.using(runtimes.Image(id="sha256:" + "e" * 64, tags=("reg.local/other:2",))) == ("job-1",)
+    assert containers.using(runtimes.Image(id="sha256:" + "e" * 64, tags=("reg.local/app:2",))) == ()
+    # ctr beside crictl that cannot answer (a CRI-O node with a ctr of no use): crictl's answer stands
+    alone = removal.parse_containers(_node(), json.dumps(CRICTL_PS) + f"\n{removal.CONTAINERS_MARKER} crictl 0\n"
+                                     f"ctr: connection refused\n{removal.CONTAINERS_MARKER} ctr 1\n")
+    assert alone.using(RETIRED)
+
+
+@pytest.mark.parametrize("runtime, output", [
+    ("crictl", "imagesync-containers crictl 1\nCONTAINER IMAGE RUNTIME\nimagesync-containers ctr 0\n"),
+    ("crictl", ""),  # killed by timeout before it said anything
+    ("ctr", "ctr: failed to dial\nimagesync-containers ctr 1\n"),
+    ("crictl", "not json\nimagesync-containers crictl 0\n"),
+])
+def test_a_node_whose_own_client_cannot_list_its_containers_says_so(runtime, output):
+    from imagesync.runtimes import removal
+
+    with pytest.raises(ValueError):
+        removal.parse_containers(_node(runtime), output)
+
+
+def test_a_ctr_container_named_by_the_cris_image_id_keeps_the_image_it_aliases():
+    from imagesync.runtimes import removal
+
+    image = runtimes.Ctr().parse_list((DATA / "ctr-images-ls-containerd.txt").read_text())[0]
+    assert image.aliases and all(alias.startswith("sha256:") for alias in image.aliases)
+    listing = (f"CONTAINER IMAGE RUNTIME\nweb {image.aliases[0]} io.containerd.runc.v2\n"
+               f"{removal.CONTAINERS_MARKER} ctr 0\n")
+    assert removal.parse_containers(_node("ctr"), listing).using(image) == ("web",)
+
+
+def _fake_node_runtime(bin_dir, ps_json, ctr_ls, ps_status=0):
+    """crictl and ctr stand-ins: they answer ps / containers ls as given and log every call."""
+    log = bin_dir / "calls.log"
+    (bin_dir / "ps.json").write_text(json.dumps(ps_json))
+    (bin_dir / "ctr-ls.txt").write_text(ctr_ls)
+    for name in ("crictl", "ctr"):
+        script = bin_dir / name
+        script.write_text(f"""#!/bin/sh
+echo "{name} $*" >> {log}
+case "$*" in
+  *"ps -a -o json"*) cat {bin_dir / 'ps.json'}; exit {ps_status} ;;
+  *"containers ls"*) cat {bin_dir / 'ctr-ls.txt'}; exit 0 ;;
+  "rmi "*|*" rmi "*|*"images rm"*) exit 0 ;;
+esac
+exit 2
+""")
+        script.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize("runtime", ["crictl", "ctr"])
+def test_a_removal_asks_again_and_never_removes_an_image_a_container_uses(tmp_path, runtime):
+    from imagesync.runtimes import removal
+    from imagesync.transport import LocalTransport
+
+    node = LocalTransport("n", env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    used = CTR_LS + "web        reg.local/app:1        io.containerd.runc.v2\n"
+    log = _fake_node_runtime(tmp_path, {"containers": []}, used)
+    result = node.run(removal.remove_command(_node(runtime), RETIRED, 30), timeout=30)
+    assert removal.read_removal(result) == (removal.IN_USE, "reg.local/app:1")
+    assert "rmi" not in log.read_text() and "images rm" not in log.read_text()
+
+    log = _fake_node_runtime(tmp_path, {"containers": []}, CTR_LS)
+    result = node.run(removal.remove_command(_node(runtime), RETIRED, 30), timeout=30)
+    assert removal.read_removal(result) == (removal.REMOVED, "")
+    removed = log.read_text().splitlines()[-1]
+    if runtime == "crictl":
+        assert removed == f"crictl rmi {ID}"  # by id: the CRI takes every name
+    else:
+        assert removed.endswith(f"images rm reg.local/app:1 reg.local/app@{DIGEST}")
+
+
+def test_a_removal_on_a_node_whose_containers_cannot_be_listed_removes_nothing(tmp_path):
+    from imagesync.runtimes import removal
+    from imagesync.transport import LocalTransport
+
+    node = LocalTransport("n", env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    log = _fake_node_runtime(tmp_path, {"containers": []}, CTR_LS, ps_status=1)
+    result = node.run(removal.remove_command(_node("crictl"), RETIRED, 30), timeout=30)
+    assert removal.read_removal(result) == (removal.UNLISTED, "")
+    assert "rmi" not in log.read_text()
+
+
+@pytest.mark.parametrize("evil", ["reg.local/a:1; reboot", "$(id)", "a\nb"])
+def test_removal_lines_run_under_the_nodes_timeout_and_refuse_what_the_grammar_refuses(evil):
+    from imagesync.runtimes import removal
+
+    words = shlex.split(removal.containers_command(_node(), 60))
+    assert words[:5] == ["timeout", "-k", str(KILL_AFTER), "60", "sh"]
+    assert shlex.split(removal.remove_command(_node(), RETIRED, 60))[:4] == ["timeout", "-k", str(KILL_AFTER), "60"]
+    with pytest.raises(RefusedReference):
+        removal.remove_command(_node("ctr"), runtimes.Image(id=ID, tags=(evil,)), 60)
+    with pytest.raises(RefusedReference):
+        removal.remove_command(_node("crictl"), runtimes.Image(id=evil, tags=("reg.local/a:1",)), 60)
