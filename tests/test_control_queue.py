@@ -66,4 +66,5 @@ def test_backups_leave_the_control_worker_free_for_runs_and_finalize_ends_an_ove
             # read raw: a reader of the record (store.get) would end it itself
             wait_for(lambda: client.hget(keys.run_backup(dead), "status") == b"abandoned", 30,
                      "finalize to end the overdue backup")
-        assert f"run {dead}: backup abandoned: no outcome by its deadline" in d.services.log("control")
+            wait_for(lambda: f"run {dead}: backup abandoned: no outcome by its deadline" in d.services.log("control"),
+                     30, "the abandoned backup's summary in the control worker's log")
