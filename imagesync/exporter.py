@@ -32,7 +32,7 @@ from . import keys
 from .agents import node_names
 from .budgets import stale_after
 from .celeryconfig import node_queue
-from .outcomes import NOT_APPLICABLE, OUTCOMES, SUCCESSES
+from .outcomes import KEPT, NOT_APPLICABLE, OUTCOMES, REMOVED, SUCCESSES
 from .redisvalues import as_text, seconds_of
 from .runs import ABANDONED, CANCELLED, COMPLETED, RUNNING
 
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("imagesync")
 
 RUN_STATUSES = (RUNNING, COMPLETED, ABANDONED, CANCELLED)
-_FAILURES = tuple(status for status in OUTCOMES if status not in SUCCESSES)
+#: the outcomes that keep a run from counting as a success: a prune's removed and kept are no failures
+_FAILURES = tuple(status for status in OUTCOMES if status not in (*SUCCESSES, REMOVED, KEPT))
 #: fields read from every run of the history (small: no JSON)
 _SUMMARY_FIELDS = ["status", "finished", "wanted", *(f"n:{status}" for status in _FAILURES)]
 #: how many runs back the exporter looks for one that planned per-node counts
