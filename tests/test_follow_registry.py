@@ -94,6 +94,7 @@ def test_a_labelled_prefix_reaches_only_the_nodes_that_carry_the_label(d):
     status = d.cli("status", env={"COLUMNS": "300"})
     row = next(line for line in status.stdout.splitlines() if "nvidia/cuda" in line)
     assert "n/a" in row and "missing" not in row, status.stdout
+    assert status.stdout.count("ssh, gpu") == 2, status.stdout  # under each node, its labels
     assert cli_json(d, "plan")["missing"] == {}
 
 

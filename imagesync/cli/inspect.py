@@ -242,7 +242,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for node in plan.nodes:
         images = plan.missing.get(node, [])
         sources = [plan.route(node, image).describe() for image in images]
-        table.add_row(node, str(len(images)), escape("\n".join(images) or "-"), escape("\n".join(sources)))
+        # the labels that select what a prefix or entry with nodes = [...] gives it
+        labels = f"\n[dim]{escape(', '.join(plan.labels[node]))}[/]" if plan.labels.get(node) else ""
+        table.add_row(escape(node) + labels, str(len(images)), escape("\n".join(images) or "-"),
+                      escape("\n".join(sources)))
     common.show(table)
     return EXIT_OK
 
