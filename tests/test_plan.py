@@ -298,3 +298,17 @@ def test_plain_prefixes_mean_every_node():
     plan = make_plan({"w1": [image("nvcr.io/nvidia/cuda:12")], "w2": []}, settings.prefixes,
                      policy=Policy(conditions=(label_condition(settings, None),)))
     assert plan.missing == {"w2": ["nvcr.io/nvidia/cuda:12"]} and plan.excluded == {}
+
+
+def test_an_agents_labels_come_from_its_flag_else_agent_labels_and_travel_with_its_registration():
+    import fakeredis
+
+    from imagesync.agents import agent_node, register
+    from imagesync.planning.labels import labels_of, node_labels
+
+    settings = _settings(agents=True, agent_labels=["gpu"])
+    redis = fakeredis.FakeRedis()
+    register(redis, agent_node(settings, "a1"), None, None, forget=60)
+    register(redis, agent_node(settings, "a2", labels="cpu, big"), None, None, forget=60)
+    assert node_labels(settings, redis, ["w1", "a1", "a2"]) == {"w1": (), "a1": ("gpu",), "a2": ("cpu", "big")}
+    assert labels_of(settings, None, "a1") == ()  # without Redis, no agent is known
