@@ -1098,3 +1098,25 @@ def test_a_comment_of_the_shell_tools_file_may_hold_quotes(tmp_path):
                     "PREFIX1='bcm11' # Harbor's prefix\n", "image-sync.conf")
     assert [node.name for node in settings.nodes] == ["k8s-worker1"]
     assert settings.prefixes == ["bcm11"]
+
+
+def test_prefix_tables_name_the_labels_a_node_needs_and_the_seeds_prefixes_mean_every_node(tmp_path):
+    settings = load(tmp_path, """\
+        prefixes = ["bcm11", {name = "nvcr.io/nvidia/", nodes = "gpu, a100"}]
+        images = [{ref = "busybox:1", nodes = ["cpu"]}]
+        [[nodes]]
+        name = "k8s-worker1"
+        labels = ["gpu"]
+        """.replace("        ", ""))
+    assert settings.prefixes == ["bcm11", "nvcr.io/nvidia"]
+    assert [prefix.nodes for prefix in settings.prefixes] == [(), ("gpu", "a100")]
+    assert settings.image_selections() == {"docker.io/library/busybox:1": ("cpu",)}
+    shown = dict((key, value) for key, value, _ in settings.describe())
+    assert shown["prefixes"] == "bcm11, nvcr.io/nvidia (nodes: gpu, a100)"
+    assert shown["nodes.k8s-worker1.labels"] == "gpu"
+    seed = load(tmp_path, SEED_CONF, "image-sync.conf")
+    assert [prefix.nodes for prefix in seed.prefixes] == [(), ()]
+    found = problems(tmp_path, MINIMAL.replace('prefixes = ["bcm11"]',
+                                               'prefixes = [{name = "bcm11", nodes = ["g p u"]}, {nodes = []}]'))
+    assert any("prefixes[0]" in line and "label" in line for line in found), found
+    assert any("prefixes[1]" in line and "has no name" in line for line in found), found
