@@ -38,6 +38,12 @@ def new_run_id(now: float | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
+def channel(run_id: str) -> str:
+    """The pub/sub channel on which the run's scripts publish its status when it changes (a pull
+    reported, the run ended): named as the run's record (channels and keys do not share a name space)."""
+    return keys.run(run_id)
+
+
 def pull_key(node: str, image: str) -> str:
     """A pull's field in a run's results hash and member of its done set."""
     # A space never occurs in a node name or a valid reference.

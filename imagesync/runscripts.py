@@ -2,6 +2,9 @@
 depends on it (the done set, the stale-run check, the lock) in one atomic step.
 
 Keys and arguments are passed by :class:`imagesync.runs.RunStore`, which documents each call.
+A script that changes a running run publishes its new status (``running``, ``completed``,
+``abandoned``, ``cancelled``) on the run's channel, named as its record's key
+(:func:`imagesync.runs.channel`), so that ``sync --wait`` hears of it at once.
 """
 
 # The time inside a script is Redis's own (TIME), unless a caller passes one
@@ -39,10 +42,12 @@ if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expecte
     redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', string.format('%.6f', t), 'completed_by', ARGV[2])
     redis.call('ZREM', KEYS[4], ARGV[1])
     if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+    redis.call('PUBLISH', KEYS[1], 'completed')
     return 2
 end
 redis.call('ZADD', KEYS[4], t + tonumber(ARGV[6]), ARGV[1])
 if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('EXPIRE', KEYS[5], ARGV[7]) end
+redis.call('PUBLISH', KEYS[1], 'running')
 return 1
 """
 
@@ -76,6 +81,7 @@ redis.call('HSET', KEYS[1], 'status', 'abandoned', 'finished', string.format('%.
            'abandon_token', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+redis.call('PUBLISH', KEYS[1], 'abandoned')
 return 1
 """
 
@@ -105,6 +111,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished', finished, 'cancel
            'reason', ARGV[4], 'cancel_token', ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+redis.call('PUBLISH', KEYS[1], 'cancelled')
 return 1
 """
 
@@ -134,10 +141,14 @@ end
 local expected = tonumber(redis.call('HGET', KEYS[1], 'expected')) - fewer
 redis.call('HSET', KEYS[1], 'expected', expected, 'expected_per_node',
            next(per_node) and cjson.encode(per_node) or '{}', 'excluded', cjson.encode(excluded))
-if redis.call('SCARD', KEYS[2]) < expected then return 1 end
+if redis.call('SCARD', KEYS[2]) < expected then
+    redis.call('PUBLISH', KEYS[1], 'running')
+    return 1
+end
 local finished = string.format('%.6f', now(ARGV[3]))
 redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', finished, 'last_progress', finished)
 redis.call('ZREM', KEYS[4], ARGV[1])
 if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+redis.call('PUBLISH', KEYS[1], 'completed')
 return 2
 """

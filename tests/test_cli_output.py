@@ -127,3 +127,31 @@ def test_check_json_has_a_row_per_node_and_the_same_exit_code(config):
     row = next(line for line in table.stdout.splitlines() if "worker-with-a-long-name-1" in line)
     assert node["detail"] in row
     assert "imagesync: 1 of 1 nodes failed the check: worker-with-a-long-name-1" in result.stderr
+
+
+def test_following_a_run_hears_of_its_end_at_once_and_prints_its_summary(config, redis_client, monkeypatch,
+                                                                        capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import wait_for
+
+    from imagesync.cli import runs as cli_runs
+    from imagesync.config import load_settings
+    from imagesync.runs import channel
+    from imagesync.sync import run_store
+
+    # only the run's channel can end the wait in time: a read of the record comes every 60 s
+    monkeypatch.setattr(cli_runs, "POLL", 60.0)
+    settings = load_settings(config, {})
+    store = run_store(settings, redis_client)
+    pulls = [("worker-2", "registry.test/a:1"), ("worker-2", "registry.test/b:1")]
+    store.create(RUN, trigger="cli", pulls=pulls, skipped={}, drift=[], refused=[], wanted=2)
+    with ThreadPoolExecutor(1) as pool:
+        following = pool.submit(cli_runs.follow, settings, redis_client, RUN)
+        wait_for(lambda: following.done() or redis_client.pubsub_numsub(channel(RUN))[0][1] == 1, 20,
+                 "the follower's subscription")
+        assert not following.done(), following.result()
+        store.record(RUN, Outcome("worker-2", "registry.test/a:1", PULLED, duration=1.0))
+        store.record(RUN, Outcome("worker-2", "registry.test/b:1", PULLED, duration=1.0))
+        assert following.result(timeout=20) == 0
+    assert f"run {RUN} completed" in capsys.readouterr().out

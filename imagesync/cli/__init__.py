@@ -15,14 +15,12 @@ imported back by a command.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 from collections.abc import Sequence
 
 from ..errors import ConfigError, ImagesyncError
 from .common import EXIT_CONFIG, EXIT_FAILED, CommandError, say, version_line
-from .inspect import cmd_check, cmd_config, cmd_plan, cmd_status
-from .runs import cmd_cancel, cmd_history, cmd_sync
-from .serve import cmd_agent, cmd_beat, cmd_exporter, cmd_webhook, cmd_worker
 
 
 class _Version(argparse.Action):
@@ -121,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config:
         os.environ["IMAGESYNC_CONFIG"] = args.config
     try:
-        return COMMANDS[args.command](args)
+        module, function = COMMANDS[args.command]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(args)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"imagesync: {problem}")
@@ -136,17 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+#: command -> the module of ``imagesync.cli`` and its function: a command imports only
+#: its own module, so that ``--version`` or ``history`` never load Celery, the planner or SSH
 COMMANDS = {
-    "config": cmd_config,
-    "check": cmd_check,
-    "plan": cmd_plan,
-    "status": cmd_status,
-    "sync": cmd_sync,
-    "cancel": cmd_cancel,
-    "history": cmd_history,
-    "worker": cmd_worker,
-    "agent": cmd_agent,
-    "beat": cmd_beat,
-    "exporter": cmd_exporter,
-    "webhook": cmd_webhook,
+    "config": ("inspect", "cmd_config"),
+    "check": ("inspect", "cmd_check"),
+    "plan": ("inspect", "cmd_plan"),
+    "status": ("inspect", "cmd_status"),
+    "sync": ("runs", "cmd_sync"),
+    "cancel": ("runs", "cmd_cancel"),
+    "history": ("runs", "cmd_history"),
+    "worker": ("serve", "cmd_worker"),
+    "agent": ("serve", "cmd_agent"),
+    "beat": ("serve", "cmd_beat"),
+    "exporter": ("serve", "cmd_exporter"),
+    "webhook": ("serve", "cmd_webhook"),
 }

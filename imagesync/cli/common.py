@@ -11,18 +11,32 @@ trigger, a path) must be whole, and a row must stay on its line for grep.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
-
-from ..config import Settings, load_settings, mask_url
 from ..errors import ImagesyncError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..config import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_RUNNING = 0, 1, 2, 3
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+#: the consoles of stdout and stderr (rich), made on first use: a command that prints
+#: no table or progress bar (``--version``) never imports rich
+out: Console
+err: Console
+
+
+def __getattr__(name: str) -> Any:
+    if name not in ("out", "err"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from rich.console import Console
+
+    console = Console(stderr=name == "err", highlight=False)
+    globals()[name] = console
+    return console
 
 
 def say(message: str) -> None:
@@ -32,12 +46,16 @@ def say(message: str) -> None:
 
 def line(text: str) -> None:
     """One plain line on stdout, as it is: never wrapped nor cut, whatever the width."""
-    out.print(text, markup=False, highlight=False, soft_wrap=True)
+    _console("out").print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def show(table: Table) -> None:
     """A table on stdout: on a terminal, fitted to its width; anywhere else, as wide
     as its widest cells and title, so that no cell is cut (``202612…``) or wrapped."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    out = _console("out")
     if out.is_terminal:
         out.print(table)
         return
@@ -69,6 +87,11 @@ def version_line() -> str:
     return f"imagesync {__version__} ({', '.join(parts)}; Python {python})"
 
 
+def _console(name: str) -> Console:
+    """``out`` or ``err`` as it is now (a test may have replaced it)."""
+    return getattr(sys.modules[__name__], name)
+
+
 class CommandError(ImagesyncError):
     """Ends a command with one line and an exit code."""
 
@@ -79,6 +102,8 @@ class CommandError(ImagesyncError):
 
 def read_settings() -> Settings:
     """The configuration, as every command reads it (a :class:`ConfigError` ends the command)."""
+    from ..config import load_settings
+
     return load_settings()
 
 
@@ -90,6 +115,7 @@ def redis_client(settings: Settings, ping: bool = True, socket_timeout: float = 
     """
     from redis.exceptions import RedisError
 
+    from ..config import mask_url
     from ..redisclient import connect, error_line
 
     client = connect(settings, socket_connect_timeout=5, socket_timeout=socket_timeout)

@@ -12,16 +12,16 @@ import argparse
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from redis.exceptions import RedisError
 
-from .. import logs
-from ..config import Settings
 from ..runs import Run, summary_lines
 from . import common
 from .common import EXIT_FAILED, EXIT_OK, EXIT_RUNNING, CommandError, read_settings, redis_client, say
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -81,30 +81,67 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def follow(settings: Settings, redis, run_id: str) -> int:
-    """Show a progress bar until the run ends, then its summary; non-zero if any pull failed."""
+    """Show a progress bar until the run ends, then its summary; non-zero if any pull failed.
+
+    The run's record is read again each time its channel says it changed, and at least every
+    :data:`POLL` seconds (a lost subscription costs no more than that).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..runs import channel
     from ..sync import run_store
 
     store = run_store(settings, redis)
+    news = redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        news.subscribe(channel(run_id))  # before the first read: an end after it is heard
+    except RedisError:
+        news = None
     run = store.get(run_id, with_results=False)
     if run is None:
         raise CommandError(f"run {run_id} has no record in Redis")
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
-    with Progress(*columns, console=common.err, transient=False) as progress:
-        bar = progress.add_task(f"run {run_id}", total=run.expected or 1, detail="")
-        while True:
-            run = store.get(run_id, with_results=False)
-            if run is None:
-                raise CommandError(f"run {run_id} vanished from Redis (restarted without persistence?)")
-            detail = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in run.counts.items())
-            progress.update(bar, completed=run.done if run.expected else 1, detail=detail)
-            if run.status != "running":
-                break
-            time.sleep(0.5)
+    try:
+        with Progress(*columns, console=common.err, transient=False) as progress:
+            bar = progress.add_task(f"run {run_id}", total=run.expected or 1, detail="")
+            while True:
+                run = store.get(run_id, with_results=False)
+                if run is None:
+                    raise CommandError(f"run {run_id} vanished from Redis (restarted without persistence?)")
+                detail = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in run.counts.items())
+                progress.update(bar, total=run.expected or 1, completed=run.done if run.expected else 1,
+                                detail=detail)
+                if run.status != "running":
+                    break
+                news = _wait_for_news(news)
+    finally:
+        if news is not None:
+            news.close()
     run = store.get(run_id)
     assert run is not None
     print_run(run)
     return EXIT_OK if run.status == "completed" and not run.failures else EXIT_FAILED
+
+
+#: seconds between two reads of a followed run's record when its channel says nothing
+POLL = 0.5
+
+
+def _wait_for_news(news):  # type: ignore[no-untyped-def]
+    """Wait until the run's channel says something, or :data:`POLL` seconds; take every message
+    already there. Returns the subscription, or None once it failed (then only polling is left)."""
+    if news is None:
+        time.sleep(POLL)
+        return None
+    try:
+        if news.get_message(timeout=POLL) is not None:
+            while news.get_message(timeout=0) is not None:
+                pass
+        return news
+    except RedisError:
+        news.close()
+        return None
 
 
 def print_run(run: Run) -> None:
@@ -127,6 +164,7 @@ def operator() -> str:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from .. import logs
     from ..sync import NotCancelled, cancel_run, run_store
 
     settings = read_settings()
@@ -169,6 +207,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         common.out.print_json(json.dumps([run.to_dict() for run in runs]))
         return EXIT_OK
+    from rich.markup import escape
+    from rich.table import Table
+
     from ..outcomes import SUCCESSES
 
     table = Table(title="recent runs")
