@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import declared, keys, logs
+from . import declared, keys, logs, references
 from .budgets import KILL_AFTER, LIST_TIMEOUT, SSH_GRACE
 from .errors import NodeError, RefusedReference, one_line
 from .outcomes import FAILED, KEPT, REMOVED, TIMED_OUT, Outcome
@@ -205,9 +205,20 @@ def _remove_all(settings: Settings, redis: Redis, run_id: str, found: list[Verdi
 
     def remove_on(settings: Settings, node: Node) -> None:
         for verdict in by_node[node.name]:
-            finish(settings, redis, run_id, remove(settings, node, verdict))
+            finish(settings, redis, run_id, remove(settings, node, verdict), _names(verdict.held))
 
     _in_parallel(settings, nodes, remove_on)
+
+
+def _names(image: Image) -> list[str]:
+    """Every name of ``image``, normalized, as the plan holds them."""
+    found = []
+    for name in (*image.tags, *image.digests):
+        try:
+            found.append(references.normalize(name))
+        except RefusedReference:
+            continue
+    return found
 
 
 def remove(settings: Settings, node: Node, verdict: Verdict) -> Outcome:
@@ -233,11 +244,15 @@ def remove(settings: Settings, node: Node, verdict: Verdict) -> Outcome:
     return Outcome(node.name, verdict.image, FAILED, took, reason=detail)
 
 
-def finish(settings: Settings, redis: Redis, run_id: str, outcome: Outcome) -> None:
+def finish(settings: Settings, redis: Redis, run_id: str, outcome: Outcome, names: Iterable[str] = ()) -> None:
     """Record one outcome of a prune: the run record first, then its log lines, and the summary
-    when it completed the run (which released the lock)."""
+    when it completed the run (which released the lock); ``names``: every name of an image removed."""
     store = run_store(settings, redis)
     state = store.record(run_id, outcome)
+    names = list(names)
+    if outcome.status == REMOVED and names:
+        # the node no longer holds it, on purpose: the next run must not take it for evicted (planning.room)
+        redis.srem(keys.node_held(outcome.node), *names)
     try:
         logs.record_prune(settings.log_dir, run_id, outcome)
     except OSError as exc:
