@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import backup, backupstore, logs
+from . import backup, backupstore, declared, logs
 from .agents import known_nodes
 from .budgets import pull_expiry, stale_after
 from .errors import ImagesyncError
@@ -184,6 +184,7 @@ def start_run(
         for line in room.evicted_lines(plan.evicted):
             log.warning("run %s: %s", run_id, line)
         room.remember(redis, plan, room.scope_for(settings, limited=images is not None))
+        declared.remember(redis, settings, run_id)
         pulls = interleaved(plan.missing)
         if settings.backup is not None:
             # what the backup must hold once the run completes (imagesync.backup)

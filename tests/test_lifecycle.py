@@ -360,7 +360,8 @@ def test_status_plan_and_history_show_drift_and_declared_pinned_images_settle(de
     pinned = f"{pinned_repo}@{d.cluster.digests[pinned_repo + ':1']}"
     both_ref = d.cluster.push("nvidia/both", "2")
     both = f"{both_ref}@{d.cluster.digests[both_ref]}"
-    d.configure(images=[declared, pinned, both])
+    # refresh off: drift is reported here, not fixed (with refresh, a moved tag is pulled again)
+    d.configure(images=[declared, pinned, both], refresh=False)
     digests = {node.name: node.images() for node in (one, two)}
     assert digests["node-1"][drift] == first and digests["node-2"][drift] == second
 

@@ -6,10 +6,11 @@ failures, 3 when a run is already in progress.
 
 This module holds the argument parser and ``main``, which runs a command;
 the commands live beside it: ``inspect`` (config, check, plan, status),
-``runs`` (sync, cancel, history) and ``serve`` (worker, agent, beat, exporter,
-webhook). What they all share (the consoles, the exit codes, the settings and
-the Redis client) is in ``common``, below them, so that nothing here is
-imported back by a command.
+``runs`` (sync, cancel, history), ``prune`` (prune) and ``serve`` (worker,
+agent, beat, exporter, webhook), each imported only when its command runs.
+What they all share (the consoles, the exit codes, the settings and the Redis
+client) is in ``common``, below them, so that nothing here is imported back
+by a command.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("run", nargs="?", help="a run id (default: the run in progress)")
     cancel.add_argument("--reason", default="", metavar="TEXT", help="why, kept in the run record")
 
+    prune = sub.add_parser("prune", help="remove retired images from the nodes (those imagesync manages and no "
+                           "longer wants there), never one a container uses")
+    prune.add_argument("--dry-run", action="store_true", help="show what would be removed and kept, remove nothing")
+    prune.add_argument("--node", action="append", metavar="NAME", help="only prune this node (repeatable)")
+    prune.add_argument("--json", action="store_true", help="print every image considered, removed or kept, as JSON")
+
     history = sub.add_parser("history", help="recent runs, or one run in detail")
     history.add_argument("run", nargs="?", help="a run id (default: list recent runs)")
     history.add_argument("-n", "--limit", type=int, default=20)
@@ -96,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--name", help="the node's name (default: $NODE_NAME, else the host name)")
     for flag, what in (("runtime", "crictl or ctr"), ("endpoint", "the runtime's socket"),
                        ("namespace", "containerd namespace"), ("hosts-dir", "registry hosts directory"),
-                       ("image-fs", "the image filesystem"), ("platform", "os/arch, when uname -m is wrong")):
+                       ("image-fs", "the image filesystem"), ("labels", "comma-separated node labels"),
+                       ("platform", "os/arch, when uname -m is wrong")):
         agent.add_argument(f"--{flag}", help=f"{what} (default: agent_{flag.replace('-', '_')} of the configuration)"
                            if flag != "platform" else what)
     agent.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
@@ -144,6 +152,7 @@ COMMANDS = {
     "status": ("inspect", "cmd_status"),
     "sync": ("runs", "cmd_sync"),
     "cancel": ("runs", "cmd_cancel"),
+    "prune": ("prune", "cmd_prune"),
     "history": ("runs", "cmd_history"),
     "worker": ("serve", "cmd_worker"),
     "agent": ("serve", "cmd_agent"),

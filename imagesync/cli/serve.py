@@ -50,7 +50,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                            EXIT_CONFIG)
     logs.check_log_dir(settings.log_dir)
     node = agent_node(settings, args.name, runtime=args.runtime, endpoint=args.endpoint, namespace=args.namespace,
-                      hosts_dir=args.hosts_dir, image_fs=args.image_fs, platform=args.platform)
+                      hosts_dir=args.hosts_dir, image_fs=args.image_fs, platform=args.platform,
+                      labels=args.labels)
     os.environ.update(environment_for(node))
     extra = [a for a in args.celery_args if a != "--"]
     argv = ["-Q", node_queue(node.name), "-c", str(settings.max_parallel), "-n", f"{node.name}@%h"]

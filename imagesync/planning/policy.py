@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from . import platforms, room
+from . import labels, platforms, refresh, room
 from .plan import Condition, Policy
 
 if TYPE_CHECKING:
@@ -31,6 +31,11 @@ def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = F
     condition asks the registries itself)."""
     conditions: list[Condition] = []
     conditions.append(platforms.per_architecture(settings.per_architecture()))
+    if settings.refresh:
+        # moved tags: a node holding a tag under another digest than its registry names now pulls it again
+        conditions.append(refresh.moved_tags(settings))
+    # labels after refresh: a node outside an image's selection is neither given it nor updated
+    conditions.append(labels.label_condition(settings, redis))
     conditions.append(platform_check or platforms.platform_condition(settings, redis))
     # evicted images first, so that the room check promises nothing to them
     conditions += room.conditions_for(settings, redis, limited, nodes)
