@@ -205,6 +205,7 @@ def _line(run_id: str, outcome: Outcome) -> str:
         f"{stamp} run={run_id} node={outcome.node} image={outcome.image} "
         f"status={outcome.status} duration={outcome.duration:.1f}s attempts={outcome.attempts}"
         + (f" source={outcome.source}" if outcome.source else "")
+        + (f" replaced={outcome.replaced} digest={outcome.digest}" if outcome.replaced else "")
     )
     if outcome.reason:
         reason = outcome.reason.replace("\n", " ").replace('"', "'")
