@@ -329,3 +329,30 @@ def test_removal_lines_run_under_the_nodes_timeout_and_refuse_what_the_grammar_r
         removal.remove_command(_node("ctr"), runtimes.Image(id=ID, tags=(evil,)), 60)
     with pytest.raises(RefusedReference):
         removal.remove_command(_node("crictl"), runtimes.Image(id=evil, tags=("reg.local/a:1",)), 60)
+
+
+@pytest.mark.parametrize("name", ["crictl", "ctr"])
+def test_a_checked_update_finds_the_tag_present_only_under_the_digest_it_expects(tmp_path, name):
+    """A moved tag held under its old digest is pulled again; under the new one it is present."""
+    from imagesync.transport import LocalTransport
+
+    old, new = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    log = tmp_path / "calls.log"
+    script = tmp_path / name
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *inspecti*|*" ls "*) echo "reg.local/app@{old}"; exit 0 ;;
+  *pull*) exit 0 ;;
+esac
+exit 2
+""")
+    script.chmod(0o755)
+    node = LocalTransport("n", env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    runtime = runtimes.Crictl() if name == "crictl" else runtimes.Ctr()
+    moved = node.run(runtime.pull_command("reg.local/app:1", 30, check=True, expect=new).command, timeout=30)
+    assert moved.ok and not runtimes.found_present(moved) and "pull" in log.read_text()
+    held = node.run(runtime.pull_command("reg.local/app:1", 30, check=True, expect=old).command, timeout=30)
+    assert runtimes.found_present(held)
+    with pytest.raises(RefusedReference):
+        runtime.pull_command("reg.local/app:1", 30, check=True, expect="sha256:$(id)")

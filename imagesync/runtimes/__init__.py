@@ -75,7 +75,7 @@ class Runtime(Protocol):
 
     def pull_command(
         self, reference: str, time_out: int, login: Login | None = None, check: bool = False,
-        platform: str | None = None, also_as: str | None = None, pin: bool = False,
+        platform: str | None = None, also_as: str | None = None, pin: bool = False, expect: str | None = None,
     ) -> PullCommand: ...
 
     def version_command(self) -> str: ...
@@ -144,17 +144,19 @@ class Crictl:
 
     def pull_command(
         self, reference: str, time_out: int, login: Login | None = None, check: bool = False,
-        platform: str | None = None, also_as: str | None = None, pin: bool = False,
+        platform: str | None = None, also_as: str | None = None, pin: bool = False, expect: str | None = None,
     ) -> PullCommand:
         """``crictl pull``; with ``check``, first the CRI's ImageStatus (``inspecti``),
-        which exits 0 only if the node holds the image.
+        which exits 0 only if the node holds the image (with ``expect``, under that digest:
+        a moved tag held under its old digest is not present).
 
         The CRI has neither a platform to choose (the runtime pulls its own)
         nor a way to tag or label: ``platform``, ``also_as`` and ``pin`` are not used.
         """
         creds = f" --creds {shlex.quote(':'.join(login))}" if login else ""
         ref = checked(reference)
-        presence = f"{self._base()} inspecti -q {ref} >/dev/null 2>&1" if check else None
+        found = f"| grep -qF {shlex.quote(references.parse_digest(expect))}" if expect else ">/dev/null"
+        presence = f"{self._base()} inspecti -q {ref} 2>/dev/null {found}" if check else None
         return _pull_under_timeout(f"{self._base()} pull{creds} {ref}", time_out, presence)
 
     def parse_list(self, output: str) -> list[Image]:
@@ -201,10 +203,11 @@ class Ctr:
 
     def pull_command(
         self, reference: str, time_out: int, login: Login | None = None, check: bool = False,
-        platform: str | None = None, also_as: str | None = None, pin: bool = False,
+        platform: str | None = None, also_as: str | None = None, pin: bool = False, expect: str | None = None,
     ) -> PullCommand:
         """``ctr images pull``; with ``check``, first ``ctr images ls -q name==REF``,
-        which prints the reference only if the node holds it.
+        which prints the reference only if the node holds it (with ``expect``, the
+        listing must name that digest: a moved tag held under its old digest is not present).
 
         ``platform`` (``os/arch[/variant]``) pulls that platform's manifest
         rather than the node's own; ``also_as`` names the pulled image a
@@ -218,8 +221,10 @@ class Ctr:
         ref = checked(reference)
         presence = None
         if check:
-            listing = f"{self._base()} images ls -q {shlex.quote('name==' + reference)} 2>/dev/null"
-            presence = f'[ -n "$({listing})" ]'
+            quiet = "" if expect else " -q"  # the digest is a column of the full listing
+            listing = f"{self._base()} images ls{quiet} {shlex.quote('name==' + reference)} 2>/dev/null"
+            presence = (f"{listing} | grep -qF {shlex.quote(references.parse_digest(expect))}" if expect
+                        else f'[ -n "$({listing})" ]')
         pull = f"{self._base()} images pull{hosts}{user}{chosen} {ref}"
         steps = []
         if also_as:
