@@ -21,7 +21,7 @@ from redis import Redis
 
 from . import backup, backupstore, declared, logs
 from .agents import known_nodes
-from .budgets import pull_expiry, stale_after
+from .budgets import pull_expiry
 from .errors import ImagesyncError
 from .lock import RunLock
 from .outcomes import Outcome
@@ -32,6 +32,7 @@ from .planning.planner import make_plan
 from .planning.platforms import PlatformCheck
 from .planning.policy import policy_for
 from .runs import CANCELLED, RunCancelled, RunStore, new_run_id, summary_lines
+from .runstores import run_lock, run_store
 from .survey import SendInventory, survey
 
 if TYPE_CHECKING:
@@ -44,15 +45,6 @@ RENEW_EVERY = 500
 
 #: send_pull(node, image, run_id, expires, route)
 SendPull = Callable[[str, str, str, float, Route], None]
-
-
-def run_store(settings: Settings, redis: Redis) -> RunStore:
-    ttl = stale_after(settings)
-    return RunStore(redis, stale_after=ttl, lock_ttl=ttl, history=settings.history)
-
-
-def run_lock(settings: Settings, redis: Redis) -> RunLock:
-    return RunLock(redis, ttl=stale_after(settings))
 
 
 @dataclass

@@ -138,7 +138,7 @@ def test_following_a_run_hears_of_its_end_at_once_and_prints_its_summary(config,
     from imagesync.cli import runs as cli_runs
     from imagesync.config import load_settings
     from imagesync.runs import channel
-    from imagesync.sync import run_store
+    from imagesync.runstores import run_store
 
     # only the run's channel can end the wait in time: a read of the record comes every 60 s
     monkeypatch.setattr(cli_runs, "POLL", 60.0)

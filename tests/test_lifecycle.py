@@ -28,7 +28,8 @@ from helpers import finish, measured, reported, started_run, wait_for
 from imagesync import keys
 from imagesync.budgets import stale_after
 from imagesync.config import load_settings
-from imagesync.sync import finalize_stale, run_store
+from imagesync.runstores import run_store
+from imagesync.sync import finalize_stale
 
 pytestmark = pytest.mark.cluster
 

@@ -89,7 +89,7 @@ def follow(settings: Settings, redis, run_id: str) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..runs import channel
-    from ..sync import run_store
+    from ..runstores import run_store
 
     store = run_store(settings, redis)
     news = redis.pubsub(ignore_subscribe_messages=True)
@@ -165,7 +165,8 @@ def operator() -> str:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .. import logs
-    from ..sync import NotCancelled, cancel_run, run_store
+    from ..runstores import run_store
+    from ..sync import NotCancelled, cancel_run
 
     settings = read_settings()
     redis = redis_client(settings)
@@ -184,7 +185,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from ..sync import run_store
+    from ..runstores import run_store
 
     settings = read_settings()
     store = run_store(settings, redis_client(settings))
