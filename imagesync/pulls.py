@@ -19,9 +19,10 @@ is *checked*: the same node-side command first asks the runtime about the one
 image and pulls only if the node lacks it, reporting "present" otherwise.
 
 A route that names a moved tag (``replaces``: the node holds the tag under the
-digest its registry has moved from) is never checked: the node holds the name,
-so a presence check would find it and fetch nothing. Its outcome, when a source
-brought the image, is "updated", naming both digests.
+digest its registry has moved from, and ``digest``, the one it names now) is
+checked against the new digest: the node holds the name, so a check by name
+alone would find it and fetch nothing. Its outcome, when a source brought the
+image, is "updated", naming both digests.
 
 Either way the command runs under the node's own ``timeout``, and the SSH
 command gets a little longer than that, so the node-side process is always the
@@ -96,9 +97,6 @@ def get_image(attempt: Attempt) -> tuple[Outcome, bool]:
     the route: the budget is spent, no source can give the node an image that
     has nothing for its platform, or none can reach a node that is down.
     """
-    if attempt.route.replaces:
-        # the node holds the moved tag's name: asking whether it holds it would skip the update
-        attempt = replace(attempt, check=False)
     tried: list[str] = []  # what each source that handed over answered
     outcome, transient = attempt.outcome(FAILED, "no source to try"), False
     for source in attempt.route.sources:
@@ -169,7 +167,7 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
         # reference is also named as the entry's ref where the runtime can tag
         command = runtime.pull_command(target, seconds, login, check=check, platform=node.platform,
                                        also_as=image if attempt.route.pull_as else None,
-                                       pin=attempt.route.pin)
+                                       pin=attempt.route.pin, expect=_expected(attempt))
         result = transport_for(settings, node).run(
             command.command, timeout=command.seconds + KILL_AFTER + SSH_GRACE, tail=PROGRESS_TAIL
         )
@@ -199,6 +197,12 @@ def from_registry(attempt: Attempt) -> tuple[Outcome, bool]:
         _keep_platform_verdict(attempt, reason)
         return outcome(NOT_APPLICABLE, reason), False
     return outcome(FAILED, reason), runtimes.is_transient(reason)
+
+
+def _expected(attempt: Attempt) -> str | None:
+    """The digest a checked pull must find the node holding the image under to call it present:
+    a moved tag's new one (the node holds its name under the old one); else None, any will do."""
+    return attempt.route.digest if attempt.route.replaces and attempt.route.digest else None
 
 
 #: every source a route may name, and the function that gets an image from it

@@ -171,7 +171,7 @@ def requeue_delay() -> float:
 
 
 def _holds(attempt: Attempt, image: str) -> bool:
-    """Whether the node holds ``image`` already, as its containerd says within
+    """Whether the node holds ``image`` already (a moved tag: under its new digest), as its containerd says within
     :data:`~imagesync.budgets.LIST_TIMEOUT` (or what is left of ``time_out``).
 
     The check runs under the node's ``timeout``: closing the SSH channel would stop
@@ -187,7 +187,10 @@ def _holds(attempt: Attempt, image: str) -> bool:
     if answer.exit_code in runtimes.TIMEOUT_EXIT_CODES:
         reason = f"containerd on {node.name} did not say within {seconds} s whether it holds {image}"
         raise NodeFailed(attempt.outcome(FAILED, reason), True)
-    return answer.ok and bool(answer.stdout.strip())
+    held = answer.stdout.strip()
+    if attempt.route.replaces and attempt.route.digest:
+        return answer.ok and held == attempt.route.digest  # a moved tag: held under its old digest is not held
+    return answer.ok and bool(held)
 
 
 class Holders:

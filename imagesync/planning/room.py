@@ -5,8 +5,8 @@ Two planner conditions (see :func:`imagesync.policy.policy_for`), applied in
 this order:
 
 * :func:`evictions` finds the images a node held at the end of the previous
-  run and lacks now (imagesync never removes an image: the node did, most
-  likely the kubelet's image GC), and keeps an image that was evicted twice in
+  run and lacks now (imagesync removes one only in a prune, which it does not
+  count here: the node did, most likely the kubelet's image GC), and keeps an image that was evicted twice in
   a row off that node until its image filesystem has more room.
 * :func:`room` sends a node only the pulls that leave at least ``min_free`` of
   its image filesystem free, counting the room promised to the pulls before it
@@ -251,5 +251,5 @@ def _normalized(images: Iterable[str]) -> list[str]:
 def evicted_lines(evicted: Mapping[str, Iterable[str]]) -> list[str]:
     """``evicted by node-2: IMAGE (...)``: one line per image, as notes and summaries say it."""
     return [f"evicted by {node}: {image} (held at the end of the last run, gone now; "
-            "imagesync never removes images: likely the kubelet's image GC)"
+            "not by a prune: likely the kubelet's image GC)"
             for node, images in sorted(evicted.items()) for image in images]
