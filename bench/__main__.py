@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "inventory": inventory.run,
     "orchestration": orchestration.run,
     "overhead": overhead.run,
+    "wall": overhead.run_wall,
     "throughput": throughput.run,
     "memory": memory.run,
     "manynodes": manynodes.run,

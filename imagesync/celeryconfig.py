@@ -73,7 +73,11 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "result_expires": 24 * 3600,
         # Flower shows tasks live only when workers send events.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # No task-sent event per queued message: it was half of the cost of sending a pull
+        # (bench/README.md, fan-out). Flower shows a pull from the moment a worker receives
+        # it; what is still queued is in the run record (imagesync history RUN) and the
+        # exporter's queue lengths.
+        "task_send_sent_event": False,
         "task_track_started": True,
         "beat_schedule": {
             "sync": {
