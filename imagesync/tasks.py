@@ -8,7 +8,6 @@ nodes, where each pull first takes a slot of its node (``imagesync.nodeslots``).
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import random
@@ -16,34 +15,27 @@ import time
 
 from celery.exceptions import Retry as RetryLater
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import (
-    after_setup_logger,
-    worker_before_create_process,
-    worker_init,
-    worker_ready,
-    worker_shutting_down,
-)
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import agents, backup, keys, logs, references, taskargs
+from . import agents, backup, keys, logs, prune, references, taskargs, workerhooks
 from .attempt import Attempt, WaitForHolder, spent_since
 from .backupstore import BackupStore, abandon_overdue
 from .budgets import SYNC_TIME_LIMIT, pull_time_limits
-from .celery import app, refuse, settings
-from .celeryconfig import CONTROL_QUEUE, NODE_QUEUE_PREFIX, node_queue
+from .celery import app, settings
+from .celeryconfig import CONTROL_QUEUE, node_queue
 from .errors import ConfigError, one_line
-from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay, shares_pool
+from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay
 from .outcomes import EXPIRED, FAILED, SKIPPED, TIMED_OUT, Outcome
 from .pending import Pending
 from .planning.plan import DEFAULT_ROUTE, Route
 from .pulls import get_image, needs_check
-from .redelivery import take_back
 from .redisclient import connect
 from .runs import RUNNING
+from .runstores import run_store
 from .semaphore import Semaphore
-from .sync import finalize_stale, finish_pull, run_store, start_run
+from .sync import finalize_stale, finish_pull, start_run
 from .taskargs import RefusedTask
 
 log = logging.getLogger("imagesync")
@@ -121,6 +113,7 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
                         pending=Pending(redis()) if images else None, send_inventory=send_inventory)
     if started.status == "nothing-to-do" and started.run_id:
         send_backup(started.run_id)  # a run with nothing to pull completes at once
+        send_prune(started.run_id)
     return started.to_dict()
 
 
@@ -206,6 +199,7 @@ def pull(self, run_id: str, node: str, image: str, deadline: float | None = None
     outcome.attempts = attempts
     if finish_pull(settings, redis(), run_id, outcome) == 2:
         send_backup(run_id)  # this pull completed the run
+        send_prune(run_id)
     return outcome.status
 
 
@@ -260,6 +254,27 @@ def back_up(self, run_id: str) -> str:  # type: ignore[no-untyped-def]
     return record["status"] if record else "no backup"
 
 
+def send_prune(run_id: str) -> None:
+    """With ``prune = true``, queue a prune on the control queue after run ``run_id``, if beat
+    started it and it completed (imagesync.prune.follows)."""
+    if prune.follows(settings, redis(), run_id):
+        prune_retired.apply_async(kwargs={"after": run_id}, queue=CONTROL_QUEUE)
+
+
+@app.task(name="imagesync.prune", ignore_result=True, time_limit=SYNC_TIME_LIMIT,
+          soft_time_limit=SYNC_TIME_LIMIT - 30)
+def prune_retired(after: str | None = None) -> str:
+    """Remove from the nodes the images imagesync no longer wants there (imagesync.prune);
+    ``after``: the run this prune follows, named in its trigger."""
+    try:
+        after = None if after is None else taskargs.run_id(after)
+    except RefusedTask as exc:
+        log.error("prune after run %s: %s; nothing done", taskargs.shown(after), exc)
+        return "refused"
+    trigger = "prune" if after is None else prune.AFTER + after
+    return prune.prune(settings, redis(), trigger=trigger, send_inventory=send_inventory).status
+
+
 def send_backup_push(node: str, run_id: str, image: str, name: str) -> None:
     backup_push.apply_async(args=(run_id, node, image, name), queue=node_queue(node))
 
@@ -292,35 +307,6 @@ def inventory(request: str, node: str) -> None:
     agents.answer(settings, redis(), request, node, keep=settings.agent_inventory_timeout + 60)
 
 
-#: the heartbeat of this worker's node, when it was started by `imagesync agent`
-_heartbeat: agents.Heartbeat | None = None
-
-
-@worker_ready.connect
-def _start_heartbeat(**_: object) -> None:
-    global _heartbeat
-    text = os.environ.get(agents.AGENT_VARIABLE)
-    if not text:
-        return
-    node = agents.Node.model_validate_json(text)
-    _heartbeat = agents.Heartbeat(lambda: connect(settings, socket_timeout=10, socket_connect_timeout=5), node,
-                                  settings.agent_heartbeat, settings.agent_forget,
-                                  lambda: agents.examine_self(settings, node))
-    _heartbeat.start()
-
-
-@worker_shutting_down.connect
-def _stop_heartbeat(**_: object) -> None:
-    if _heartbeat is not None:
-        _heartbeat.stop()
-
-
-#: set in a worker's main process before it forks its pool: whether pulls of
-#: several nodes (or more than max_parallel of one) share its pool, so that
-#: each pull must take a slot of its node first
-_shared_pool = False
-
-
 def _slots() -> NodeSlots:
     return NodeSlots(redis(), settings.max_parallel, PULL_HARD_LIMIT + LEASE_MARGIN)
 
@@ -332,7 +318,7 @@ def _take_slot(task, run_id: str, node: str) -> str | None:  # type: ignore[no-u
     and frees the pool process: a retry that counts no attempt (same
     ``retries``, same task id and arguments, its ``deadline`` included).
     """
-    if not _shared_pool:
+    if not workerhooks.shared_pool():
         return None
     holder = _slots().take(node, task.request.id or "-")
     if holder is not None:
@@ -362,78 +348,3 @@ def finalize() -> list[str]:
         abandon_overdue(redis())
     logs.prune(settings.log_dir, settings.log_keep_days)
     return ended
-
-
-#: when this worker started, before it took any message off its queues
-_worker_started = 0.0
-
-
-@worker_before_create_process.connect
-def _freeze_before_fork(**_: object) -> None:
-    # A pool process shares the main process's memory until something writes
-    # to a page; the cyclic garbage collector writes to every object it scans,
-    # so without this each pool process soon holds its own copy of everything
-    # imported before the fork. Frozen objects are never scanned (gc.freeze),
-    # and stay shared; called before every fork, so a replaced process too.
-    gc.collect()
-    gc.freeze()
-
-
-@worker_init.connect
-def _note_start(**_: object) -> None:
-    global _worker_started
-    _worker_started = time.time()
-
-
-@worker_init.connect
-def _note_shared_pool(sender=None, **_):  # type: ignore[no-untyped-def]
-    global _shared_pool
-    if sender is None:
-        return
-    queues = list(sender.app.amqp.queues.consume_from)
-    concurrency = sender.concurrency if isinstance(sender.concurrency, int) else 0
-    _shared_pool = shares_pool(queues, concurrency, settings.max_parallel, NODE_QUEUE_PREFIX)
-
-
-@worker_ready.connect
-def _say_shared_pool(sender=None, **_):  # type: ignore[no-untyped-def]
-    if _shared_pool and sender is not None:
-        nodes = [q.removeprefix(NODE_QUEUE_PREFIX) for q in sender.app.amqp.queues.consume_from
-                 if q.startswith(NODE_QUEUE_PREFIX)]
-        log.info("one pool for %d nodes (%s): at most %d pulls at once on each, held by node slots in Redis",
-                 len(nodes), ", ".join(nodes), settings.max_parallel)
-
-
-@worker_ready.connect
-def _take_back_unacked_pulls(sender=None, **_):  # type: ignore[no-untyped-def]
-    # A node worker that starts takes back at once what its dead predecessor
-    # held, rather than leave it to the visibility timeout (imagesync.redelivery).
-    if sender is None:
-        return
-    queues = [name for name in sender.app.amqp.queues.consume_from if name.startswith(NODE_QUEUE_PREFIX)]
-    if not queues:
-        return
-    try:
-        with sender.app.connection_for_write() as connection:
-            restored = take_back(connection.default_channel, queues, before=_worker_started or time.time())
-    except Exception as exc:  # never keep a worker from starting: the visibility timeout still holds
-        log.warning("could not take back the unacknowledged pulls of %s: %s", ", ".join(queues), exc)
-        return
-    if restored:
-        log.warning("took back %d unacknowledged pulls of %s left by a worker that died",
-                    len(restored), ", ".join(queues))
-
-
-@after_setup_logger.connect
-def _log_to_files(logger=None, **_):  # type: ignore[no-untyped-def]
-    # A worker or beat started as "celery -A imagesync ..." has not been through
-    # the CLI's check: with a log_dir it cannot write, every log line would end
-    # in a traceback, so it stops here, before it starts anything.
-    try:
-        logs.check_log_dir(settings.log_dir)
-    except ConfigError as exc:
-        refuse(exc)
-    if logger is not None:
-        logger.addHandler(logs.file_handler(settings.log_dir))
-    for noisy in ("paramiko", "invoke", "fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ if os.environ.get("BENCH_WHATIF") == "always-check":
 
 # The memory benchmark's what-ifs (comma-separated, so several undo together):
 # ``no-freeze`` keeps a worker from freezing its objects before it forks its
-# pool (imagesync.tasks._freeze_before_fork), to measure what that saves.
+# pool (imagesync.workerhooks._freeze_before_fork), to measure what that saves.
 if "no-freeze" in os.environ.get("BENCH_WHATIF", "").split(","):
     import gc
 
