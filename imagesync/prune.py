@@ -39,9 +39,10 @@ from .planning.labels import Selections, node_labels
 from .redisvalues import as_text
 from .retired import Rules, Verdict, verdicts
 from .runs import COMPLETED, Run, new_run_id
+from .runstores import run_lock, run_store
 from .runtimes import Image, removal
 from .survey import SendInventory, survey
-from .sync import finalize_stale, run_lock, run_store
+from .sync import finalize_stale
 from .transport import transport_for
 
 if TYPE_CHECKING:

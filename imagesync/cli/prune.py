@@ -37,7 +37,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return EXIT_RUNNING
     run = None
     if pruned.run_id is not None:
-        from ..sync import run_store
+        from ..runstores import run_store
 
         run = run_store(settings, redis).get(pruned.run_id)
     failed = bool(pruned.missed) or (run is not None and (run.failures > 0 or run.status != "completed"))
