@@ -117,7 +117,8 @@ def prune(settings: Settings, redis: Redis, *, trigger: str = "prune", targets: 
             log.warning("prune %s: node %s skipped: %s", run_id, node, reason)
         if not found:
             lock.release(run_id)
-            message = f"prune: nothing to remove: no node holds a retired image ({len(skipped)} nodes skipped)"
+            message = "prune: nothing to remove: no node holds a retired image" + (
+                f" ({len(skipped)} nodes skipped)" if skipped else "")
             log.info(message)
             return Pruned("nothing-to-do", None, message, found, skipped, missed)
         store = run_store(settings, redis)
