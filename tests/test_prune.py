@@ -21,6 +21,7 @@ import pytest
 from conftest import Deployment
 from helpers import measured, started_run, wait_for
 
+from imagesync import keys
 from imagesync.planning.labels import NOT_FOR_LABELS
 from testcluster.cluster import Cluster
 
@@ -103,6 +104,21 @@ def test_a_dry_run_shows_what_would_go_and_removes_nothing(d):
         assert (node, ref(OWN)) not in verdicts
     assert {node: held(d, node) for node in NODES} == before
     assert pruned["run"] is None
+    only = cli_json(d, "prune", "--dry-run", "--node", "node-2")
+    assert {v["node"] for v in only["images"]} == {"node-2"} and len(only["images"]) == 4
+
+
+def test_a_prune_while_a_run_holds_the_lock_does_nothing_and_says_so(d):
+    holder = "20261204-000000-abcdef"
+    with d.cluster.redis.client() as client:
+        client.set(keys.LOCK, holder, ex=60)
+        try:
+            result = d.cli("prune")
+        finally:
+            client.delete(keys.LOCK)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"run {holder} holds the lock" in result.stderr
+    assert SCRATCH in held(d, "node-1")
 
 
 def test_prune_removes_retired_images_keeps_one_a_container_uses_and_everything_outside_the_prefixes(d):
