@@ -76,3 +76,22 @@ def test_an_image_a_container_uses_stays_and_so_does_every_image_of_a_node_that_
     assert not verdict.remove and "could not say" in verdict.reason
     [verdict] = verdicts("n", [held], excluding, NOBODY)
     assert verdict.remove and verdict.reason == f"matches exclude '{REG}/bcm11/scratch'"
+
+
+def test_a_prune_follows_only_a_completed_run_that_beat_started_and_only_with_prune_on():
+    import fakeredis
+
+    from imagesync import keys
+    from imagesync.config import Settings
+    from imagesync.prune import follows
+
+    redis = fakeredis.FakeRedis()
+    runs = {"20261204-000001-aaaaaa": ("completed", "beat"), "20261204-000002-aaaaaa": ("completed", "cli"),
+            "20261204-000003-aaaaaa": ("cancelled", "beat"), "20261204-000004-aaaaaa": ("abandoned", "beat")}
+    for run_id, (status, trigger) in runs.items():
+        redis.hset(keys.run(run_id), mapping={"status": status, "trigger": trigger})
+    on = Settings(nodes=[{"name": "n"}], prefixes=[f"{REG}/bcm11"], prune=True)
+    assert [run_id for run_id in runs if follows(on, redis, run_id)] == ["20261204-000001-aaaaaa"]
+    assert not follows(on, redis, "20261204-000009-aaaaaa")  # no such run
+    off = Settings(nodes=[{"name": "n"}], prefixes=[f"{REG}/bcm11"])
+    assert not follows(off, redis, "20261204-000001-aaaaaa")
