@@ -238,6 +238,8 @@ def remove(settings: Settings, node: Node, verdict: Verdict) -> Outcome:
         return Outcome(node.name, verdict.image, REMOVED, took, reason=verdict.reason)
     if did == removal.IN_USE:
         return Outcome(node.name, verdict.image, KEPT, took, reason=f"in use by a container (it names {detail})")
+    if did == removal.RENAMED:
+        return Outcome(node.name, verdict.image, KEPT, took, reason=f"it was named {detail} since it was judged")
     if did == removal.UNLISTED:
         return Outcome(node.name, verdict.image, FAILED, took,
                        reason="its containers could not be listed again just before the removal: nothing removed")

@@ -265,9 +265,10 @@ def test_a_ctr_container_named_by_the_cris_image_id_keeps_the_image_it_aliases()
     assert removal.parse_containers(_node("ctr"), listing).using(image) == ("web",)
 
 
-def _fake_node_runtime(bin_dir, ps_json, ctr_ls, ps_status=0):
-    """crictl and ctr stand-ins: they answer ps / containers ls as given and log every call."""
+def _fake_node_runtime(bin_dir, ps_json, ctr_ls, ps_status=0, tags=("reg.local/app:1",)):
+    """crictl and ctr stand-ins: they answer ps / containers ls / the image's tags as given and log every call."""
     log = bin_dir / "calls.log"
+    (bin_dir / "status.json").write_text(json.dumps({"status": {"id": ID, "repoTags": list(tags)}}, indent=2))
     (bin_dir / "ps.json").write_text(json.dumps(ps_json))
     (bin_dir / "ctr-ls.txt").write_text(ctr_ls)
     for name in ("crictl", "ctr"):
@@ -277,6 +278,7 @@ echo "{name} $*" >> {log}
 case "$*" in
   *"ps -a -o json"*) cat {bin_dir / 'ps.json'}; exit {ps_status} ;;
   *"containers ls"*) cat {bin_dir / 'ctr-ls.txt'}; exit 0 ;;
+  *"inspecti -q"*) cat {bin_dir / 'status.json'}; exit 0 ;;
   "rmi "*|*" rmi "*|*"images rm"*) exit 0 ;;
 esac
 exit 2
@@ -305,6 +307,18 @@ def test_a_removal_asks_again_and_never_removes_an_image_a_container_uses(tmp_pa
         assert removed == f"crictl rmi {ID}"  # by id: the CRI takes every name
     else:
         assert removed.endswith(f"images rm reg.local/app:1 reg.local/app@{DIGEST}")
+
+
+def test_a_crictl_removal_stops_when_the_image_was_given_another_name_since_it_was_judged(tmp_path):
+    """The CRI would take the new name with the image: a kubelet's pull of another tag of it, say."""
+    from imagesync.runtimes import removal
+    from imagesync.transport import LocalTransport
+
+    node = LocalTransport("n", env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    log = _fake_node_runtime(tmp_path, {"containers": []}, CTR_LS, tags=("reg.local/app:1", "reg.local/app:new"))
+    result = node.run(removal.remove_command(_node("crictl"), RETIRED, 30), timeout=30)
+    assert removal.read_removal(result) == (removal.RENAMED, "reg.local/app:new")
+    assert "rmi" not in log.read_text()
 
 
 def test_a_removal_on_a_node_whose_containers_cannot_be_listed_removes_nothing(tmp_path):

@@ -37,10 +37,12 @@ if TYPE_CHECKING:
 
 #: the line after each client's answer in a listing of containers: ``MARKER CLIENT STATUS``
 CONTAINERS_MARKER = "imagesync-containers"
-#: what a removal prints last: ``MARKER removed``, ``MARKER in-use NAME`` or ``MARKER unlisted``
+#: what a removal prints last: ``MARKER removed``, ``MARKER in-use NAME``, ``MARKER renamed NAME``
+#: or ``MARKER unlisted``
 REMOVAL_MARKER = "imagesync-removal"
 #: what a removal answers (:func:`read_removal`)
-REMOVED, IN_USE, UNLISTED, FAILED, TIMED_OUT = "removed", "in-use", "unlisted", "failed", "timed-out"
+REMOVED, IN_USE, RENAMED, UNLISTED = "removed", "in-use", "renamed", "unlisted"
+FAILED, TIMED_OUT = "failed", "timed-out"
 #: an image id as crictl reports it (containerd's ``sha256:…``, CRI-O's bare hex)
 _IMAGE_ID = re.compile(r"(?:sha256:)?[0-9a-f]{64}")
 
@@ -160,9 +162,10 @@ def remove_command(node: Node, image: Image, seconds: int) -> str:
     """One command that lists the node's containers again, stops if one names ``image``, and
     otherwise removes it; under the node's ``timeout``. Prints :data:`REMOVAL_MARKER` last.
 
-    A crictl node removes it by its id (the CRI takes every name with it); a ctr node
-    removes every name it was listed under (a name given to it since stays, and so does
-    the image). Every value is checked and quoted: names and ids come from the node.
+    A crictl node removes it by its id, which takes every name with it: so it first asks
+    the CRI which tags the image has now, and stops if one was given to it since it was
+    listed. A ctr node removes every name it was listed under (a name given since stays,
+    and so does the image). Every value is checked and quoted: names and ids come from the node.
     """
     own = shlex.quote(f"{CONTAINERS_MARKER} {node.runtime} 0")
     script = [f"used=$({_listing(node)} 2>/dev/null)",
@@ -177,20 +180,28 @@ def remove_command(node: Node, image: Image, seconds: int) -> str:
     else:
         if not _IMAGE_ID.fullmatch(image.id):
             raise RefusedReference(image.id, "not an image id")
-        endpoint = f" --image-endpoint {shlex.quote(node.endpoint)}" if node.endpoint else ""
-        script.append(f"crictl{endpoint} rmi {shlex.quote(image.id)} >/dev/null || exit $?")
+        crictl = "crictl" + (f" --image-endpoint {shlex.quote(node.endpoint)}" if node.endpoint else "")
+        # the tags of the CRI's status, one a line: the "repoTags" array of its JSON, whatever its layout
+        tags = (f"{crictl} inspecti -q {shlex.quote(image.id)} | tr -d ' \\t\\n' "
+                "| sed -n 's/.*\"repoTags\":\\[\\([^]]*\\)\\].*/\\1/p' | tr ',' '\\n' | tr -d '\"'")
+        listed = " ".join(checked(tag) for tag in image.tags)  # names of the grammar need no quotes
+        script += [f"now=$({tags}) || exit $?", "set -f",
+                   f'for tag in $now; do case " {listed} " in *" $tag "*) ;; '
+                   f'*) echo "{REMOVAL_MARKER} {RENAMED} $tag"; exit 0;; esac; done',
+                   f"{crictl} rmi {shlex.quote(image.id)} >/dev/null || exit $?"]
     script.append(f'echo "{REMOVAL_MARKER} {REMOVED}"')
     return under_timeout("; ".join(script), seconds)
 
 
 def read_removal(result: CommandResult) -> tuple[str, str]:
     """(what the removal did, its detail): :data:`REMOVED`; :data:`IN_USE` and the name a
-    container uses; :data:`UNLISTED`; :data:`TIMED_OUT`; or :data:`FAILED` and the reason."""
+    container uses; :data:`RENAMED` and the name given to the image since it was judged;
+    :data:`UNLISTED`; :data:`TIMED_OUT`; or :data:`FAILED` and the reason."""
     marker, said, detail = ((result.stdout.strip().splitlines() or [""])[-1].split(maxsplit=2) + ["", "", ""])[:3]
     if marker == REMOVAL_MARKER:
         if said == UNLISTED:
             return UNLISTED, ""
-        if said in (REMOVED, IN_USE) and result.ok:
+        if said in (REMOVED, IN_USE, RENAMED) and result.ok:
             return said, detail
     if result.exit_code in TIMEOUT_EXIT_CODES:
         return TIMED_OUT, "the runtime did not answer in time"
