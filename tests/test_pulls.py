@@ -112,3 +112,32 @@ def test_every_pull_is_one_command_on_the_node(one_node, tmp_path, monkeypatch, 
     assert len(commands) == 3  # one SSH round trip per pull, checked or not
     assert all(command.startswith("timeout ") for command in commands)  # one time budget covers each
     assert not node.processes("crictl|ctr")  # nothing left running on the node
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("runtime", ["crictl", "ctr"])
+def test_a_moved_tag_is_pulled_again_though_its_name_is_held_and_then_found_present(one_node, tmp_path, runtime):
+    from imagesync.attempt import Attempt
+    from imagesync.outcomes import UPDATED
+    from imagesync.planning.plan import Route
+
+    node = one_node.nodes[0]
+    extra = {node.name: {"hosts_dir": str(node.workdir / "certs.d")}} if runtime == "ctr" else {}
+    settings = load_settings(one_node.write_config(tmp_path / "imagesync.toml", runtime=runtime,
+                                                   nodes_extra=extra))
+    target = settings.node(node.name)
+    image = one_node.push(f"bcm11/moved-{runtime}", "latest")
+    old = one_node.digests[image]
+    assert pulls.pull_image(settings, target, image, check=False)[0].status == PULLED
+    new = one_node.registry.push_image(f"bcm11/moved-{runtime}", "latest", size=2048)
+    assert new != old and node.images()[image] == old
+    route = Route(digest=new, replaces=old)
+
+    # checked (a retry or redelivery): the node holds the name, under the old digest, which is not present
+    outcome, _ = pulls.get_image(Attempt(settings, target, image, route, check=True))
+    assert (outcome.status, outcome.replaced, outcome.digest) == (UPDATED, old, new), outcome.reason
+    assert node.images()[image] == new
+    assert "updated (sha256:" in outcome.describe() and f"-> {new[:19]})" in outcome.describe()
+    # checked again: held under the new digest, present
+    outcome, _ = pulls.get_image(Attempt(settings, target, image, route, check=True))
+    assert outcome.status == PRESENT, outcome.reason
