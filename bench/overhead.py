@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from .common import (
     Deployment,
@@ -149,7 +150,8 @@ def _figures(d: Deployment, wall: float, expected: int) -> dict[str, float]:
             "overhead": (wall - pure) / max(1, len(pulls))}
 
 
-def measure(report: Report, runtime: str, repeats: int, whatif: str | None = None, seen: bool = False) -> None:
+def measure(report: Report, runtime: str, repeats: int, whatif: str | None = None, seen: bool = False,
+            **settings: Any) -> None:
     """Each repetition pulls a new image set (new digests: images the cluster has never seen);
     with ``seen`` (ctr only), each approach then pulls the same set again, the images taken back
     from the nodes first: images seen before."""
@@ -162,9 +164,9 @@ def measure(report: Report, runtime: str, repeats: int, whatif: str | None = Non
                 for node in d.cluster.nodes:
                     install_sleep_crictl(node, SLEEP_PULL)
             if runtime == "ctr":
-                d.configure(max_parallel=MAX_PARALLEL, runtime="ctr", nodes_extra=_hosts_dirs(d))
+                d.configure(max_parallel=MAX_PARALLEL, runtime="ctr", nodes_extra=_hosts_dirs(d), **settings)
             else:
-                d.configure(max_parallel=MAX_PARALLEL)
+                d.configure(max_parallel=MAX_PARALLEL, **settings)
             progress(f"overhead ({runtime}): starting workers")
             d.start_workers()
             # warm-up, as a deployment that has been up a while: connections open
@@ -196,6 +198,8 @@ def measure(report: Report, runtime: str, repeats: int, whatif: str | None = Non
     }[runtime]
     if whatif:
         what += f"   [WHAT-IF {whatif}, not imagesync as shipped]"
+    if settings:
+        what += "   [" + ", ".join(f"{key} = {value!r}" for key, value in settings.items()) + "]"
     report.say(f"{NODES} nodes each lacking the other's {PER_NODE} images ({pulls} pulls), "
                f"max_parallel={MAX_PARALLEL}, {what}:")
     if seen:
@@ -240,6 +244,11 @@ def run_wall(report: Report, quick: bool = False) -> None:
     if shutil.which("jq") is None:
         raise SystemExit("bench overhead: the seed's pipeline needs jq: apt-get install jq")
     measure(report, "ctr", 2 if quick else 4, seen=True)
+    from imagesync.config import Settings
+
+    if "refresh" in Settings.model_fields:
+        # moved tags: every plan asks the registry for the current digest of every held tag
+        measure(report, "ctr", 2 if quick else 4, seen=True, refresh=False)
 
 
 def run(report: Report, quick: bool = False) -> None:
