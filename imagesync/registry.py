@@ -103,9 +103,14 @@ class RegistryClient:
         self.settings = settings
         self.timeout = timeout
         self._tokens: dict[str, str] = {}
+        #: domain -> the scheme it answered in: asked first from then on (a loopback registry
+        #: in plain HTTP would otherwise cost every request a refused TLS handshake first)
+        self._answered: dict[str, str] = {}
 
     def _schemes(self, domain: str) -> tuple[str, ...]:
-        return ("https", "http") if _is_loopback(domain) else ("https",)
+        schemes = ("https", "http") if _is_loopback(domain) else ("https",)
+        first = self._answered.get(domain)
+        return (first, *(scheme for scheme in schemes if scheme != first)) if first in schemes else schemes
 
     def _api_host(self, domain: str) -> str:
         return "registry-1.docker.io" if domain == "docker.io" else domain
@@ -117,7 +122,9 @@ class RegistryClient:
         for scheme in self._schemes(domain):
             url = f"{scheme}://{self._api_host(domain)}/v2/{path}"
             try:
-                return self._get(url, domain, accept, method)
+                answer = self._get(url, domain, accept, method)
+                self._answered[domain] = scheme
+                return answer
             except OSError as exc:  # refused, TLS to a plain-HTTP port, timed out: try the next scheme
                 errors.append(f"{scheme}: {getattr(exc, 'reason', exc)}")
         raise LookupFailed(f"{domain} did not answer ({'; '.join(errors)})")
@@ -264,7 +271,7 @@ def _ask_all(calls: Mapping[str, tuple[str, Callable[[], T]]], budget: float, wh
     if not calls:
         return {}
     found: dict[str, T] = {}
-    pool = ThreadPoolExecutor(max_workers=min(LOOKUP_WORKERS, len(calls)), thread_name_prefix="platforms")
+    pool = ThreadPoolExecutor(max_workers=min(LOOKUP_WORKERS, len(calls)), thread_name_prefix="registry")
     try:
         futures = {pool.submit(call): (key, image) for key, (image, call) in calls.items()}
         done, pending = wait(futures, timeout=budget)

@@ -159,3 +159,18 @@ def test_a_plain_http_realm_is_refused_for_a_registry_not_on_loopback(hosts):
     assert insecure._token(challenge, LOGIN, "http://registry.example/v2/team/app/manifests/1",
                            "registry.example") == TOKEN
     assert storage.seen == [("/token?service=reg", "")]
+
+
+def test_a_tags_current_digest_is_one_head_with_the_login_and_follows_a_push(registry):
+    from imagesync.registry import current_all
+
+    client = RegistryClient(Settings(nodes=[Node(name="a")], images=["x"],
+                                     registries={registry.address: {"username": LOGIN[0], "password": LOGIN[1]}}))
+    image = f"{registry.address}/team/moving:latest"
+    first = registry.push_image("team/moving", "latest")
+    assert client.current_digest(image) == first
+    again = registry.push_image("team/moving", "latest", size=4096)
+    gone = f"{registry.address}/team/never:1"
+    assert current_all(client, [image, gone]) == {image: again}  # a tag the registry lacks is left out
+    # a digest reference is its own answer: nothing is asked
+    assert client.current_digest(f"{registry.address}/team/moving@{first}") == first
