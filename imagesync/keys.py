@@ -20,6 +20,9 @@ BACKUPS_RUNNING = f"{NAMESPACE}:backups-running"
 #: hash: every image declared in some run (normalized) -> the id of the last run that declared it;
 #: what `imagesync prune` may take back from a node once it is declared no more (imagesync.declared)
 DECLARED = f"{NAMESPACE}:declared"
+#: hash: "repo@digest" -> when (unix seconds) a run saw its registry move a tag away from that digest;
+#: such an untagged name is a leftover of the tag, not an image to spread (planning.refresh)
+MOVED = f"{NAMESPACE}:moved"
 
 
 def sync_taken(task_id: str) -> str:
