@@ -312,3 +312,26 @@ def test_an_agents_labels_come_from_its_flag_else_agent_labels_and_travel_with_i
     register(redis, agent_node(settings, "a2", labels="cpu, big"), None, None, forget=60)
     assert node_labels(settings, redis, ["w1", "a1", "a2"]) == {"w1": (), "a1": ("gpu",), "a2": ("cpu", "big")}
     assert labels_of(settings, None, "a1") == ()  # without Redis, no agent is known
+
+
+def test_the_old_digest_of_a_moved_tag_left_untagged_on_a_node_is_not_spread_unless_declared():
+    import fakeredis
+
+    from imagesync.planning.refresh import moved_tags
+
+    app, repo = "nvcr.io/nvidia/app:1", "nvcr.io/nvidia/app"
+    redis = fakeredis.FakeRedis()
+    registry = _Registry({app: D2})
+    policy = Policy(conditions=(moved_tags(_settings(), registry, redis=redis),))
+    # the registry moved app:1 from D1 to D2; w1 is updated in this run
+    first = make_plan({"w1": [image(app, D1)], "w2": [image(app, D2)]}, PREFIXES, policy=policy)
+    assert first.moved == {("w1", app): (D1, D2)}
+    # next run: w1 kept the old image as an untagged name (the CRI does), w2 never had it
+    leftover = image(None, D1, repo=repo)
+    inventories = {"w1": [image(app, D2), leftover], "w2": [image(app, D2)]}
+    second = make_plan(inventories, PREFIXES, policy=policy)
+    assert second.missing == {} and f"{repo}@{D1}" not in second.wanted
+    # without the memory it would spread, as any untagged image does; declared, it is wanted
+    assert make_plan(inventories, PREFIXES).missing == {"w2": [f"{repo}@{D1}"]}
+    declared = Policy(conditions=(moved_tags(_settings(images=[f"{repo}@{D1}"]), registry, redis=redis),))
+    assert make_plan(inventories, PREFIXES, [f"{repo}@{D1}"], policy=declared).missing == {"w2": [f"{repo}@{D1}"]}

@@ -11,7 +11,14 @@ both digests, so that the pull fetches the tag although the node holds its
 name, and reports "updated".
 
 What the registry cannot settle (it does not answer, or the tag is gone there)
-stays as it was: tag drift, reported, and no failure. Digest references
+stays as it was: tag drift, reported, and no failure.
+
+The digests a tag moved away from are remembered in Redis (:data:`imagesync.keys.MOVED`):
+a node whose image came through the CRI keeps the old image as an untagged
+``repo@digest`` name, and untagged images travel by digest, so every push of
+``latest`` would otherwise spread one more old image to every node. Such a name
+is not wanted (unless it is declared): a node keeps it until its image GC or a
+prune takes it. Digest references
 (``repo@sha256:...``) never move, and a per-architecture entry is held under a
 digest per architecture, so neither is asked about. Tags no target node holds
 are pulled anyway, and not asked about either.
@@ -21,38 +28,90 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from .. import keys, references
+from ..errors import RefusedReference
 from ..registry import LOOKUP_BUDGET, RegistryClient, current_all
 from .plan import Condition, Plan
 
 if TYPE_CHECKING:
+    from redis import Redis
+
     from ..config import Settings
 
 log = logging.getLogger("imagesync")
 
 
-def moved_tags(settings: Settings, client: RegistryClient | None = None, budget: float = LOOKUP_BUDGET
-               ) -> Condition:
+#: seconds a digest a tag moved away from is remembered (refreshed whenever a holder is seen again)
+MOVED_TTL = 90 * 24 * 3600
+
+
+def moved_tags(settings: Settings, client: RegistryClient | None = None, budget: float = LOOKUP_BUDGET,
+               redis: Redis | None = None) -> Condition:
     """The condition that makes every target node holding a wanted tag under a digest its
-    registry no longer names pull it again."""
+    registry no longer names pull it again, and keeps the old digests' names from spreading
+    (remembered in ``redis``; without it, only those of this plan)."""
     per_arch = frozenset(settings.per_architecture())
+    declared = _normalized(settings.declared_images())
 
     def condition(plan: Plan) -> None:
         held = tags_held(plan, per_arch)
-        if not held:
-            return
-        began = time.monotonic()
-        now = current_all(client or RegistryClient(settings), held, budget)
-        log.info("current digests of %d of %d tags from their registries in %.2f s",
-                 len(now), len(held), time.monotonic() - began)
-        for image, digest in sorted(now.items()):
-            for node in plan.nodes:
-                holds, old = plan.held(node, image)
-                if holds and old and old != digest:
-                    plan.move(node, image, old, digest)
+        left: set[str] = set()
+        if held:
+            began = time.monotonic()
+            now = current_all(client or RegistryClient(settings), held, budget)
+            log.info("current digests of %d of %d tags from their registries in %.2f s",
+                     len(now), len(held), time.monotonic() - began)
+            for image, digest in sorted(now.items()):
+                for node in plan.nodes:
+                    holds, old = plan.held(node, image)
+                    if holds and old and old != digest:
+                        plan.move(node, image, old, digest)
+                left |= {_digest_name(image, old) for old in plan.by_digest(image) if old != digest}
+            remember(redis, left)
+        candidates = [ref for ref in plan.wanted if "@" in ref and ref not in declared]
+        for ref in sorted(left.union(recalled(redis, candidates)).intersection(candidates)):
+            plan.wanted.remove(ref)  # a leftover of a moved tag: nobody needs it spread
+            for node in list(plan.missing):
+                plan.drop(node, ref)
 
     return condition
+
+
+def remember(redis: Redis | None, names: Iterable[str]) -> None:
+    """Keep ``names`` (``repo@digest``) as digests a tag moved away from."""
+    names = sorted(names)
+    if redis is None or not names:
+        return
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.hset(keys.MOVED, mapping=dict.fromkeys(names, int(time.time())))
+        pipe.expire(keys.MOVED, MOVED_TTL)
+        pipe.execute()
+
+
+def recalled(redis: Redis | None, names: list[str]) -> set[str]:
+    """Those of ``names`` that a tag moved away from, as earlier plans saw it."""
+    if redis is None or not names:
+        return set()
+    found = redis.hmget(keys.MOVED, names)
+    return {name for name, when in zip(names, found, strict=True) if when is not None}
+
+
+def _digest_name(image: str, digest: str) -> str:
+    """``repo@digest``, normalized as the holdings name an untagged image."""
+    return str(references.parse(f"{references.parse(image).repository}@{digest}"))
+
+
+def _normalized(texts: Iterable[str]) -> frozenset[str]:
+    found = set()
+    for text in texts:
+        try:
+            found.add(references.normalize(text))
+        except RefusedReference:
+            continue
+    return frozenset(found)
 
 
 def tags_held(plan: Plan, skip: frozenset[str] = frozenset()) -> list[str]:
