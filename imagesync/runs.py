@@ -297,6 +297,11 @@ def _given(now: float | None) -> str:
     return "" if now is None else repr(now)
 
 
+def _planned(run: Run) -> str:
+    """What a run's expected count counts: pulls, or for a prune's run, the retired images it judged."""
+    return "retired images" if run.trigger.startswith("prune") else "pulls planned"
+
+
 def summary_lines(run: Run) -> list[str]:
     """The run's summary as log lines, the way the operator reads it."""
     counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in run.counts.items())
@@ -306,7 +311,7 @@ def summary_lines(run: Run) -> list[str]:
     if run.status == CANCELLED:
         why = f"cancelled by {run.cancelled_by or 'unknown'}" + (f": {run.reason}" if run.reason else "")
     lines = [
-        f"run {run.id} {run.status} in {run.duration:.1f} s: {run.expected} pulls planned; {counts}"
+        f"run {run.id} {run.status} in {run.duration:.1f} s: {run.expected} {_planned(run)}; {counts}"
         + (f" ({why})" if why else "")
     ]
     for node, reason in run.skipped.items():
@@ -337,7 +342,7 @@ def summary_lines(run: Run) -> list[str]:
     for node, evicted in sorted(run.evicted.items()):
         for image in evicted:
             lines.append(f"run {run.id}: {node}: {image} evicted by the node since the last run "
-                         "(imagesync never removes images: likely the kubelet's image GC)")
+                         "(not by a prune: likely the kubelet's image GC)")
     for drift in run.drift:
         digests = ", ".join(f"{n}={d[:19]}" for n, d in drift["digests"].items())
         lines.append(f"run {run.id}: tag drift on {drift['reference']}: {digests}")

@@ -33,7 +33,7 @@ def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = F
     conditions.append(platforms.per_architecture(settings.per_architecture()))
     if settings.refresh:
         # moved tags: a node holding a tag under another digest than its registry names now pulls it again
-        conditions.append(refresh.moved_tags(settings))
+        conditions.append(refresh.moved_tags(settings, redis=redis))
     # labels after refresh: a node outside an image's selection is neither given it nor updated
     conditions.append(labels.label_condition(settings, redis))
     conditions.append(platform_check or platforms.platform_condition(settings, redis))
