@@ -130,6 +130,13 @@ def test_a_tag_pushed_again_reaches_every_node_at_the_next_run(d):
     # settled: nothing moves any more, and the tag is no drift
     plan = cli_json(d, "plan")
     assert plan["missing"] == {} and plan["moved"] == {} and plan["drift"] == []
+    # the CRI keeps the old image under an untagged name: a node that lost it (its image GC) is not given it back
+    leftover = f"{d.app.rsplit(':', 1)[0]}@{old}"
+    assert leftover in d.cluster.node("node-1").images()
+    node = d.cluster.node("node-3")
+    node.run(["ctr", "-a", node.socket, "-n", "k8s.io", "images", "rm", leftover])
+    plan = cli_json(d, "plan")
+    assert plan["missing"] == {} and leftover not in plan["wanted"]
 
 
 def test_a_tag_pushed_again_reaches_every_node_through_the_webhook(d):
