@@ -82,10 +82,21 @@ def ideal(missing_per_node: dict[str, int], pull_seconds: float, max_parallel: i
     return max(math.ceil(n / max_parallel) for n in missing_per_node.values()) * pull_seconds
 
 
+def _forget_holdings(d: Deployment) -> None:
+    """Forget what the nodes held at the last run's end: emptied by the bench, not evicted by a
+    kubelet, their images must not count as evictions (which the room check stops pulling)."""
+    from imagesync import keys
+
+    with d.cluster.redis.client() as client:
+        client.delete(*[key for node in d.cluster.nodes
+                        for key in (keys.node_held(node.name), keys.node_evictions(node.name))])
+
+
 def _one_run(d: Deployment, images: list[str], pull_seconds: float) -> dict[str, float]:
     for node in d.cluster.nodes:
         set_held(node, [])
         clear_pull_log(node)
+    _forget_holdings(d)
     run, makespan = d.sync()
     pulls = pull_intervals(d.cluster.nodes)
     assert len(pulls) == len(images) * len(d.cluster.nodes), (len(pulls), run.counts)
