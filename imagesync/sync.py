@@ -1,7 +1,8 @@
 """The run lifecycle as ordinary functions; the Celery tasks are thin shells around these.
 
 * :func:`start_run` takes the lock, inventories every node, plans, records the
-  run and hands each (node, image) pull to ``send_pull``.
+  run and hands each (node, image) pull to ``send_pull``: first those that need
+  no registry's platform verdict, then the others as the verdicts come in.
 * :func:`finish_pull` records a pull's outcome, writes its log lines, and, for
   the pull that completes the run, the summary.
 * :func:`finalize_stale` ends runs that stopped making progress.
@@ -128,6 +129,13 @@ def start_run(
     still pending once it holds the lock, and if none is left, does nothing;
     they leave ``pending`` only once the run has sent their pulls or found
     that no node it reached lacks them (:mod:`imagesync.pending`).
+
+    Pulls that wait for a registry's platform verdict (no node of their node's
+    platform holds the image: :class:`~imagesync.planning.platforms.PlatformCheck`)
+    are recorded with the others but sent after them, once the registries have
+    answered; those the answers keep off their node leave the run record
+    (:meth:`RunStore.exclude`). When every pull waits, the registries are asked
+    first, as ``plan`` does.
     """
     run_id = new_run_id()
     lock = run_lock(settings, redis)
