@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .pending import Pending
 from .planning import room
 from .planning.plan import NOT_FOR_NODE, Plan, Route
 from .planning.planner import make_plan
-from .planning.platforms import PlatformCheck
+from .planning.platforms import PlatformCheck, batches
 from .planning.policy import policy_for
 from .runs import CANCELLED, RunCancelled, RunStore, new_run_id, summary_lines
 from .runstores import run_lock, run_store
@@ -170,10 +171,14 @@ def start_run(
         plan = (plan_now(settings, targets, redis, send_inventory, check) if images is None
                 else plan_images(settings, images, targets, redis, send_inventory, check))
         awaiting = set(check.awaiting) & set(plan.pulls)
-        if len(awaiting) == plan.total:
-            # no pull could go ahead of the registries' answers: ask them now, as the plan does
-            _keep_off(plan, check.settle(awaiting))
-            awaiting = set()
+        began = time.monotonic()  # the registries' one budget (registry.LOOKUP_BUDGET)
+        in_turn = batches(awaiting)
+        while in_turn and len(awaiting) == plan.total:
+            # no pull can go ahead of the registries' answers yet: ask, one batch at a time, until
+            # one may (a run that would pull nothing is then known to be one before it is recorded)
+            batch = in_turn.pop(0)
+            _keep_off(plan, check.settle(batch, began))
+            awaiting -= batch
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
         for refusal in plan.refused:
@@ -222,21 +227,26 @@ def start_run(
         expiry = {node: pull_expiry(settings, count) for node, count in per_node.items()}
         sender = _Sender(send_pull, plan, run_id, expiry, lambda when: _keep_lock(lock, store, run_id, when))
         sender.send([pull for pull in pulls if pull not in awaiting], len(pulls))
-        if awaiting:
-            # the pulls that need no verdict are on their way; the others follow as the registries answer
-            kept_off = check.settle(awaiting)
-            _keep_off(plan, kept_off)
-            log.info("run %s: platform verdicts in: %d pulls kept off (n/a), %d sent now",
-                     run_id, len(kept_off), len(awaiting) - len(kept_off))
-            if kept_off and store.exclude(run_id, _as_exclusions(kept_off)) == 2:
+        # the pulls that need no verdict are on their way; the others follow, a batch of images at a
+        # time, as the registries answer
+        kept_off: dict[tuple[str, str], str] = {}
+        order = {pull: i for i, pull in enumerate(pulls)}
+        for batch in in_turn:
+            judged = check.settle(batch, began)
+            kept_off.update(judged)
+            _keep_off(plan, judged)
+            if judged and store.exclude(run_id, _as_exclusions(judged)) == 2:
                 # every pull it sent had reported: the run is complete, its lock released
                 if pending is not None:
                     pending.settle(taken)
                 write_summary(settings, store, run_id)
                 return Started("started", run_id, f"run {run_id} started: {plan.total} pulls", plan.total, plan,
                                missed)
-            _keep_lock(lock, store, run_id, "after the platform verdicts")
-            sender.send([pull for pull in pulls if pull in awaiting and pull not in kept_off], len(pulls))
+            _keep_lock(lock, store, run_id, "after a batch of platform verdicts")
+            sender.send(sorted(batch.difference(judged), key=order.__getitem__), len(pulls))
+        if awaiting:
+            log.info("run %s: platform verdicts in: %d pulls kept off (n/a), %d sent after the others",
+                     run_id, len(kept_off), len(awaiting) - len(kept_off))
         _keep_lock(lock, store, run_id, "after sending every pull")
         if pending is not None:
             pending.settle(taken)

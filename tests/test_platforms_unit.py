@@ -181,7 +181,7 @@ def test_a_deferred_check_leaves_the_pairs_it_must_ask_about_planned_until_settl
     kept_off = check.settle({("amd", ARM_ONLY), ("amd2", ARM_ONLY)})
     assert kept_off == {pair: "no manifest for linux/amd64: the image has linux/arm64"
                         for pair in (("amd", ARM_ONLY), ("amd2", ARM_ONLY))}
-    assert registry.asked == [D1] and check.awaiting == {}
+    assert registry.asked == [D1] and check.awaiting == {("arm", held): "linux/arm64/v8"}
 
 
 def test_a_run_leaves_out_the_pulls_a_late_verdict_keeps_off_and_completes_when_the_rest_reported(redis_client):

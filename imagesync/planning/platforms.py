@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 from .. import keys, references
 from ..errors import RefusedReference
 from ..facts import platform_of
-from ..registry import LOOKUP_BUDGET, RegistryClient, look_up, resolve_all
+from ..registry import LOOKUP_BUDGET, LOOKUP_WORKERS, RegistryClient, look_up, resolve_all
 from .plan import NOT_FOR_NODE, SKIPPED, Drift, Plan, Refusal, most_held
 
 if TYPE_CHECKING:
@@ -213,13 +213,17 @@ class PlatformCheck:
             for (node, image), why in self.settle().items():
                 plan.exclude(node, image, NOT_FOR_NODE, why)
 
-    def settle(self, pairs: Collection[tuple[str, str]] | None = None) -> dict[tuple[str, str], str]:
+    def settle(self, pairs: Collection[tuple[str, str]] | None = None, began: float | None = None
+               ) -> dict[tuple[str, str], str]:
         """Ask the registries about the awaiting pairs (of ``pairs``: those the plan still has), within
-        one :data:`LOOKUP_BUDGET`; the pairs to keep off their node, with why. A pair the registry
-        could not judge is pulled."""
+        one :data:`LOOKUP_BUDGET` from ``began`` (now by default: a run that settles its pairs in
+        batches shares one budget); the pairs to keep off their node, with why. A pair the
+        registry could not judge, or that the budget leaves unasked, is pulled."""
         awaiting = {pair: platform for pair, platform in self.awaiting.items() if pairs is None or pair in pairs}
-        self.awaiting = {}
-        if not awaiting or self.redis is None:
+        self.awaiting = {pair: platform for pair, platform in self.awaiting.items() if pair not in awaiting}
+        # one budget for every round of questions: a registry that hangs costs the plan LOOKUP_BUDGET at most
+        began = time.monotonic() if began is None else began
+        if not awaiting or self.redis is None or time.monotonic() - began >= LOOKUP_BUDGET:
             return {}
         images = {image for _, image in awaiting}
         digests = {image: digest for image, digest in self._held.items() if image in images}
@@ -227,9 +231,7 @@ class PlatformCheck:
         # that a verdict learned from its registry or a failed pull applies to it too
         unheld = sorted(images - set(digests))
         registry = self.client or RegistryClient(self.settings)
-        # one budget for every round of questions: a registry that hangs costs the plan LOOKUP_BUDGET at most
-        began = time.monotonic()
-        digests.update(resolve_all(registry, unheld))
+        digests.update(resolve_all(registry, unheld, _left(began)))
         verdicts = Verdicts(self.redis)
         known = _known(verdicts, registry, digests, began)
         # a held tag that would be kept off a node may have been pushed again since, with that
@@ -249,6 +251,16 @@ class PlatformCheck:
             if reason:
                 kept_off[(node, image)] = reason
         return kept_off
+
+
+def batches(pairs: Collection[tuple[str, str]]) -> list[set[tuple[str, str]]]:
+    """``pairs`` in batches of :data:`LOOKUP_WORKERS` images (every pair of an image in one batch):
+    what the registries answer at once, so that a run sends each batch's pulls as it is judged."""
+    by_image: dict[str, set[tuple[str, str]]] = {}
+    for node, image in sorted(pairs, key=lambda pair: (pair[1], pair[0])):
+        by_image.setdefault(image, set()).add((node, image))
+    groups = list(by_image.values())
+    return [set().union(*groups[i:i + LOOKUP_WORKERS]) for i in range(0, len(groups), LOOKUP_WORKERS)]
 
 
 def _left(began: float) -> float:
