@@ -318,10 +318,12 @@ def test_a_push_reaches_every_node_and_pushes_during_a_run_follow(deploy):
     wanted = [ref, slow, *later]
     _wait(lambda: all(set(wanted) <= set(d.held(node)) for node in nodes), 60, "every push on every node")
 
+    # the images are on the nodes a moment before their last pull reports
+    _wait(lambda: all(run["status"] != "running" for run in d.history()), 30, "every run to end")
     runs = [run for run in d.history() if run["trigger"].startswith("webhook")]
     triggers = sorted(run["trigger"] for run in runs)
     assert triggers == sorted([f"webhook: {ref}", f"webhook: {slow}", f"webhook: {later[0]}, {later[1]}"]), triggers
-    assert all(run["status"] == "completed" for run in runs)
+    assert all(run["status"] == "completed" for run in runs), runs
     assert sum(run["counts"].get("pulled", 0) for run in runs) == 3 * 4  # each image once per node
 
     # a Harbor push, posted as Harbor does; and a push the registry names by
