@@ -71,9 +71,10 @@ class RedisServer:
         self.port = free_port()
 
     def _ping(self, process: ServerProcess) -> bool:
-        # our server, not one that took the port first (and that may never answer)
+        # our server, not one that took the port first (and that may never answer), and done
+        # loading its AOF: until then it answers every command but INFO with LOADING
         with redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1) as c:
-            return bool(c.info("server")["process_id"] == process.pid)
+            return bool(c.info("server")["process_id"] == process.pid and not c.info("persistence")["loading"])
 
     def stop(self) -> None:
         """SIGTERM: redis flushes the AOF and exits."""
