@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from . import keys, references
-from .errors import RefusedReference
 from .redisvalues import as_text
 
 if TYPE_CHECKING:
@@ -30,13 +29,7 @@ def declared_now(settings: Settings) -> frozenset[str]:
     Names the grammar refuses are left out (the plan reports them)."""
     names = [*settings.declared_images(), *(ref for arch in settings.per_architecture().values()
                                             for ref in arch.values())]
-    declared = set()
-    for name in names:
-        try:
-            declared.add(references.normalize(name))
-        except RefusedReference:
-            continue
-    return frozenset(declared)
+    return references.normalized(names)
 
 
 def remember(redis: Redis, settings: Settings, run_id: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import RefusedReference
@@ -147,6 +148,18 @@ def parse_digest(text: object) -> str:
     if len(text) > MAX_REFERENCE_LENGTH or _DIGEST_ONLY.fullmatch(text) is None:
         raise _refuse(text, "not a content digest (algorithm:hex, e.g. sha256:...)")
     return text.lower()
+
+
+def normalized(texts: Iterable[str]) -> frozenset[str]:
+    """The normalized form of each of ``texts`` that the grammar accepts; the others are left out
+    (whoever plans with them reports them)."""
+    found = set()
+    for text in texts:
+        try:
+            found.add(normalize(text))
+        except RefusedReference:
+            continue
+    return frozenset(found)
 
 
 def is_valid(text: str) -> bool:

@@ -126,7 +126,7 @@ def route(settings: Settings, redis: Redis | None, data: object, image: str) -> 
 
 def _pulled_as(settings: Settings, pull_as: str, image: str) -> None:
     entries = settings.per_architecture().get(image, {})
-    allowed = {references.normalize(text) for text in entries.values() if references.is_valid(text)}
+    allowed = references.normalized(entries.values())
     if references.normalize(pull_as) not in allowed:
         raise RefusedTask(f"route pull_as {pull_as!r} is not a per-architecture entry of {image} "
                           "in the configuration")

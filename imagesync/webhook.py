@@ -140,12 +140,7 @@ def pushed_names(payload: Any) -> tuple[list[str], int]:
 
 def judge(names: list[str], prefixes: list[str], declared: list[str]) -> Pushed:
     """Normalize each name as every other name is; keep those under a prefix or declared."""
-    exact = set()
-    for text in declared:
-        try:
-            exact.add(references.normalize(text))
-        except RefusedReference:
-            pass
+    exact = references.normalized(declared)
     pushed = Pushed()
     for text in names:
         try:

@@ -32,7 +32,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .. import keys, references
-from ..errors import RefusedReference
 from ..registry import LOOKUP_BUDGET, RegistryClient, current_all
 from .plan import Condition, Plan
 
@@ -54,7 +53,7 @@ def moved_tags(settings: Settings, client: RegistryClient | None = None, budget:
     registry no longer names pull it again, and keeps the old digests' names from spreading
     (remembered in ``redis``; without it, only those of this plan)."""
     per_arch = frozenset(settings.per_architecture())
-    declared = _normalized(settings.declared_images())
+    declared = references.normalized(settings.declared_images())
 
     def condition(plan: Plan) -> None:
         held = tags_held(plan, per_arch)
@@ -104,14 +103,6 @@ def _digest_name(image: str, digest: str) -> str:
     return str(references.parse(f"{references.parse(image).repository}@{digest}"))
 
 
-def _normalized(texts: Iterable[str]) -> frozenset[str]:
-    found = set()
-    for text in texts:
-        try:
-            found.add(references.normalize(text))
-        except RefusedReference:
-            continue
-    return frozenset(found)
 
 
 def tags_held(plan: Plan, skip: frozenset[str] = frozenset()) -> list[str]:

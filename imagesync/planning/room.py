@@ -80,7 +80,7 @@ def room(min_free: MinFree, declared: Iterable[str] = ()) -> Callable[[Plan], No
     """The condition: per node, the pulls that would leave less than ``min_free``
     are skipped, with the figures. A node whose image filesystem is unknown is
     not guarded (``imagesync check`` says so)."""
-    wanted_first = frozenset(_normalized(declared))
+    wanted_first = references.normalized(declared)
 
     def condition(plan: Plan) -> None:
         for node in list(plan.missing):
@@ -171,7 +171,7 @@ def configured(prefixes: Iterable[str], declared: Iterable[str]) -> Callable[[Pl
     """Scope of a full run: an image counts when it is still wanted, or lies
     under a configured prefix or among the declared images."""
     prefixes = tuple(prefixes)
-    exact = frozenset(_normalized(declared))
+    exact = references.normalized(declared)
 
     def in_scope(plan: Plan, ref: str) -> bool:
         if ref in exact or ref in plan.wanted:
@@ -238,14 +238,6 @@ def pulled(redis: Redis, outcome: Outcome) -> None:
         redis.sadd(keys.node_held(outcome.node), outcome.image)
 
 
-def _normalized(images: Iterable[str]) -> list[str]:
-    names = []
-    for text in images:
-        try:
-            names.append(references.normalize(text))
-        except RefusedReference:
-            continue  # the plan reports it
-    return names
 
 
 def evicted_lines(evicted: Mapping[str, Iterable[str]]) -> list[str]:
