@@ -8,7 +8,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= .demo
 
-.PHONY: deps venv demo demo-down test unit bench
+.PHONY: deps venv demo demo-down test unit lint bench
 
 venv: $(PYTHON)
 
@@ -46,6 +46,11 @@ test: deps
 # Only the tests that need no servers (starting one there is an error), on both cores.
 unit: deps
 	$(PYTHON) -m pytest -p no:cacheprovider -m 'not cluster' -n 2
+
+# The style checks and the layers' contract (also checked by tests/test_layers.py).
+lint: deps
+	$(VENV)/bin/ruff check imagesync tests bench testcluster
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: deps
 	$(PYTHON) -m bench
