@@ -174,6 +174,8 @@ def measure_real(images_per_node: int, delay: float, report: Report) -> None:
 
 def run(report: Report, quick: bool = False) -> None:
     measure(40, 1.0, 2 if quick else 5, report)
+    # the next pull already in the worker when one ends: what an idle slot between pulls costs
+    measure(40, 1.0, 2 if quick else 3, report, whatif="prefetch-2")
     if not quick:
         measure(200, 1.0, 2, report)
         measure(40, 1.0, 3, report, whatif="always-check")

@@ -22,3 +22,16 @@ if "no-freeze" in os.environ.get("BENCH_WHATIF", "").split(","):
     import gc
 
     gc.freeze = lambda: None
+
+# ``prefetch-2``: each worker takes two messages per pool process off its queue
+# instead of one, so that the next pull is in the worker before the current one
+# ends; to measure what an idle slot between pulls costs (bench/README.md, 0).
+if "prefetch-2" in os.environ.get("BENCH_WHATIF", "").split(","):
+    import imagesync.celeryconfig
+
+    _celery_settings = imagesync.celeryconfig.celery_settings
+
+    def _prefetching(settings):  # type: ignore[no-untyped-def]
+        return {**_celery_settings(settings), "worker_prefetch_multiplier": 2}
+
+    imagesync.celeryconfig.celery_settings = _prefetching
