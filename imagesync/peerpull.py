@@ -74,9 +74,13 @@ def serving_agents(redis: Redis) -> set[str]:
 
 
 def hosts_toml(address: str, token: str) -> str:
-    """A ``hosts.toml`` whose only host is the holder's agent at ``address``."""
+    """A ``hosts.toml`` whose only host is the holder's agent at ``address``: as the mirror,
+    and as the server containerd tries after it (each with the token: containerd 1.6 takes
+    a top-level ``header`` table only beside a ``host`` one)."""
     url = f"http://{address}"
     return (f'server = "{url}"\n\n'
+            '[header]\n'
+            f'  Authorization = "Bearer {token}"\n\n'
             f'[host."{url}"]\n'
             '  capabilities = ["pull", "resolve"]\n'
             f'  [host."{url}".header]\n'

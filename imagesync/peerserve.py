@@ -48,8 +48,8 @@ log = logging.getLogger("imagesync")
 CHUNK = 256 * 1024
 #: blobs one agent streams at once; a request past them is answered 503, and its puller tries the next holder
 MAX_STREAMS = 8
-#: seconds a catalogue of what may be served is trusted before a request for something unknown reads it again
-CATALOGUE_AGE = 2.0
+#: seconds a catalogue of what may be served is trusted, and, for content it does not name, at most
+CATALOGUE_AGE, MISS_AGE = 2.0, 0.25
 #: seconds a ``ctr`` command of the server may take to start answering
 CTR_TIMEOUT = 30
 
@@ -97,26 +97,31 @@ class Catalogue:
         self.documents: dict[str, bytes] = {}  # manifests and indexes
 
     def lookup(self, digest: str) -> Item | None:
-        """The item of ``digest`` if an image references it, reading the node again if
-        the catalogue is older than :data:`CATALOGUE_AGE`."""
-        return self._fresh(lambda: self.items.get(digest))
+        """The item of ``digest`` if an image references it (as the node's images were at
+        most :data:`CATALOGUE_AGE` seconds ago: a removed image's content is refused soon after)."""
+        self._fresh()
+        if digest not in self.items:
+            self._fresh(MISS_AGE)  # a node that has just got an image serves it at once
+        return self.items.get(digest)
 
     def resolve(self, reference: str) -> str | None:
         """The manifest digest the node holds ``reference`` (``host/name:tag``) under."""
-        return self._fresh(lambda: self.images.get(reference))
+        self._fresh()
+        if reference not in self.images:
+            self._fresh(MISS_AGE)
+        return self.images.get(reference)
 
     def document(self, digest: str) -> bytes | None:
         return self.documents.get(digest)
 
-    def _fresh(self, find):  # type: ignore[no-untyped-def]
-        found = find()
-        if found is None and time.monotonic() - self.read_at > CATALOGUE_AGE:
-            self.refresh()
-            found = find()
-        return found
+    def _fresh(self, age: float = CATALOGUE_AGE) -> None:
+        if time.monotonic() - self.read_at > age:
+            self.refresh(age)
 
-    def refresh(self) -> None:
+    def refresh(self, age: float = 0.0) -> None:
         with self.lock:
+            if time.monotonic() - self.read_at <= age:
+                return  # another request read it while this one waited
             listing = subprocess.run([*self.ctr, "images", "ls"], capture_output=True, text=True,
                                      timeout=CTR_TIMEOUT)
             images: dict[str, str] = {}
@@ -262,10 +267,13 @@ class PeerHandler(BaseHTTPRequestHandler):
                     self._error(404, "BLOB_UNKNOWN", f"{digest} is no longer on this node")
                     return
                 self._headers(200, item.media_type, item.size, digest)
+                sent = 0
                 while chunk:
                     self.wfile.write(chunk)
-                    self.server.count(len(chunk))
+                    sent += len(chunk)
                     chunk = process.stdout.read(CHUNK)
+                self.server.count(sent)
+                log.info("served %s to %s: %d bytes", digest, self.client_address[0], sent)
             finally:
                 process.kill()
                 process.wait()
