@@ -21,6 +21,7 @@ node to the target's containerd, through no imagesync process on any other machi
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 import urllib.error
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 ASK_TIMEOUT = 10.0
 #: seconds between two refreshes of the holder's serving slot while the pull runs
 REFRESH = 10.0
+#: what an agent registers as its server's address: host or [IPv6]:port
+ADDRESS = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
 
 
 @dataclass
@@ -59,8 +62,10 @@ class Mirrored:
 
 
 def peer_of(redis: Redis, name: str) -> str:
-    """``host:port`` where the agent of node ``name`` serves its images ("" if it does not)."""
-    return as_text(redis.hget(keys.agent(name), "peer") or b"")
+    """``host:port`` where the agent of node ``name`` serves its images ("" if it does not,
+    or registered something else: it goes into a URL and a TOML file)."""
+    address = as_text(redis.hget(keys.agent(name), "peer") or b"")
+    return address if ADDRESS.fullmatch(address) else ""
 
 
 def serving_agents(redis: Redis) -> set[str]:

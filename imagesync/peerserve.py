@@ -50,6 +50,8 @@ CHUNK = 256 * 1024
 MAX_STREAMS = 8
 #: seconds a catalogue of what may be served is trusted, and, for content it does not name, at most
 CATALOGUE_AGE, MISS_AGE = 2.0, 0.25
+#: seconds the fleet's token is kept before a request that does not carry it reads it again
+TOKEN_AGE = 10.0
 #: seconds a ``ctr`` command of the server may take to start answering
 CTR_TIMEOUT = 30
 
@@ -169,20 +171,22 @@ class PeerServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], ctr: list[str], read_token: Callable[[], str]) -> None:
         super().__init__(address, PeerHandler)
         self.ctr, self.read_token = ctr, read_token
-        self._token = ""
+        self._token, self._token_read = "", 0.0
         self.catalogue = Catalogue(ctr)
         self.streams = threading.BoundedSemaphore(MAX_STREAMS)
         #: response bytes of blobs and manifests sent, for the benchmarks and tests (a log line says it too)
         self.sent = 0
         self.sent_lock = threading.Lock()
 
-    def token(self) -> str:
-        """The fleet's token, read from Redis once it answers ("" until then: every request is refused)."""
-        if not self._token:
+    def token(self, again: bool = False) -> str:
+        """The fleet's token, read from Redis once it answers ("" until then: every request is
+        refused); ``again`` reads it anew, at most every :data:`TOKEN_AGE` seconds (a token
+        changed in Redis, ``imagesync:peer-token`` deleted to make a new one)."""
+        if not self._token or (again and time.monotonic() - self._token_read > TOKEN_AGE):
             try:
-                self._token = self.read_token()
+                self._token, self._token_read = self.read_token(), time.monotonic()
             except Exception as exc:  # Redis down: refuse for now, read again at the next request
-                log.warning("peer server: cannot read the fleet's token from Redis yet: %s", exc)
+                log.warning("peer server: cannot read the fleet's token from Redis: %s", exc)
         return self._token
 
     @property
@@ -215,9 +219,9 @@ class PeerHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _refuse_write
 
     def _serve(self, body: bool) -> None:
-        given = self.headers.get("Authorization", "")
-        token = self.server.token()
-        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        given = self.headers.get("Authorization", "").encode()
+        if not any(token and hmac.compare_digest(given, f"Bearer {token}".encode())
+                   for token in (self.server.token(), self.server.token(again=True))):
             self._error(401, "UNAUTHORIZED", "this agent serves its node's images to the fleet's agents only")
             return
         url = urlsplit(self.path)

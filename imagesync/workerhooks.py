@@ -57,10 +57,14 @@ def _start_heartbeat(**_: object) -> None:
     peer = ""
     if settings.agent_peer_port is not None:
         # in the main process, beside the heartbeat: the pool's processes run the pulls
-        server = peerserve.start(settings.agent_peer_address, settings.agent_peer_port,
-                                 peerserve.ctr_argv(node.endpoint, node.namespace),
-                                 lambda: peerserve.fleet_token(redis()))
-        peer = agents.peer_address(settings, server.port)
+        try:
+            server = peerserve.start(settings.agent_peer_address, settings.agent_peer_port,
+                                     peerserve.ctr_argv(node.endpoint, node.namespace),
+                                     lambda: peerserve.fleet_token(redis()))
+            peer = agents.peer_address(settings, server.port)
+        except OSError as exc:  # the node still registers and pulls; it serves no copies
+            log.error("agent %s serves no copies: cannot listen on %s:%s (%s): choose another agent_peer_port",
+                      node.name, settings.agent_peer_address, settings.agent_peer_port, exc.strerror or exc)
     _heartbeat = agents.Heartbeat(redis, node, settings.agent_heartbeat, settings.agent_forget,
                                   lambda: agents.examine_self(settings, node), peer)
     _heartbeat.start()
