@@ -136,7 +136,7 @@ def mirror_copy(attempt: Attempt, source: str, image: str, progress: Callable[[]
         directory.mkdir(mode=0o700)
         (directory / "hosts.toml").write_text(hosts_toml(address, token))
         ctr = replace(runtimes.ctr_for(node), hosts_dir=hosts)
-        command = ctr.pull_command(by_digest, seconds, platform=route.platform, also_as=image)
+        command = ctr.pull_command(by_digest, seconds, platform=route.platform, also_as=image, pin=route.pin)
         return _pull(attempt, command.command, seconds, progress, address)
 
 
