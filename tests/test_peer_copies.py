@@ -186,6 +186,31 @@ def test_the_server_refuses_strangers_writes_and_what_no_image_references(d):
              "the removed image's layer refused")
 
 
+def test_a_holder_streams_a_bounded_number_of_blobs_at_once(d):
+    ref = d.cluster.seed({"node-3": [unique("bcm11/bounded:1")]})["node-3"][0]
+    node = d.cluster.node("node-3")
+    server = peerserve.start("127.0.0.1", 0, peerserve.ctr_argv(node.socket, "k8s.io"), lambda: token(d))
+    try:
+        name = ref.removeprefix(f"{d.cluster.registry_address}/").split(":")[0]
+        address = f"http://127.0.0.1:{server.port}"
+        manifest = urllib.request.urlopen(urllib.request.Request(
+            f"{address}/v2/{name}/manifests/{d.cluster.digests[ref]}",
+            headers={"Authorization": f"Bearer {token(d)}"}), timeout=10).read()
+        layer = __import__("json").loads(manifest)["layers"][0]["digest"]
+        fetch = urllib.request.Request(f"{address}/v2/{name}/blobs/{layer}",
+                                       headers={"Authorization": f"Bearer {token(d)}"})
+        for _ in range(peerserve.MAX_STREAMS):
+            assert server.streams.acquire(blocking=False)  # as many blobs as it streams at once, under way
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(fetch, timeout=10)
+        assert refused.value.code == 503
+        server.streams.release()
+        assert urllib.request.urlopen(fetch, timeout=10).status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @contextmanager
 def stranger_server(d, holder: str):
     """A real server on ``holder``'s containerd, but with a token of its own: it refuses every request."""
