@@ -213,6 +213,7 @@ class PeerHandler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def _refuse_write(self) -> None:
+        self.close_connection = True  # its body is never read: the connection cannot carry another request
         self._error(405, "UNSUPPORTED", "this agent serves its node's images read-only: GET and HEAD only",
                     {"Allow": "GET, HEAD"})
 
