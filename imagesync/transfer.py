@@ -294,7 +294,7 @@ def holders_ttl(settings: Settings) -> int:
 def note_holder(attempt: Attempt, outcome: Outcome) -> None:
     """Under peers-first, a node that now holds the image becomes one of its holders for
     the run, if it can serve copies: its route says so (ctr on it, and commands opened
-    on it from any worker, not an agent's), with its platform."""
+    on it from any worker, or an agent that serves its node's images), with its platform."""
     settings, route = attempt.settings, attempt.route
     if not (settings.transfer and settings.source == "peers-first" and outcome.succeeded
             and PEERS in route.sources and attempt.redis is not None and attempt.run_id):
