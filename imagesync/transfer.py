@@ -204,7 +204,8 @@ class Holders:
 
     A learned holder serves only a node of its own platform, as the plan's holders
     do; one that is no SSH node of the configuration (an agent, a node the
-    configuration has lost since) serves none.
+    configuration has lost since) serves none, but to an agent node (a ``mirror``
+    route), whose holders are the agents that serve their node's images.
     """
 
     def __init__(self, attempt: Attempt, image: str) -> None:
