@@ -279,3 +279,27 @@ def test_a_holder_gone_refusing_or_holding_another_digest_hands_over_to_the_next
             with d.cluster.redis.client() as cleanup:
                 cleanup.zrem(keys.AGENTS, "gone", "refusing")
                 cleanup.delete(keys.agent("gone"), keys.agent("refusing"))
+
+
+def test_bytes_that_do_not_match_their_digest_hand_over_to_the_next_holder(d, monkeypatch):
+    monkeypatch.setenv("CONTAINERD_SNAPSHOTTER", "native")
+    ref = unique("bcm11/corrupt:1")
+    ref = d.cluster.seed({"node-1": [ref], "node-2": [ref]}, size=1_000_000)["node-1"][0]
+    digest = d.cluster.digests[ref]
+    status, _, manifest = request(d, "node-1", f"/v2/{ref.split('/', 1)[1].split(':')[0]}/manifests/{digest}")
+    layer = __import__("json").loads(manifest)["layers"][0]["digest"]
+    # node-1's disk flips bytes of the layer: containerd reads it back without a check, its agent sends it
+    blob = (d.cluster.node("node-1").workdir / "containerd" / "root" / "io.containerd.content.v1.content" / "blobs"
+            / "sha256" / layer.removeprefix("sha256:"))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    start = __import__("zlib").crc32(b"node-4") % 2
+    peers = ("node-1", "node-2") if start == 0 else ("node-2", "node-1")
+    before = served(d, "node-1").get(layer, 0)
+    with d.cluster.redis.client() as client:
+        outcome, _ = get_image(attempt_on(d, "node-4", ref, peers, digest, client))
+    assert (outcome.status, outcome.source) == ("copied", "node-2"), outcome
+    assert served(d, "node-1").get(layer, 0) > before  # node-1 was asked first and sent the bad bytes
+    assert d.cluster.node("node-4").images()[ref] == digest
+
