@@ -115,6 +115,8 @@ class Registration:
     containerd: str | None = None
     images: int | None = None
     started: float | None = None
+    #: ``host:port`` where its node's images are served to the other agents ("" if not: imagesync.peerserve)
+    peer: str = ""
 
     @classmethod
     def from_hash(cls, name: str, data: Mapping[bytes, bytes], score: float) -> Registration | None:
@@ -127,7 +129,7 @@ class Registration:
                    platform=text.get("platform") or None, runtime=text.get("runtime", node.runtime),
                    containerd=text.get("containerd") or None,
                    images=int(text["images"]) if text.get("images", "").isdigit() else None,
-                   started=float(text["started"]) if text.get("started") else None)
+                   started=float(text["started"]) if text.get("started") else None, peer=text.get("peer", ""))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "host": self.host, "platform": self.platform, "runtime": self.runtime,
@@ -139,12 +141,14 @@ def describe_facts(facts: NodeFacts, images: int) -> dict[Any, Any]:
     return {"platform": facts.platform or "", "containerd": facts.containerd or "", "images": str(images)}
 
 
-def register(redis: Redis, node: Node, facts: NodeFacts | None, images: int | None, forget: int) -> float:
-    """Announce ``node``: its settings, platform, runtime and version, image count; a first heartbeat."""
+def register(redis: Redis, node: Node, facts: NodeFacts | None, images: int | None, forget: int,
+             peer: str = "") -> float:
+    """Announce ``node``: its settings, platform, runtime and version, image count, where it
+    serves its images to peers; a first heartbeat."""
     now = server_time(redis)
     record: dict[Any, Any] = {
         "name": node.name, "node": node.model_dump_json(exclude_defaults=True), "host": socket.gethostname(),
-        "runtime": node.runtime, "started": repr(now), "last_seen": repr(now)}
+        "runtime": node.runtime, "started": repr(now), "last_seen": repr(now), "peer": peer}
     if facts is not None and images is not None:
         record |= describe_facts(facts, images)
     with redis.pipeline() as pipe:
@@ -170,8 +174,9 @@ class Heartbeat:
     """A thread of the agent's worker (its main process) that keeps the node registered."""
 
     def __init__(self, connect: Callable[[], Redis], node: Node, interval: float, forget: int,
-                 examine_node: Callable[[], tuple[NodeFacts, int]]) -> None:
+                 examine_node: Callable[[], tuple[NodeFacts, int]], peer: str = "") -> None:
         self.connect, self.node, self.interval, self.forget = connect, node, interval, forget
+        self.peer = peer
         self.examine_node = examine_node
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat {node.name}", daemon=True)
@@ -189,7 +194,7 @@ class Heartbeat:
                 redis = self.connect()
                 if not registered:
                     facts, images = self._facts()
-                    register(redis, self.node, facts, images, self.forget)
+                    register(redis, self.node, facts, images, self.forget, self.peer)
                     log.info("agent %s registered (%s, %s)", self.node.name, self.node.runtime,
                              f"{images} images" if images is not None else "images unknown")
                     registered = True
@@ -208,6 +213,18 @@ class Heartbeat:
         except NodeError as exc:
             log.warning("agent %s: cannot list the node's images yet: %s", self.node.name, exc.message)
             return None, None
+
+
+def peer_address(settings: Settings, port: int, environ: Mapping[str, str] | None = None) -> str:
+    """``host:port`` at which the other agents reach this one's peer server: ``agent_peer_advertise``,
+    else ``$POD_IP`` (the downward API), else ``agent_peer_address`` unless it is every address,
+    else what the node's name resolves to."""
+    environ = os.environ if environ is None else environ
+    host = settings.agent_peer_advertise or environ.get("POD_IP") or ""
+    if not host:
+        bound = settings.agent_peer_address
+        host = bound if bound not in ("0.0.0.0", "::", "") else socket.gethostbyname(socket.gethostname())
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def examine_self(settings: Settings, node: Node) -> tuple[NodeFacts, int]:

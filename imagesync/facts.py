@@ -102,8 +102,10 @@ class NodeFacts:
     #: containerd's version on the node (``1.6.20~ds1``), None if neither ctr nor containerd told it
     containerd: str | None = None
     #: the node is served by its own agent (imagesync.agents): no other worker can
-    #: open a command on it, so it takes no part in node-to-node copies
+    #: open a command on it, so it copies only from and to other agent nodes, agent to agent
     via_agent: bool = False
+    #: its agent serves the node's images to the other agents (imagesync.peerserve)
+    serves: bool = False
     raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -124,8 +126,9 @@ class NodeFacts:
     @property
     def can_copy(self) -> bool:
         """Whether an image can be copied to or from the node: ``ctr`` there, and a node
-        the workers of other nodes reach (over SSH), not one only its own agent reaches."""
-        return self.ctr and not self.via_agent
+        the workers of other nodes reach (over SSH), or whose agent serves its images to
+        the other agents (and pulls theirs: :mod:`imagesync.peerpull`)."""
+        return self.ctr and (not self.via_agent or self.serves)
 
     @property
     def can_pin(self) -> bool | None:

@@ -99,6 +99,10 @@ def platforms(digest: str) -> str:
 AGENTS = f"{NAMESPACE}:agents"
 
 
+#: string: the token an agent's peer server asks of the other agents (imagesync.peerserve.fleet_token)
+PEER_TOKEN = f"{NAMESPACE}:peer-token"
+
+
 def agent(name: str) -> str:
     """Hash: what an agent said of its node (imagesync.agents.Registration); expires
     ``agent_forget`` seconds after the last heartbeat."""

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import keys
@@ -75,7 +76,8 @@ def _take(inventory: Inventory, agent: Registration, found: Mapping) -> None:
         return
     try:
         result = CommandResult(str(found["stdout"]), str(found["stderr"]), int(found["exit_code"]))
-        inventory.images[name], inventory.facts[name] = interpret(agent.node, result, via_agent=True)
+        inventory.images[name], facts = interpret(agent.node, result, via_agent=True)
+        inventory.facts[name] = replace(facts, serves=bool(agent.peer))
     except NodeError as exc:
         inventory.errors[name] = exc
     except (KeyError, TypeError, ValueError) as exc:

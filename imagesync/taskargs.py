@@ -32,7 +32,7 @@ PLATFORM = re.compile(r"[a-z0-9_.-]{1,32}/[a-z0-9_.-]{1,32}(?:/[a-z0-9_.-]{1,32}
 #: an inventory request: a uuid4 in hex
 REQUEST_ID = re.compile(r"[0-9a-f]{32}", re.ASCII)
 SOURCES = frozenset({REGISTRY, BACKUP, PEERS})
-ROUTE_FIELDS = frozenset({"sources", "peers", "digest", "seed", "platform", "pull_as", "pin", "replaces"})
+ROUTE_FIELDS = frozenset({"sources", "peers", "digest", "seed", "platform", "pull_as", "pin", "replaces", "mirror"})
 #: a trigger is shown in logs and history: printable, and short
 MAX_TRIGGER = 200
 
@@ -119,8 +119,9 @@ def route(settings: Settings, redis: Redis | None, data: object, image: str) -> 
         raise RefusedTask(f"route platform {shown(platform)} is not os/architecture[/variant]")
     if data.get("pull_as") is not None:
         _pulled_as(settings, reference(data["pull_as"]), image)
-    if not isinstance(data.get("pin", False), bool):
-        raise RefusedTask("route pin is not true or false")
+    for flag in ("pin", "mirror"):
+        if not isinstance(data.get(flag, False), bool):
+            raise RefusedTask(f"route {flag} is not true or false")
     return Route.from_dict(data)
 
 

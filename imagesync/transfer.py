@@ -21,9 +21,10 @@ half-imported image. The next holder is then tried.
 
 Under ``source = "peers-first"`` the holders are the plan's, and those the run
 learns of in Redis: every node whose pull of the image succeeds and that can
-serve copies (ctr on it, not an agent) becomes one, for the nodes of its
-platform (:func:`note_holder`). A copy whose image no node can serve yet waits
-for a holder, or for its *seed* (the node pulling it from the registry) to end,
+serve copies (ctr on it; an agent node, if its agent serves its images:
+:mod:`imagesync.peerpull`) becomes one, for the nodes of its platform
+(:func:`note_holder`). A copy whose image no node can serve yet waits for a holder,
+or for its *seed* (the node pulling it from the registry) to end,
 which hands over to the next source at once. It waits without holding its pool
 process or its node's slot: the task puts the pull back in its queue for a few
 seconds (:class:`~imagesync.attempt.WaitForHolder`), so that the seed pulls
@@ -53,6 +54,7 @@ from .attempt import Attempt, NodeFailed, WaitForHolder
 from .budgets import KILL_AFTER, LIST_TIMEOUT, SSH_GRACE, stale_after
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .outcomes import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome
+from .peerpull import Mirrored, mirror_copy, serving_agents
 from .planning.plan import PEERS
 from .redisvalues import as_text
 from .runs import pull_key
@@ -136,8 +138,11 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
             continue
         serving = _serving(attempt, source)
         try:
-            copied = copy(settings, settings.node(source), node, image, route.digest, route.platform,
-                          attempt.remaining(), _refresher(serving, holder_id))
+            if route.mirror:  # agent to agent: the target's containerd pulls from the holder's agent
+                copied: Copied | Mirrored = mirror_copy(attempt, source, image, _refresher(serving, holder_id))
+            else:
+                copied = copy(settings, settings.node(source), node, image, route.digest, route.platform,
+                              attempt.remaining(), _refresher(serving, holder_id))
         finally:
             if serving is not None:
                 serving.release(holder_id)
@@ -199,7 +204,8 @@ class Holders:
 
     A learned holder serves only a node of its own platform, as the plan's holders
     do; one that is no SSH node of the configuration (an agent, a node the
-    configuration has lost since) serves none.
+    configuration has lost since) serves none, but to an agent node (a ``mirror``
+    route), whose holders are the agents that serve their node's images.
     """
 
     def __init__(self, attempt: Attempt, image: str) -> None:
@@ -212,7 +218,10 @@ class Holders:
         if self.shared:
             peers += sorted(name for name, platform in self.learned().items()
                             if name not in peers and self.serves(platform))
-        configured = {node.name for node in self.attempt.settings.nodes}
+        if self.attempt.route.mirror:  # agent nodes copy from the agents that serve their node's images
+            configured = serving_agents(self.attempt.redis) if self.attempt.redis is not None else set()
+        else:
+            configured = {node.name for node in self.attempt.settings.nodes}
         return [name for name in peers if name in configured]
 
     def learned(self) -> dict[str, str]:
@@ -286,7 +295,7 @@ def holders_ttl(settings: Settings) -> int:
 def note_holder(attempt: Attempt, outcome: Outcome) -> None:
     """Under peers-first, a node that now holds the image becomes one of its holders for
     the run, if it can serve copies: its route says so (ctr on it, and commands opened
-    on it from any worker, not an agent's), with its platform."""
+    on it from any worker, or an agent that serves its node's images), with its platform."""
     settings, route = attempt.settings, attempt.route
     if not (settings.transfer and settings.source == "peers-first" and outcome.succeeded
             and PEERS in route.sources and attempt.redis is not None and attempt.run_id):

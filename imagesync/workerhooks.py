@@ -1,6 +1,7 @@
 """What a worker does as it starts, forks its pool and stops, besides running tasks.
 
-* An agent's worker keeps its node's heartbeat (:class:`imagesync.agents.Heartbeat`).
+* An agent's worker keeps its node's heartbeat (:class:`imagesync.agents.Heartbeat`) and,
+  with ``agent_peer_port``, serves its node's images to the other agents (:mod:`imagesync.peerserve`).
 * Before each fork, the main process freezes what it imported (gc.freeze), so the
   pool processes keep sharing those pages.
 * A worker whose pool serves several nodes' queues (or more than ``max_parallel``
@@ -24,7 +25,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from . import agents, logs
+from . import agents, logs, peerserve
 from .celery import refuse, settings
 from .celeryconfig import NODE_QUEUE_PREFIX
 from .errors import ConfigError
@@ -52,9 +53,20 @@ def _start_heartbeat(**_: object) -> None:
     if not text:
         return
     node = agents.Node.model_validate_json(text)
-    _heartbeat = agents.Heartbeat(lambda: connect(settings, socket_timeout=10, socket_connect_timeout=5), node,
-                                  settings.agent_heartbeat, settings.agent_forget,
-                                  lambda: agents.examine_self(settings, node))
+    redis = lambda: connect(settings, socket_timeout=10, socket_connect_timeout=5)  # noqa: E731
+    peer = ""
+    if settings.agent_peer_port is not None:
+        # in the main process, beside the heartbeat: the pool's processes run the pulls
+        try:
+            server = peerserve.start(settings.agent_peer_address, settings.agent_peer_port,
+                                     peerserve.ctr_argv(node.endpoint, node.namespace),
+                                     lambda: peerserve.fleet_token(redis()))
+            peer = agents.peer_address(settings, server.port)
+        except OSError as exc:  # the node still registers and pulls; it serves no copies
+            log.error("agent %s serves no copies: cannot listen on %s:%s (%s): choose another agent_peer_port",
+                      node.name, settings.agent_peer_address, settings.agent_peer_port, exc.strerror or exc)
+    _heartbeat = agents.Heartbeat(redis, node, settings.agent_heartbeat, settings.agent_forget,
+                                  lambda: agents.examine_self(settings, node), peer)
     _heartbeat.start()
 
 

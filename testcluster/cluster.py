@@ -17,7 +17,7 @@ from __future__ import annotations
 import atexit
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -155,9 +155,10 @@ class Cluster:
         return f"{self.registry_address}/{image}"
 
     def push(self, repo: str, tag: str, size: int = 1024, layers: int = 1, variant: str = "",
-             user: str | None = None) -> str:
+             user: str | None = None, layer_seeds: Sequence[str] | None = None) -> str:
         """Push a generated image (see ``image.build_image``) and return its ref."""
-        digest = self.registry.push_image(repo, tag, size=size, layers=layers, variant=variant, user=user)
+        digest = self.registry.push_image(repo, tag, size=size, layers=layers, variant=variant, user=user,
+                                          layer_seeds=layer_seeds)
         ref = f"{self.registry_address}/{repo}:{tag}"
         self.digests[ref] = digest
         return ref

@@ -17,6 +17,7 @@ import io
 import json
 import random
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,16 +75,22 @@ def _layer(seed: str, size: int, index: int) -> tuple[Blob, str]:
 
 
 def build_image(repo: str, tag: str, size: int = 1024, layers: int = 1, variant: str = "",
-                user: str | None = None, platform: str = "linux/amd64") -> BuiltImage:
+                user: str | None = None, platform: str = "linux/amd64",
+                layer_seeds: Sequence[str] | None = None) -> BuiltImage:
     """Build the image ``repo:tag``: ``size`` bytes of content split over ``layers``
     layers. ``user`` sets the config's ``User`` (crictl shows a numeric one as uid);
-    ``platform`` (``os/arch[/variant]``) the config's platform."""
+    ``platform`` (``os/arch[/variant]``) the config's platform. ``layer_seeds`` (one per
+    layer) makes layers of other images: layer i of two images with the same seed i is
+    the same blob (an update that changes only its top layer)."""
     if layers < 1:
         raise ValueError("an image needs at least one layer")
     os_name, arch, *arch_variant = platform.split("/")
     seed = f"{repo}:{tag}:{variant}" + ("" if platform == "linux/amd64" else f":{platform}")
     base, extra = divmod(max(size, 0), layers)
-    built = [_layer(seed, base + (1 if i < extra else 0), i) for i in range(layers)]
+    seeds = list(layer_seeds) if layer_seeds is not None else [seed] * layers
+    if len(seeds) != layers:
+        raise ValueError("give one layer seed per layer")
+    built = [_layer(seeds[i], base + (1 if i < extra else 0), i) for i in range(layers)]
     config: dict[str, object] = {
         "architecture": arch,
         "os": os_name,

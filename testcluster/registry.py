@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -179,9 +180,9 @@ class Registry:
             raise RegistryError(f"uploading {blob.digest} to {repo}: HTTP {status} {body[:200]!r}")
 
     def push_image(self, repo: str, tag: str, size: int = 1024, layers: int = 1, variant: str = "",
-                   user: str | None = None) -> str:
+                   user: str | None = None, layer_seeds: Sequence[str] | None = None) -> str:
         """Build and push ``repo:tag`` (see ``image.build_image``); returns the manifest digest."""
-        image = build_image(repo, tag, size=size, layers=layers, variant=variant, user=user)
+        image = build_image(repo, tag, size=size, layers=layers, variant=variant, user=user, layer_seeds=layer_seeds)
         for blob in image.blobs:
             self._upload(repo, blob)
         status, headers, body = self._request(

@@ -233,5 +233,5 @@ def test_an_agent_node_is_never_a_source_or_a_target_of_a_copy(d):
             assert routes[name][ref]["sources"][0] == "registry" and "peers" not in routes[name][ref], routes[name]
     assert "peers" not in routes["node-1"][on_ssh]
     assert all(route.get("seed") in (None, SSH_NODE) for images in routes.values() for route in images.values())
-    assert ("no node-to-node copies to or from node-1, node-2, node-3: agent nodes run commands on their own "
-            "node only") in plan["notes"]
+    assert ("no node-to-node copies to or from node-1, node-2, node-3: their agents serve no copies "
+            "(set agent_peer_port)") in plan["notes"]

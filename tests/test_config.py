@@ -176,6 +176,9 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         agent_hosts_dir = "/etc/containerd/certs.d"
         agent_image_fs = "/var/lib/rancher"
         agent_labels = ["gpu", "a100"]
+        agent_peer_port = 5071
+        agent_peer_address = "10.0.0.0"
+        agent_peer_advertise = "10.0.0.9"
         [backup]
         registry = "harbor.local:8443/backup"
         username = "robot$backup"
@@ -253,6 +256,8 @@ def test_every_key_can_be_set_in_toml(tmp_path):
     )
     assert (node.platform, node.image_fs, node.labels) == ("linux/arm64/v8", "/srv/containerd", ["gpu"])
     assert (settings.refresh, settings.agent_labels, settings.prune) == (False, ["gpu", "a100"], True)
+    assert (settings.agent_peer_port, settings.agent_peer_address, settings.agent_peer_advertise) == (
+        5071, "10.0.0.0", "10.0.0.9")
     # webhook_secret and webhook_secret_file are one or the other, as are the backup's password and password_file
     sources = {key: source for key, source in settings.sources.items()
                if key not in ("webhook_secret", "backup.password")}
@@ -620,6 +625,9 @@ def test_every_override(tmp_path):
         "IMAGESYNC_AGENT_HOSTS_DIR": "/etc/containerd/certs.d",
         "IMAGESYNC_AGENT_IMAGE_FS": "/srv/containerd",
         "IMAGESYNC_AGENT_LABELS": "gpu, a100",
+        "IMAGESYNC_AGENT_PEER_PORT": "0",
+        "IMAGESYNC_AGENT_PEER_ADDRESS": "127.0.0.1",
+        "IMAGESYNC_AGENT_PEER_ADVERTISE": "127.0.0.2",
         "IMAGESYNC_AGENT_NODE": '{"name": "not a setting: ignored"}',  # what `imagesync agent` hands its worker
         "PATH": "/usr/bin",  # not ours: ignored
     }
@@ -639,6 +647,8 @@ def test_every_override(tmp_path):
     assert settings.timezone == "Europe/Berlin"
     assert (settings.source, settings.transfer, settings.refresh, settings.prune) == ("peers-first", False, False, True)
     assert settings.agent_labels == ["gpu", "a100"]
+    assert (settings.agent_peer_port, settings.agent_peer_address, settings.agent_peer_advertise) == (
+        0, "127.0.0.1", "127.0.0.2")
     assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("0.0.0.0", 9901, key)
     assert settings.ssh == SSHSettings(

@@ -31,6 +31,9 @@ REDIS_URL = "redis://redis:6379/0"
 # What `cp imagesync.sample.toml imagesync.toml` gives: the nodes compose must serve.
 NODES = [node["name"] for node in tomllib.loads((ROOT / "imagesync.sample.toml").read_text())["nodes"]]
 IMAGESYNC = {name: s for name, s in SERVICES.items() if name != "redis"}
+#: started on a node (a profile of its own), reaching the head node's Redis
+AGENT = SERVICES["agent"]
+ON_THE_HEAD_NODE = {name: s for name, s in IMAGESYNC.items() if name != "agent"}
 WORKERS = {name: s for name, s in SERVICES.items() if name.startswith("worker-")}
 
 
@@ -96,7 +99,7 @@ def test_one_control_worker():
 
 
 def test_every_imagesync_service_reads_the_config_and_reaches_redis():
-    for name, service in IMAGESYNC.items():
+    for name, service in ON_THE_HEAD_NODE.items():
         environment = env(service)
         assert environment.get("IMAGESYNC_REDIS_URL") == REDIS_URL, name
         assert environment.get("IMAGESYNC_CONFIG", CONFIG) == CONFIG, name
@@ -112,7 +115,7 @@ def test_no_imagesync_variable_that_the_config_refuses():
 
     known = {*ENVIRONMENT, CONFIG_VARIABLE}
     for name, service in IMAGESYNC.items():
-        allowed = known | ({"IMAGESYNC_ROLE", "IMAGESYNC_NODE"} if name in WORKERS or name == "control" else set())
+        allowed = known | ({"IMAGESYNC_ROLE", "IMAGESYNC_NODE"} if name in {*WORKERS, "control", "agent"} else set())
         unknown = {key for key in env(service) if key.startswith("IMAGESYNC_")} - allowed
         assert not unknown, f"{name}: {unknown}"
 
@@ -123,6 +126,17 @@ def test_workers_have_ssh_logs_and_time_to_finish_a_pull():
         assert mounts(service).get("/etc/imagesync/ssh") == ("./ssh", "ro"), name
         assert mounts(service).get("/var/log/imagesync", ("", ""))[0] == "logs", name
         assert seconds(service["stop_grace_period"]) >= 60, name
+
+
+def test_the_node_agent_serves_its_images_on_the_published_port():
+    environment = env(AGENT)
+    assert AGENT["profiles"] == ["agent"] and not AGENT["depends_on"]  # never started with the head node's services
+    assert environment["IMAGESYNC_ROLE"] == "agent" and environment["IMAGESYNC_AGENTS"] == "true"
+    assert environment["IMAGESYNC_REDIS_URL"] == "${IMAGESYNC_REDIS_URL:-" + REDIS_URL + "}"
+    port = environment["IMAGESYNC_AGENT_PEER_PORT"]
+    assert f"{port}:{port}" in AGENT["ports"]
+    socket = environment["IMAGESYNC_AGENT_ENDPOINT"]
+    assert mounts(AGENT)[socket] == (socket, "rw") and mounts(AGENT).get(CONFIG) == ("./imagesync.toml", "ro")
 
 
 def test_flower_requires_basic_auth():
@@ -272,7 +286,10 @@ def test_worker_entrypoint_needs_a_node(fake_path, tmp_path):
     (WORKER, ["--healthcheck"], {"IMAGESYNC_ROLE": "control"},
      "celery -A imagesync inspect ping --timeout 10 --destination control@box"),
     (WORKER, [], {"IMAGESYNC_ROLE": "beat"}, "imagesync beat --"),
-], ids=["node", "control", "node-health", "control-health", "beat"])
+    (WORKER, [], {"IMAGESYNC_ROLE": "agent", "NODE_NAME": "k8s-worker3"}, "imagesync agent --"),
+    (WORKER, ["--healthcheck"], {"IMAGESYNC_ROLE": "agent", "NODE_NAME": "k8s-worker3"},
+     "celery -A imagesync inspect ping --timeout 10 --destination k8s-worker3@box"),
+], ids=["node", "control", "node-health", "control-health", "beat", "agent", "agent-health"])
 def test_entrypoint_runs_the_command(script, args, environ, expected, fake_path, tmp_path):
     config = tmp_path / "imagesync.toml"
     config.write_text("")

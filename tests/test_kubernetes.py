@@ -72,6 +72,23 @@ def test_the_agent_daemonset():
     assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in spec["tolerations"])
     assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def test_the_agents_port_is_published_to_the_agents_alone(tmp_path):
+    from imagesync.config import load_settings
+
+    (tmp_path / "imagesync.toml").write_text(resource("ConfigMap", "imagesync-config")["data"]["imagesync.toml"])
+    settings = load_settings(tmp_path / "imagesync.toml", {})
+    container = resource("DaemonSet", "imagesync-agent")["spec"]["template"]["spec"]["containers"][0]
+    port, = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("peers", settings.agent_peer_port)
+    policy = resource("NetworkPolicy", "imagesync-agent-peers")["spec"]
+    agents = resource("DaemonSet", "imagesync-agent")["spec"]["selector"]["matchLabels"]
+    assert policy["podSelector"]["matchLabels"] == agents and policy["policyTypes"] == ["Ingress"]
+    rule, = policy["ingress"]
+    assert [source["podSelector"]["matchLabels"] for source in rule["from"]] == [agents]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "peers"}]
 
 
 def test_the_configuration_in_the_configmap_is_valid_and_matches_the_mounts(tmp_path):

@@ -1,5 +1,5 @@
 from imagesync.facts import NodeFacts
-from imagesync.planning.plan import BACKUP, PEERS, REGISTRY, Policy
+from imagesync.planning.plan import BACKUP, PEERS, REGISTRY, Policy, Route
 from imagesync.planning.planner import make_plan
 from imagesync.runtimes import Image
 
@@ -176,6 +176,28 @@ def test_an_arm_node_seeds_an_image_only_amd_nodes_hold():
     assert all(route.peers == () for route in arm_routes.values())
     waiting = next(route for route in arm_routes.values() if route.sources[0] == PEERS)
     assert waiting.seed in arm_routes and arm_routes[waiting.seed].sources[0] == REGISTRY
+
+
+def test_agent_nodes_copy_from_serving_agents_and_ssh_nodes_from_ssh_nodes():
+    serving = NodeFacts(platform="linux/amd64", ctr=True, via_agent=True, serves=True)
+    silent = NodeFacts(platform="linux/amd64", ctr=True, via_agent=True)
+    ssh = NodeFacts(platform="linux/amd64", ctr=True)
+    held, new = "registry.test/app:1", "registry.test/new:1"
+    facts = {"g1": serving, "g2": serving, "g3": serving, "q1": silent, "s1": ssh, "s2": ssh, "s3": ssh}
+    inventories = {node: [] for node in facts} | {"g1": [image(held, D1)], "s1": [image(held, D1)]}
+    plan = make_plan(inventories, ["registry.test"], declared=[new], facts=facts, policy=Policy(source="peers-first"))
+    for target, holder in (("g2", "g1"), ("g3", "g1"), ("s2", "s1"), ("s3", "s1")):
+        route = plan.route(target, held)
+        assert (route.sources[0], route.peers, route.mirror) == (PEERS, (holder,), target.startswith("g")), route
+    assert plan.route("q1", held).sources == (REGISTRY,)  # its agent serves nothing: no copies to it either
+    # an image nobody holds: one seed among the agents, one among the SSH nodes, each waited for by its own
+    routes = {node: plan.route(node, new) for node in facts}
+    seeds = {node for node, route in routes.items() if route.sources[0] == REGISTRY and PEERS in route.sources}
+    assert len(seeds) == 2 and {node[0] for node in seeds} == {"g", "s"}, routes
+    for node, route in routes.items():
+        if route.sources[0] == PEERS:
+            assert route.seed[0] == node[0] and route.mirror == (node[0] == "g"), (node, route)
+    assert Route.from_dict(routes["g2"].to_dict()) == routes["g2"]
 
 
 def test_a_restore_checks_the_digest_the_cluster_runs_even_when_no_holder_can_export_it():

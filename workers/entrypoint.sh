@@ -3,6 +3,7 @@
 #   IMAGESYNC_ROLE=control            the control worker (sync, housekeeping)
 #   IMAGESYNC_NODE=NAME (role "node") the worker of node NAME (its pulls)
 #   IMAGESYNC_ROLE=beat               celery beat (beat/entrypoint.sh sets this)
+#   IMAGESYNC_ROLE=agent              imagesync agent: this node's worker, on the node (NODE_NAME, else the host name)
 # Arguments go on to `celery worker` (or `celery beat`). With --healthcheck as its only argument
 # it pings this container's worker instead (the image's HEALTHCHECK).
 set -eu
@@ -22,9 +23,13 @@ unset IMAGESYNC_ROLE IMAGESYNC_NODE
 # The Celery node name, as `imagesync worker` chooses it: -n NAME@%h.
 case $role in
     control|beat) name=$role ;;
+    agent) [ -n "${NODE_NAME:-}" ] || unset NODE_NAME
+           # an empty address is no setting: the agent then finds one itself
+           [ -n "${IMAGESYNC_AGENT_PEER_ADVERTISE:-}" ] || unset IMAGESYNC_AGENT_PEER_ADVERTISE
+           name=${NODE_NAME:-${HOSTNAME:-$(hostname)}} ;;
     node) [ -n "$node" ] || fail "set IMAGESYNC_NODE to the node this worker serves (or IMAGESYNC_ROLE=control)"
           name=$node ;;
-    *) fail "IMAGESYNC_ROLE is '$role': use 'node' (with IMAGESYNC_NODE), 'control' or 'beat'" ;;
+    *) fail "IMAGESYNC_ROLE is '$role': use 'node' (with IMAGESYNC_NODE), 'control', 'agent' or 'beat'" ;;
 esac
 
 if [ "$*" = --healthcheck ]; then
@@ -51,6 +56,7 @@ fi
 
 case $role in
     control) exec imagesync worker --control -- "$@" ;;
+    agent) exec imagesync agent -- "$@" ;;
     beat) exec imagesync beat -- "$@" ;;
 esac
 exec imagesync worker --node "$node" -- "$@"

@@ -255,6 +255,14 @@ class Settings(BaseModel):
     agent_hosts_dir: Annotated[str | None, _check(_text("a directory on the node"), optional=True)] = None
     agent_image_fs: Annotated[str, _check(_text("a directory on the node"))] = "/var/lib/containerd"
     agent_labels: Labels = Field(default_factory=list)
+    # where an agent serves its node's images to the other agents (imagesync.peerserve): none,
+    # no server, and agent nodes get no copies; 0, a free port (registered for the peers)
+    agent_peer_port: Annotated[int | None, _check(_whole_number("a port number, or 0 for a free one", 0, 65535),
+                                                  optional=True)] = None
+    agent_peer_address: Annotated[str, _check(_text("a listening address"))] = "0.0.0.0"
+    # the address the other agents reach this one at: default $POD_IP, else agent_peer_address
+    # unless it is 0.0.0.0 or ::, else the address the node's name resolves to
+    agent_peer_advertise: Annotated[str | None, _check(_text("an address"), optional=True)] = None
     # a factory, for the same reason as known_hosts' default
     ssh: SSHSettings = Field(default_factory=SSHSettings)
 

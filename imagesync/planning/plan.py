@@ -69,6 +69,9 @@ class Route:
     #: the digest the node holds the tag under, which its registry has moved from (to ``digest``):
     #: the pull fetches the tag again even though the node holds its name, and reports "updated"
     replaces: str | None = None
+    #: the node and its peers are agent nodes: a copy is a pull from the holder's agent
+    #: (imagesync.peerpull), not an export relayed by a worker
+    mirror: bool = False
 
     def describe(self) -> str:
         """``registry, then node-1 if not found``: the route as ``plan`` shows it."""
@@ -87,7 +90,7 @@ class Route:
 
     def to_dict(self) -> dict:
         data: dict = {"sources": list(self.sources)}
-        for name in ("peers", "digest", "seed", "platform", "pull_as", "pin", "replaces"):
+        for name in ("peers", "digest", "seed", "platform", "pull_as", "pin", "replaces", "mirror"):
             value = getattr(self, name)
             if value:
                 data[name] = list(value) if isinstance(value, tuple) else value
@@ -106,6 +109,7 @@ class Route:
             pull_as=data.get("pull_as"),
             pin=bool(data.get("pin", False)),
             replaces=data.get("replaces"),
+            mirror=bool(data.get("mirror", False)),
         )
 
 
@@ -208,8 +212,8 @@ class Plan:
         return {node: {image: why.to_dict() for image, why in sorted(images.items())}
                 for node, images in sorted(self.excluded.items())}
 
-    def holders(self, image: str, platform: str | None = None, digest: str | None = None
-                ) -> tuple[list[str], str | None]:
+    def holders(self, image: str, platform: str | None = None, digest: str | None = None,
+                via_agent: bool | None = None) -> tuple[list[str], str | None]:
         """The reachable nodes that hold ``image`` and can export it, and the digest they hold.
 
         Holders whose runtime names no digest for it count only when no holder
@@ -218,10 +222,12 @@ class Plan:
         so that a copy spreads what the cluster mostly runs. With ``platform``,
         only holders of that platform count: a node keeps only its own
         platform's layers of a multi-platform image. With ``digest``, only its holders
-        count (a moved tag's, under the digest its registry names now).
+        count (a moved tag's, under the digest its registry names now). With ``via_agent``, only
+        holders reached the same way: agent nodes copy from agents, SSH nodes from SSH nodes.
         """
         candidates = [node for node, facts in self.facts.items() if facts.can_copy
-                      and not (platform and facts.platform and facts.platform != platform)]
+                      and not (platform and facts.platform and facts.platform != platform)
+                      and via_agent in (None, facts.via_agent)]
         by_digest = self.by_digest(image, candidates)
         if digest is not None:
             return by_digest.get(digest, []), digest

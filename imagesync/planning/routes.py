@@ -27,26 +27,29 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
     chosen: dict[tuple[str, str], Route] = {}
     load: Counter[str] = Counter()  # images each node seeds
     for image, lacking in _by_image(plan.missing).items():
-        seeds: dict[str | None, str] = {}  # platform -> the node that fetches the image for the others of it
+        # (platform, agent node) -> the node that fetches the image for the others of it
+        seeds: dict[tuple[str | None, bool], str] = {}
         for node in lacking:
             facts = plan.facts.get(node)
             platform = facts.platform if facts else None
             can_copy = policy.transfer and facts is not None and facts.can_copy
+            # agent nodes copy from agent nodes (their agents' servers), SSH nodes from SSH nodes
+            family = (platform, bool(facts and facts.via_agent))
             # a moved tag comes from the holders of the digest its registry names now
             held, now = plan.moved.get((node, image), (None, None))
-            peers, digest = plan.holders(image, platform, now) if can_copy else ([], now)
+            peers, digest = plan.holders(image, platform, now, family[1]) if can_copy else ([], now)
             sources = [REGISTRY] + ([BACKUP] if policy.backup else [])
             waits_for = None
             if can_copy and policy.source == "peers-first":
-                if not peers and platform not in seeds:
-                    # nobody of its platform holds it: the least loaded such node fetches it for the others
-                    seed = min((n for n in lacking if _can_copy(plan, policy, n) and _platform(plan, n) == platform),
+                if not peers and family not in seeds:
+                    # nobody of its platform (and kind) holds it: the least loaded such node fetches it for the others
+                    seed = min((n for n in lacking if _can_copy(plan, policy, n) and _family(plan, n) == family),
                                key=lambda n: (load[n], n))
-                    seeds[platform] = seed
+                    seeds[family] = seed
                     load[seed] += 1
-                if peers or node != seeds[platform]:
+                if peers or node != seeds[family]:
                     sources.insert(0, PEERS)
-                    waits_for = None if peers else seeds[platform]
+                    waits_for = None if peers else seeds[family]
                 else:
                     sources.append(PEERS)
             elif peers:
@@ -56,7 +59,7 @@ def routes(plan: Plan, policy: Policy) -> dict[tuple[str, str], Route]:
                 digest = plan.digest_held(image, platform)
             route = Route(tuple(sources), tuple(peers), digest, waits_for, platform if can_copy else None,
                           plan.pull_as.get((node, image)), pin=image in policy.pinned and bool(facts and facts.can_pin),
-                          replaces=held)
+                          replaces=held, mirror=can_copy and family[1])
             if route.sources != (REGISTRY,) or route.pull_as or route.pin or route.replaces:
                 chosen[(node, image)] = route
     return chosen
@@ -67,14 +70,14 @@ def copy_notes(plan: Plan, policy: Policy) -> list[str]:
     if not policy.transfer:
         return []
     no_ctr = [node for node, facts in sorted(plan.facts.items()) if not facts.ctr]
-    agents = [node for node, facts in sorted(plan.facts.items()) if facts.ctr and facts.via_agent]
+    agents = [node for node, facts in sorted(plan.facts.items()) if facts.ctr and facts.via_agent and not facts.serves]
     notes = []
     if no_ctr:
         notes.append(f"no node-to-node copies to or from {', '.join(no_ctr)}: ctr is not on "
                      f"{'it' if len(no_ctr) == 1 else 'them'} (install containerd's ctr, or set transfer = false)")
     if agents:
-        notes.append(f"no node-to-node copies to or from {', '.join(agents)}: agent nodes run commands on their "
-                     "own node only")
+        notes.append(f"no node-to-node copies to or from {', '.join(agents)}: their agents serve no copies "
+                     "(set agent_peer_port)")
     return notes
 
 
@@ -83,9 +86,10 @@ def _can_copy(plan: Plan, policy: Policy, node: str) -> bool:
     return policy.transfer and facts is not None and facts.can_copy
 
 
-def _platform(plan: Plan, node: str) -> str | None:
+def _family(plan: Plan, node: str) -> tuple[str | None, bool]:
+    """The nodes a node can copy from: those of its platform, reached the same way (agent or not)."""
     facts = plan.facts.get(node)
-    return facts.platform if facts else None
+    return (facts.platform, facts.via_agent) if facts else (None, False)
 
 
 def _by_image(missing: Mapping[str, list[str]]) -> dict[str, list[str]]:
