@@ -192,14 +192,16 @@ def test_a_peer_ssh_holder_killed_mid_stream_leaves_no_half_imported_image(d):
     worker = threading.Thread(target=lambda: result.update(copied=copy(
         settings, settings.node("node-1"), settings.node("node-4"), ref, digest, "linux/amd64", 30)))
     try:
-        worker.start()
-        wait_for(flag.exists, 20, "the export stalled after its first MB")
-        wait_for(lambda: target.processes(r"images import"), 20, "the import running on the target")
-        kill_export(source, "ctr")
-        worker.join(30)
+        with counted() as moved:
+            worker.start()
+            wait_for(flag.exists, 20, "the export stalled after its first MB")
+            wait_for(lambda: target.processes(r"images import"), 20, "the import running on the target")
+            kill_export(source, "ctr")
+            worker.join(30)
     finally:
         flag.unlink(missing_ok=True)
         unstall(source)
+    assert_way(True, moved["bytes"], 4 * 1024 * 1024)  # the target's own ssh had the export's first MB
     copied = result["copied"]
     assert not copied.ok
     assert "export on node-1" in copied.reason, copied.reason
