@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks on the real test cluster, print figures.
 
 Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, manynodes, webhook, transfer,
-agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
+peerssh, agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
 ``--quick`` repeats less and skips the slowest parts. Figures are also
 written as JSON to bench/results/ (git-ignored); bench/README.md holds the
 latest ones with the targets.
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "manynodes": manynodes.run,
     "webhook": webhook.run,
     "transfer": transfer.run,
+    "peerssh": transfer.run_peer_ssh,
     "agents": agents.run,
 }
 RESULTS = Path(__file__).with_name("results")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 _SOCKET_OWNER = re.compile(r"pid=(\d+),")
 _SOCKET_BYTES = re.compile(r"\bbytes_(?:sent|received):(\d+)")
@@ -48,4 +49,19 @@ def tcp_bytes(pids: Iterable[int]) -> dict[tuple[str, str], int]:
             key = (fields[2], fields[3]) if owners & wanted and len(fields) >= 4 else None
         elif key is not None:
             found[key] = sum(int(n) for n in _SOCKET_BYTES.findall(line))
+    return found
+
+
+def processes_in_groups(groups: Iterable[int]) -> set[int]:
+    """The pids of every live process in the process groups ``groups`` (a service started in
+    its own group, such as a Celery worker and its pool processes)."""
+    wanted = set(groups)
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) in wanted:
+            found.add(int(stat.parent.name))
     return found

@@ -27,7 +27,7 @@ from imagesync.planning.plan import PEERS, REGISTRY, Route
 from imagesync.pulls import get_image
 from imagesync.transfer import copy, from_peers
 from imagesync.transport import close_all
-from testcluster.measure import tcp_bytes
+from testcluster.measure import processes_in_groups, tcp_bytes
 
 pytestmark = pytest.mark.cluster
 
@@ -126,16 +126,7 @@ def assert_way(peer_ssh: bool, moved: int, size: int) -> None:
 
 def worker_pids(d) -> set[int]:
     """Every process of every imagesync service (each runs in its own process group)."""
-    groups = {process.pid for process in d.services.processes.values() if process.running}
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) in groups:
-            found.add(int(stat.parent.name))
-    return found
+    return processes_in_groups(process.pid for process in d.services.processes.values() if process.running)
 
 
 # -- the image goes node to node, not through the worker ------------------------------------------------
