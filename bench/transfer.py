@@ -76,10 +76,22 @@ def _spread(d: Deployment, ref: str, source: str, size: int, peer_ssh: bool = Fa
 
 
 def _forget(d: Deployment, ref: str, nodes: list[str]) -> None:
+    """Take ``ref`` off ``nodes``, as containerd and its CRI (what a run's inventory asks) both see it."""
     for name in nodes:
         node = d.cluster.node(name)
         if ref in node.images():
             node.remove(ref)
+        deadline = time.monotonic() + 30
+        while _cri_holds(node, ref) or ref in node.images():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ref} is still on {name} after its removal")
+            node.remove(ref)
+            time.sleep(0.2)
+
+
+def _cri_holds(node, ref: str) -> bool:  # type: ignore[no-untyped-def]
+    with node.image_client() as client:
+        return any(ref in image.repo_tags for image in client.list())
 
 
 def _through_imagesync(d: Deployment, ref: str, digest: str) -> tuple[float, float]:

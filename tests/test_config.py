@@ -161,6 +161,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         webhook_secret_file = "{key}"
         source = "peers-first"
         transfer = false
+        peer_ssh = true
         refresh = false
         prune = true
         min_free = "50GiB"
@@ -210,6 +211,9 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         platform = "linux/arm64/v8"
         image_fs = "/srv/containerd"
         labels = ["gpu"]
+        peer_host = "gpu-1.cluster"
+        peer_port = 22
+        peer_user = "root"
         """,
     )
     # a trailing "/" is dropped, and with it the repeat
@@ -230,7 +234,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         connect_timeout=2.5,
         config_file=ssh_config,
     )
-    assert (settings.source, settings.transfer) == ("peers-first", False)
+    assert (settings.source, settings.transfer, settings.peer_ssh) == ("peers-first", False, True)
     assert settings.exclude == ["bcm11/scratch", "*/ci-*"]
     assert settings.backup == BackupSettings(registry="harbor.local:8443/backup", username="robot$backup",
                                              password_file=key, images=["nvcr.io/nvidia"], insecure=True,
@@ -252,6 +256,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         "local",
     )
     assert (node.platform, node.image_fs, node.labels) == ("linux/arm64/v8", "/srv/containerd", ["gpu"])
+    assert (node.peer_host, node.peer_port, node.peer_user) == ("gpu-1.cluster", 22, "root")
     assert (settings.refresh, settings.agent_labels, settings.prune) == (False, ["gpu", "a100"], True)
     # webhook_secret and webhook_secret_file are one or the other, as are the backup's password and password_file
     sources = {key: source for key, source in settings.sources.items()
@@ -588,6 +593,7 @@ def test_every_override(tmp_path):
         "IMAGESYNC_RETRIES": "1",
         "IMAGESYNC_SOURCE": "peers-first",
         "IMAGESYNC_TRANSFER": "false",
+        "IMAGESYNC_PEER_SSH": "true",
         "IMAGESYNC_REFRESH": "false",
         "IMAGESYNC_PRUNE": "true",
         "IMAGESYNC_MIN_FREE": "50GiB",
@@ -638,6 +644,7 @@ def test_every_override(tmp_path):
     assert settings.log_keep_days == 0
     assert settings.timezone == "Europe/Berlin"
     assert (settings.source, settings.transfer, settings.refresh, settings.prune) == ("peers-first", False, False, True)
+    assert settings.peer_ssh is True
     assert settings.agent_labels == ["gpu", "a100"]
     assert (settings.exporter_address, settings.exporter_port) == ("0.0.0.0", 9900)
     assert (settings.webhook_address, settings.webhook_port, settings.webhook_secret_file) == ("0.0.0.0", 9901, key)
