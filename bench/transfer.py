@@ -76,7 +76,12 @@ def _spread(d: Deployment, ref: str, source: str, size: int, peer_ssh: bool = Fa
 
 
 def _forget(d: Deployment, ref: str, nodes: list[str]) -> None:
-    """Take ``ref`` off ``nodes``, as containerd and its CRI (what a run's inventory asks) both see it."""
+    """Take ``ref`` off ``nodes``, as containerd and its CRI (what a run's inventory asks) both see
+    it, and what imagesync remembers they held: an image a node lost twice in a row counts as
+    evicted by the kubelet, and is not pulled again until the node has more room."""
+    from imagesync import keys
+
+    d.redis.delete(*(key for name in nodes for key in (keys.node_held(name), keys.node_evictions(name))))
     for name in nodes:
         node = d.cluster.node(name)
         if ref in node.images():
