@@ -1,4 +1,4 @@
-"""Helpers of the tests of node-to-node copies: an image only nodes hold, and an export
+"""What the tests of node-to-node copies share: an image only nodes hold, and an export
 that stalls or is killed mid-stream."""
 
 from __future__ import annotations
