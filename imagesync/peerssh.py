@@ -116,6 +116,10 @@ def _ended(source: Node, target: Node, image: str, digest: str | None, status: i
         where = peer_address(source).describe()
         return Copied(False, f"{target.name} cannot reach {source.name} ({where}) with its ssh: {reason}",
                       runtimes.is_transient(reason))
+    if status == EXPORT_FAILED and export_status == runtimes.COMMAND_NOT_FOUND:
+        # ssh on the target, or timeout on the holder (ctr's absence leaves the first line empty)
+        return Copied(False, f"{target.name} could not run the export on {source.name} with its ssh "
+                             f"(a command not found): {reason}")
     if status == EXPORT_FAILED:
         return ended("export", source, export_status if export_status is not None else -1, reason)
     if status != 0 and export_status not in (0, None):

@@ -83,14 +83,16 @@ def test_a_bad_reference_or_digest_never_reaches_the_node():
      f"n1 now holds {REF} as {OTHER}, not {DIGEST} as planned"),
     (EXPORT_FAILED, f"{PEER_MARKER} export 255\n", "ssh: connect to host h port 22: Connection refused\n",
      "n2 cannot reach n1 (n1) with its ssh: ssh: connect to host h port 22: Connection refused"),
-    (EXPORT_FAILED, f"{PEER_MARKER} export 127\n", "sh: 1: ctr: not found\n",
-     "ctr not found on n1: install containerd's ctr there, or set transfer = false"),
+    (EXPORT_FAILED, f"{PEER_MARKER} export 127\n", "sh: 1: ssh: not found\n",
+     "n2 could not run the export on n1 with its ssh (a command not found): sh: 1: ssh: not found"),
+    (EXPORT_FAILED, f"{PEER_MARKER} export 1\n", "ctr: failed to dial\n",
+     "the export on n1 failed (exit 1): ctr: failed to dial"),
     (WRONG_DIGEST, f"{PEER_MARKER} held {DIGEST}\n{IMPORT_MARKER} 0 - {OTHER} 1\n{PEER_MARKER} export 0\n", "",
      f"the image arrived on n2 as {OTHER}, not as the source's digest (what it left under the name was removed)"),
     (1, f"{PEER_MARKER} held {DIGEST}\n{IMPORT_MARKER} 1 - - 0\n{PEER_MARKER} export 255\n", "unexpected EOF\n",
      "the export on n1 ended without an exit status: the connection dropped or the node killed it; "
      "the import on n2 failed (exit 1): unexpected EOF"),
-], ids=["ok", "not-held", "other-digest", "unreachable", "no-ctr", "wrong-digest", "cut"])
+], ids=["ok", "not-held", "other-digest", "unreachable", "no-ssh", "export-failed", "wrong-digest", "cut"])
 def test_how_a_copy_ended_is_read_from_its_status_and_markers(status, output, stderr, reason):
     copied = _ended(Node(name="n1"), Node(name="n2"), REF, DIGEST, status, output, stderr)
     assert copied.ok == (status == 0)
