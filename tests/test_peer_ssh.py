@@ -1,6 +1,7 @@
 """Copies between nodes over the nodes' own SSH (``peer_ssh = true``) on the real cluster, and
-the fallbacks of every copy, relayed or not: a holder that is gone, refuses, or holds another
-digest hands over to the next holder, then to the registry, within the one ``time_out``.
+the fallbacks of every copy, relayed or not: a holder that is gone, refuses, holds another
+digest or serves another than it names hands over to the next holder, then to the registry,
+within the one ``time_out``.
 
 One 4-node cluster for the module; its nodes trust each other over SSH (a shared key, and
 each node's known hosts of the others: ``testcluster.node.Node.trust_peers``). Every
@@ -251,6 +252,41 @@ def test_a_holder_with_another_digest_hands_over_to_the_next(d, peer_ssh):
     digest = digest_on(d, "node-2", ref)
     assert digest_on(d, "node-1", ref) not in (None, digest)
     outcome = copy_to_node_3(d, peer_ssh, ref, digest)
+    assert (outcome.status, outcome.source) == (COPIED, "node-2"), outcome
+    assert digest_on(d, "node-3", ref) == digest
+
+
+def lie_about_digest(node, held: str, claimed: str) -> None:
+    """Put a wrapper in front of ``node``'s ctr whose listings name ``claimed`` where the node
+    holds ``held``: its export's first line names one digest and its tar holds the other."""
+    wrapper = node.bin_dir / "ctr"
+    wrapper.write_text(f"""#!/bin/sh
+case "$*" in
+  *"images ls"*) /usr/bin/ctr "$@" | sed "s/{held}/{claimed}/g" ;;
+  *) exec /usr/bin/ctr "$@" ;;
+esac
+""")
+    wrapper.chmod(0o755)
+
+
+@MODES
+def test_a_holder_that_serves_another_digest_than_it_names_hands_over_and_leaves_nothing(d, peer_ssh):
+    name = f"local/lying-{str(peer_ssh).lower()}:1"
+    ref = make_local_image(d, name, ["node-2"], size=SIZE)
+    make_local_image(d, name, ["node-1"], size=SIZE, variant="other")
+    digest, other = digest_on(d, "node-2", ref), digest_on(d, "node-1", ref)
+    liar = d.cluster.node("node-1")
+    lie_about_digest(liar, other, digest)
+    settings = settings_for(d, peer_ssh)
+    try:
+        copied = copy(settings, settings.node("node-1"), settings.node("node-3"), ref, digest, "linux/amd64", 30)
+        assert not copied.ok
+        assert copied.reason == (f"the image arrived on node-3 as {other}, not as the source's digest "
+                                 "(what it left under the name was removed)"), copied.reason
+        assert ref not in d.cluster.node("node-3").images()
+        outcome = copy_to_node_3(d, peer_ssh, ref, digest)  # node-1 first, then node-2
+    finally:
+        unstall(liar)
     assert (outcome.status, outcome.source) == (COPIED, "node-2"), outcome
     assert digest_on(d, "node-3", ref) == digest
 
