@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks on the real test cluster, print figures.
 
 Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, manynodes, webhook, transfer,
-peers, agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
+peers, peerssh, agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
 ``--quick`` repeats less and skips the slowest parts. Figures are also
 written as JSON to bench/results/ (git-ignored); bench/README.md holds the
 latest ones with the targets.
@@ -45,6 +45,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "webhook": webhook.run,
     "transfer": transfer.run,
     "peers": peers.run,
+    "peerssh": transfer.run_peer_ssh,
     "agents": agents.run,
 }
 RESULTS = Path(__file__).with_name("results")

@@ -19,6 +19,10 @@ the reference under that digest, and removes whatever a failed or wrong
 import left under the name, so that a source dying mid-stream never leaves a
 half-imported image. The next holder is then tried.
 
+Under ``peer_ssh``, the target runs both ends itself, ``ssh HOLDER <export> |
+<import>``, with the same checks (:mod:`imagesync.peerssh`): this process sends
+one command and reads its few lines of answer, and relays nothing.
+
 Under ``source = "peers-first"`` the holders are the plan's, and those the run
 learns of in Redis: every node whose pull of the image succeeds and that can
 serve copies (ctr on it; an agent node, if its agent serves its images:
@@ -46,15 +50,16 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import keys, references, runtimes
 from .attempt import Attempt, NodeFailed, WaitForHolder
 from .budgets import KILL_AFTER, LIST_TIMEOUT, SSH_GRACE, stale_after
+from .copied import Copied, ended, import_ended
 from .errors import CommandTimedOut, NodeError, RefusedReference
 from .outcomes import COPIED, FAILED, PRESENT, SUCCESSES, TIMED_OUT, Outcome
 from .peerpull import Mirrored, mirror_copy, serving_agents
+from .peerssh import copy_on_target
 from .planning.plan import PEERS
 from .redisvalues import as_text
 from .runs import pull_key
@@ -80,17 +85,6 @@ MIN_COPY_SECONDS = 5
 WAIT_SHARE = 0.5
 #: seconds a waiting copy stays back in its queue before it looks again (jittered)
 REQUEUE_AFTER = (1.0, 3.0)
-
-
-@dataclass
-class Copied:
-    """How one copy from one source ended."""
-
-    ok: bool
-    reason: str = ""
-    #: whether trying again may help (a connection dropped, a command was killed)
-    transient: bool = False
-    size: int = 0
 
 
 def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
@@ -147,7 +141,8 @@ def from_peers(attempt: Attempt) -> tuple[Outcome, bool]:
             if serving is not None:
                 serving.release(holder_id)
         if copied.ok:
-            log.info("%s: %s copied from %s (%.1f MB)", node.name, image, source, copied.size / 1e6)
+            log.info("%s: %s copied from %s%s", node.name, image, source,
+                     f" ({copied.size / 1e6:.1f} MB)" if copied.size else " (by the node itself, over its ssh)")
             return attempt.outcome(COPIED, source=source), False
         log.warning("%s: copy of %s from %s failed: %s", node.name, image, source, copied.reason)
         tried[source] = copied.reason
@@ -314,7 +309,10 @@ def note_holder(attempt: Attempt, outcome: Outcome) -> None:
 def copy(settings: Settings, source: Node, target: Node, image: str, digest: str | None,
          platform: str | None, seconds: int, progress: Callable[[], object] | None = None) -> Copied:
     """Stream ``image`` from ``source`` into ``target``; it must arrive under the digest
-    the source holds it under (and under ``digest``, when the plan knew it)."""
+    the source holds it under (and under ``digest``, when the plan knew it). Under
+    ``peer_ssh``, the target copies it itself (:mod:`imagesync.peerssh`)."""
+    if settings.peer_ssh:
+        return copy_on_target(settings, source, target, image, digest, platform, seconds, progress, SERVE_LEASE / 3)
     seconds = max(1, seconds)
     deadline = time.monotonic() + seconds + KILL_AFTER + SSH_GRACE
 
@@ -369,10 +367,10 @@ def copy(settings: Settings, source: Node, target: Node, image: str, digest: str
             _import_ended(target, writer, left)
             return _source_failed(source, reader, left)
         writer.close_input()
-        ended = _import_ended(target, writer, left)
-        if ended.ok:
-            ended.size = size
-        return ended
+        imported = _import_ended(target, writer, left)
+        if imported.ok:
+            imported.size = size
+        return imported
     except CommandTimedOut:
         return Copied(False, f"copy did not finish within time_out ({seconds} s)")
     except NodeError as exc:
@@ -400,19 +398,7 @@ def _source_failed(source: Node, stream: Stream, left, said: str = "") -> Copied
         status = stream.wait(min(left(), 10))
     except CommandTimedOut:
         status = -1
-    return _ended("export", source, status, runtimes.failure_reason(stream.stderr(), said))
-
-
-def _ended(what: str, node: Node, status: int, reason: str, removed: str = "") -> Copied:
-    """A failed export or import, as its exit ``status`` tells it (retrying may help when it has none)."""
-    if status == -1:
-        return Copied(False, f"the {what} on {node.name} ended without an exit status: "
-                             "the connection dropped or the node killed it", True)
-    if status in runtimes.TIMEOUT_EXIT_CODES:
-        return Copied(False, f"the {what} on {node.name} did not finish within time_out{removed}")
-    if status == runtimes.COMMAND_NOT_FOUND:
-        return Copied(False, f"ctr not found on {node.name}: install containerd's ctr there, or set transfer = false")
-    return Copied(False, f"the {what} on {node.name} failed (exit {status}): {reason}{removed}", status < 0)
+    return ended("export", source, status, runtimes.failure_reason(stream.stderr(), said))
 
 
 def _import_ended(target: Node, stream: Stream, left) -> Copied:  # type: ignore[no-untyped-def]
@@ -424,12 +410,4 @@ def _import_ended(target: Node, stream: Stream, left) -> Copied:  # type: ignore
             tail += chunk
     except NodeError:
         pass
-    report = [line for line in tail.decode("utf-8", "replace").splitlines() if line.startswith(runtimes.IMPORT_MARKER)]
-    fields = report[-1].split() if report else []
-    removed = " (what it left under the name was removed)" if fields[-1:] == ["1"] else ""
-    if status == 0:
-        return Copied(True)
-    if status == runtimes.WRONG_DIGEST:
-        after = fields[3] if len(fields) > 3 else "?"
-        return Copied(False, f"the image arrived on {target.name} as {after}, not as the source's digest{removed}")
-    return _ended("import", target, status, runtimes.failure_reason(stream.stderr()), removed)
+    return import_ended(target, status, tail.decode("utf-8", "replace"), stream.stderr())

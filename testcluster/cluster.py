@@ -42,6 +42,8 @@ class Cluster:
         self.workdir = Path(workdir).absolute()
         self.runtime = runtime
         self.key_file = self.workdir / "id_ed25519"
+        #: the key every node's ssh uses to reach the others (Node.trust_peers)
+        self.peer_key = self.workdir / "peer_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
         self.log_dir = self.workdir / "logs"
         self.redis = RedisServer(self.workdir / "redis", password=redis_password)
@@ -50,7 +52,8 @@ class Cluster:
         self.proxy = RegistryProxy(self.registry.address)
         self.nodes = [
             Node(f"node-{i}", self.workdir / "nodes" / f"node-{i}",
-                 registries=[self.proxy.address, self.registry.address], key_file=self.key_file)
+                 registries=[self.proxy.address, self.registry.address], key_file=self.key_file,
+                 peer_key=self.peer_key)
             for i in range(1, nodes + 1)
         ]
         #: every ref pushed through ``push``/``seed`` -> its manifest digest
@@ -69,6 +72,8 @@ class Cluster:
         try:
             if not self.key_file.exists():
                 generate_key(self.key_file, "imagesync-test-client")
+            if not self.peer_key.exists():
+                generate_key(self.peer_key, "imagesync-test-peers")
             # the registry first: if it had to move to another port, the proxy and
             # the nodes' hosts.toml must name the port it got
             self._parallel([self.redis.start, self.registry.start, self.proxy.start])
@@ -77,6 +82,8 @@ class Cluster:
                 node.registries = [self.proxy.address, self.registry.address]
             self._parallel([node.start for node in self.nodes])
             self.known_hosts.write_text("".join(node.known_hosts_line() + "\n" for node in self.nodes))
+            for node in self.nodes:  # the nodes trust each other over SSH, as for peer_ssh
+                node.trust_peers(self.nodes)
             self.startup_seconds = time.monotonic() - began
             self._write_state()
         except BaseException:

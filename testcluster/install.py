@@ -19,6 +19,8 @@ REQUIRED_COMMANDS = {
     "ssh-keygen": "openssh-client",
     # images made without Docker (OCI layouts, archives), registry to registry copies
     "skopeo": "skopeo",
+    # the bytes a process's TCP connections carried (testcluster.measure.tcp_bytes)
+    "ss": "iproute2",
     # the seed's Bash pipeline that bench/ compares imagesync with
     "jq": "jq",
     # Prometheus and promtool: tests/test_exporter.py checks deploy/prometheus/ with them

@@ -8,6 +8,7 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
 
 def max_concurrency(intervals: Iterable[tuple[float, float]]) -> int:
@@ -53,14 +54,19 @@ _COUNTERS = re.compile(r"bytes_(sent|received):(\d+)")
 
 
 def _sockets() -> dict[tuple[str, str], tuple[set[int], int]]:
-    """Every TCP socket: (local, peer) -> (the pids holding it, bytes sent + received so far)."""
+    """Every TCP socket: (local, peer) -> (the pids holding it, bytes sent + received so far).
+    Each socket's counters follow it on an indented line (a socket may have none)."""
     lines = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=10).stdout.splitlines()
     found: dict[tuple[str, str], tuple[set[int], int]] = {}
-    for head, info in zip(lines[::2], lines[1::2], strict=False):
-        match = _SOCKET.match(head)
-        if match:
-            pids = {int(pid) for pid in _PIDS.findall(match[3])}
-            found[(match[1], match[2])] = (pids, sum(int(n) for _, n in _COUNTERS.findall(info)))
+    key: tuple[str, str] | None = None
+    for line in lines:
+        if not line[:1].isspace():
+            match = _SOCKET.match(line)
+            key = (match[1], match[2]) if match else None
+            if match:
+                found[key] = ({int(pid) for pid in _PIDS.findall(match[3])}, 0)
+        elif key is not None:
+            found[key] = (found[key][0], sum(int(n) for _, n in _COUNTERS.findall(line)))
     return found
 
 
@@ -98,3 +104,30 @@ class SocketBytes:
     @property
     def total(self) -> int:
         return sum(count - self.start.get(key, 0) for key, count in self.last.items())
+
+
+def tcp_bytes(pids: Iterable[int]) -> dict[tuple[str, str], int]:
+    """The bytes each TCP connection of the processes ``pids`` has sent and received since it
+    opened, by (local address, peer address), as the kernel counts them (``ss -tinp``).
+
+    What a process moves over SSH or to Redis: its ``/proc/PID/io`` counts only ``read()``
+    and ``write()``, not the ``recv()`` and ``send()`` that Python's sockets use. A
+    connection counts while it is open: compare two looks at the same connections.
+    """
+    wanted = set(pids)
+    return {key: count for key, (owners, count) in _sockets().items() if owners & wanted}
+
+
+def processes_in_groups(groups: Iterable[int]) -> set[int]:
+    """The pids of every live process in the process groups ``groups`` (a service started in
+    its own group, such as a Celery worker and its pool processes)."""
+    wanted = set(groups)
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) in wanted:
+            found.add(int(stat.parent.name))
+    return found

@@ -9,6 +9,9 @@ Everything lives under the node's workdir::
                                                     names the short path)
     certs.d/<host:port>/hosts.toml                  each registry is plain HTTP
     ssh/sshd_config, ssh_host_ed25519_key, log      sshd on its own port and host key
+    ssh/peers_config, ssh/peers_known_hosts         the node's own ssh client, towards the
+                                                    other nodes (see trust_peers)
+    bin/ssh                                         ssh with that client config (-F)
     bin/crictl                                      the crictl-compatible client
     home/                                           $HOME of SSH sessions (see below)
     pulls.log                                       crictl's CRICTL_PULL_LOG
@@ -21,6 +24,12 @@ ls`` see this node and no other. Sessions log in as root, as on real nodes;
 a root .bashrc that initialises a Python version manager can make each command
 cost ~100 ms instead of ~45 ms (the same as a test user with /bin/sh, which
 could not run crictl when its Python lives under /root, mode 0700).
+
+Nodes that trust each other over SSH, as on HPC clusters (:meth:`Node.trust_peers`):
+each sshd also accepts a key the nodes share, and each node's ``ssh`` (bin/ssh, first
+on the sessions' PATH) uses that key and a known_hosts file of the peers' host keys,
+with StrictHostKeyChecking yes. ``ssh`` reads no ``~/.ssh`` of its own here: every
+node logs in as the same root of this machine, whose home is the real one.
 """
 
 from __future__ import annotations
@@ -89,7 +98,8 @@ class Node:
     ssh_user = "root"
 
     def __init__(self, name: str, workdir: str | Path, registries: Sequence[str] = (),
-                 key_file: str | Path | None = None, ssh_port: int | None = None) -> None:
+                 key_file: str | Path | None = None, ssh_port: int | None = None,
+                 peer_key: str | Path | None = None) -> None:
         self.name = name
         self.workdir = Path(workdir).absolute()
         _check_path(self.workdir)
@@ -98,6 +108,8 @@ class Node:
         # known_hosts entries name the port: it may move only before the first start
         self._port_fixed = ssh_port is not None
         self.key_file = Path(key_file).absolute() if key_file else self.workdir / "ssh" / "id_ed25519"
+        #: the key the nodes share to reach each other (None: no peer trusts another)
+        self.peer_key = Path(peer_key).absolute() if peer_key else None
         self.bin_dir = self.workdir / "bin"
         self.pull_log = self.workdir / "pulls.log"
         self.socket = self._socket_path()
@@ -244,7 +256,8 @@ disabled_plugins = [{plugins}]
     def _sshd_config(self) -> Path:
         ssh = self.workdir / "ssh"
         authorized = ssh / "authorized_keys"
-        authorized.write_text(self.key_file.with_name(self.key_file.name + ".pub").read_text())
+        keys = [self.key_file] + ([self.peer_key] if self.peer_key else [])
+        authorized.write_text("".join(key.with_name(key.name + ".pub").read_text() for key in keys))
         env = " ".join(f"{k}={v}" for k, v in self.environment.items())
         config = ssh / "sshd_config"
         config.write_text(f"""Port {self.ssh_port}
@@ -302,6 +315,28 @@ SetEnv {env}
                                    log)
         self._sshd.start()
         self._sshd.wait_ready(ready, timeout)
+
+    def trust_peers(self, peers: Sequence[Node]) -> None:
+        """Let this node's own ``ssh`` reach ``peers`` with the shared key, knowing their host keys
+        (each peer's sshd must accept the key: same ``peer_key``). Call it again after a peer's
+        host key or port changed."""
+        if self.peer_key is None:
+            raise ClusterError(f"{self.name} has no peer key: give the nodes a peer_key")
+        ssh = self.workdir / "ssh"
+        known = ssh / "peers_known_hosts"
+        known.write_text("".join(peer.known_hosts_line() + "\n" for peer in peers if peer is not self))
+        config = ssh / "peers_config"
+        config.write_text(f"""Host *
+  IdentityFile {self.peer_key}
+  IdentitiesOnly yes
+  UserKnownHostsFile {known}
+  GlobalKnownHostsFile /dev/null
+  StrictHostKeyChecking yes
+  LogLevel ERROR
+""")
+        wrapper = self.bin_dir / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {config} "$@"\n')
+        wrapper.chmod(0o755)
 
     def stop_sshd(self) -> None:
         """Stop accepting SSH connections (sessions already open keep running)."""

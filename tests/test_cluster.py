@@ -121,6 +121,23 @@ def test_ssh_crictl_lists_a_preloaded_image_with_its_repo_digest(cluster: Cluste
     assert ref not in node2.images()
 
 
+def test_the_nodes_reach_each_other_with_their_own_ssh_and_check_host_keys(cluster: Cluster) -> None:
+    node1, node2 = cluster.nodes
+    # in node-1's SSH session: its own ssh, key and known hosts, towards node-2's sshd
+    command = f"ssh -o BatchMode=yes -p {node2.ssh_port} root@{node2.ssh_host} 'echo $CONTAINERD_ADDRESS'"
+    result = ssh(cluster, node1, command)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == node2.socket  # it landed in node-2's session
+    known = node1.workdir / "ssh" / "peers_known_hosts"
+    kept = known.read_text()
+    known.write_text(kept.replace(node2.known_hosts_line() + "\n", ""))
+    try:
+        result = ssh(cluster, node1, command)
+    finally:
+        known.write_text(kept)
+    assert result.returncode == 255 and "Host key verification failed." in result.stderr
+
+
 def test_crictl_shows_a_numeric_image_user_as_uid(cluster: Cluster) -> None:
     ref = cluster.push("bcm11/uid", "1", user="1000")
     cluster.nodes[0].pull(ref)

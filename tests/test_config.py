@@ -161,6 +161,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         webhook_secret_file = "{key}"
         source = "peers-first"
         transfer = false
+        peer_ssh = true
         refresh = false
         prune = true
         min_free = "50GiB"
@@ -213,6 +214,9 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         platform = "linux/arm64/v8"
         image_fs = "/srv/containerd"
         labels = ["gpu"]
+        peer_host = "gpu-1.cluster"
+        peer_port = 22
+        peer_user = "root"
         """,
     )
     # a trailing "/" is dropped, and with it the repeat
@@ -233,7 +237,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         connect_timeout=2.5,
         config_file=ssh_config,
     )
-    assert (settings.source, settings.transfer) == ("peers-first", False)
+    assert (settings.source, settings.transfer, settings.peer_ssh) == ("peers-first", False, True)
     assert settings.exclude == ["bcm11/scratch", "*/ci-*"]
     assert settings.backup == BackupSettings(registry="harbor.local:8443/backup", username="robot$backup",
                                              password_file=key, images=["nvcr.io/nvidia"], insecure=True,
@@ -255,6 +259,7 @@ def test_every_key_can_be_set_in_toml(tmp_path):
         "local",
     )
     assert (node.platform, node.image_fs, node.labels) == ("linux/arm64/v8", "/srv/containerd", ["gpu"])
+    assert (node.peer_host, node.peer_port, node.peer_user) == ("gpu-1.cluster", 22, "root")
     assert (settings.refresh, settings.agent_labels, settings.prune) == (False, ["gpu", "a100"], True)
     assert (settings.agent_peer_port, settings.agent_peer_address, settings.agent_peer_advertise) == (
         5071, "10.0.0.0", "10.0.0.9")
@@ -593,6 +598,7 @@ def test_every_override(tmp_path):
         "IMAGESYNC_RETRIES": "1",
         "IMAGESYNC_SOURCE": "peers-first",
         "IMAGESYNC_TRANSFER": "false",
+        "IMAGESYNC_PEER_SSH": "true",
         "IMAGESYNC_REFRESH": "false",
         "IMAGESYNC_PRUNE": "true",
         "IMAGESYNC_MIN_FREE": "50GiB",
@@ -646,6 +652,7 @@ def test_every_override(tmp_path):
     assert settings.log_keep_days == 0
     assert settings.timezone == "Europe/Berlin"
     assert (settings.source, settings.transfer, settings.refresh, settings.prune) == ("peers-first", False, False, True)
+    assert settings.peer_ssh is True
     assert settings.agent_labels == ["gpu", "a100"]
     assert (settings.agent_peer_port, settings.agent_peer_address, settings.agent_peer_advertise) == (
         0, "127.0.0.1", "127.0.0.2")

@@ -161,6 +161,11 @@ class Node(BaseModel):
     image_fs: Annotated[str, _check(_text("a directory on the node"))] = "/var/lib/containerd"
     # what the node is, for the prefixes and images that name the labels they need (config.labels)
     labels: Labels = Field(default_factory=list)
+    # peer_ssh: how the other nodes' own ssh reaches this node (host, and the port and
+    # user set here, unless given; what is left unset, their SSH client config decides)
+    peer_host: Annotated[str | None, _check(_text("a host name"), optional=True)] = None
+    peer_port: Annotated[int | None, _check(_whole_number("a port number", 1, 65535), optional=True)] = None
+    peer_user: _OptionalUserName = None
 
     @field_validator("host", mode="before")
     @classmethod
@@ -217,6 +222,9 @@ class Settings(BaseModel):
     source: Annotated[SourceMode, _check(_choice(SourceMode))] = "registry"
     # copy from a node that holds the image when the registry cannot serve it
     transfer: bool = True
+    # the nodes copy from each other over their own SSH (ssh HOLDER ctr export | ctr import,
+    # run on the target), rather than through the worker's two SSH channels
+    peer_ssh: bool = False
     # ask each run which digest every held tag names in its registry now, and update moved tags
     refresh: bool = True
     # images never synced nor backed up, though under a prefix (scratch, CI builds)

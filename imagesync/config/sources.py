@@ -59,6 +59,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "IMAGESYNC_RETRIES": ("retries",),
     "IMAGESYNC_SOURCE": ("source",),
     "IMAGESYNC_TRANSFER": ("transfer",),
+    "IMAGESYNC_PEER_SSH": ("peer_ssh",),
     "IMAGESYNC_REFRESH": ("refresh",),
     "IMAGESYNC_MIN_FREE": ("min_free",),
     "IMAGESYNC_EXCLUDE": ("exclude",),

@@ -10,7 +10,8 @@ Two runtimes are supported, chosen per node:
 This package is the one place that builds command lines for a node: here the
 listings, the pulls, and ``ctr``'s copy between nodes (export, import, a
 presence check), restore from the backup registry and push into it; in
-:mod:`.removal`, prune's (which images containers use, and a removal). Every argument that is not a constant
+:mod:`.removal`, prune's (which images containers use, and a removal); in :mod:`.peercopy`,
+the copy a node runs itself from a peer (``peer_ssh``). Every argument that is not a constant
 is shell-quoted, and image references and digests are only ever passed after
 :mod:`imagesync.references` has accepted them: some arrive in a task's
 arguments, and the lines run as root. Every command but a listing or a version
@@ -261,29 +262,31 @@ class Ctr:
         return under_timeout(script, time_out)
 
     def import_command(self, reference: str, digest: str, time_out: int, platform: str | None = None) -> str:
-        """``ctr images import`` of a tar on stdin, under the node's ``timeout``, then a
-        check that ``reference`` arrived under ``digest``: a name the import left under
-        any other digest, or left behind by a failed import, is removed. Prints
-        ``IMPORT_MARKER STATUS BEFORE AFTER REMOVED`` last; exits with the import's
-        status, or 65 when the digest was wrong. The checks and the removal run under
-        a ``timeout`` too, :data:`~imagesync.budgets.KILL_AFTER` seconds longer than the
-        import's, so that nothing is left on a node whose containerd hangs."""
-        ref = checked(reference)
+        """``ctr images import`` of a tar on stdin, under the node's ``timeout``, then a check that
+        ``reference`` arrived under ``digest``: a name the import left under any other digest, or
+        left behind by a failed import, is removed. Prints ``IMPORT_MARKER STATUS BEFORE AFTER
+        REMOVED`` last; exits with the import's status, or 65 when the digest was wrong. The checks
+        and the removal run under a ``timeout`` :data:`~imagesync.budgets.KILL_AFTER` s longer."""
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ValueError(f"not a manifest digest: {digest!r}")
-        digest = shlex.quote(digest)
+        return under_timeout(self.import_script(reference, shlex.quote(digest), time_out, platform),
+                             int(time_out) + KILL_AFTER)
+
+    def import_script(self, reference: str, digest_word: str, time_out: int, platform: str | None = None) -> str:
+        """The shell lines of :meth:`import_command`, the digest given as a shell word: a
+        quoted digest, or the variable a copy the node runs itself sets (:mod:`.peercopy`)."""
+        ref = checked(reference)
         only = f" --platform {shlex.quote(platform)}" if platform else ""
         imported = _pull_under_timeout(f"{self._base()} images import{only} -", time_out).command
-        script = (
+        return (
             f"before={self._digest_of(reference)}; {imported}; status=$?; "
             f"after={self._digest_of(reference)}; removed=0; "
             f'if [ -n "$after" ] && [ "$after" != "$before" ] && '
-            f'{{ [ $status -ne 0 ] || [ "$after" != {digest} ]; }}; then '
+            f'{{ [ $status -ne 0 ] || [ "$after" != {digest_word} ]; }}; then '
             f"{self._base()} images rm {ref} >/dev/null 2>&1; removed=1; fi; "
             f'echo "{IMPORT_MARKER} $status ${{before:--}} ${{after:--}} $removed"; '
-            f'if [ $status -eq 0 ] && [ "$after" != {digest} ]; then exit {WRONG_DIGEST}; fi; exit $status'
+            f'if [ $status -eq 0 ] && [ "$after" != {digest_word} ]; then exit {WRONG_DIGEST}; fi; exit $status'
         )
-        return under_timeout(script, int(time_out) + KILL_AFTER)
 
     def restore_command(self, name: str, image: str, seconds: int, digest: str | None = None,
                         insecure: bool = False, login: Login | None = None) -> str:
