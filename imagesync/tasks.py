@@ -26,7 +26,7 @@ from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, settings
 from .celeryconfig import CONTROL_QUEUE, node_queue
 from .errors import ConfigError, one_line
-from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay
+from .nodeslots import LEASE_MARGIN, POLL, THREAD_POLL, NodeSlots, requeue_delay
 from .outcomes import EXPIRED, FAILED, SKIPPED, TIMED_OUT, Outcome
 from .pending import Pending
 from .planning.plan import DEFAULT_ROUTE, Route
@@ -308,7 +308,8 @@ def inventory(request: str, node: str) -> None:
 
 
 def _slots() -> NodeSlots:
-    return NodeSlots(redis(), settings.max_parallel, PULL_HARD_LIMIT + LEASE_MARGIN)
+    poll = THREAD_POLL if workerhooks.thread_pool() else POLL
+    return NodeSlots(redis(), settings.max_parallel, PULL_HARD_LIMIT + LEASE_MARGIN, poll=poll)
 
 
 def _take_slot(task, run_id: str, node: str) -> str | None:  # type: ignore[no-untyped-def]

@@ -99,7 +99,25 @@ def test_which_workers_take_node_slots():
 
 @pytest.mark.parametrize("nodes, max_parallel, expected", [(10, 4, 10), (2, 4, 4), (1, 4, 4), (3, 1, 3), (10, 2, 10)])
 def test_default_concurrency(nodes, max_parallel, expected):
-    assert default_concurrency(nodes, max_parallel) == expected
+    assert default_concurrency(nodes, max_parallel, "prefork") == expected
+
+
+def test_a_thread_pool_runs_every_node_at_its_limit_with_spare_threads():
+    assert default_concurrency(50, 4, "threads") == 50 * 4 * nodeslots.THREADS_PER_SLOT
+
+
+def test_a_waiting_pull_wakes_when_this_process_gives_a_slot_of_its_node_back(redis_client):
+    # a thread pool's poll is long (THREAD_POLL): a slot given back by a thread of the
+    # same process must not wait for it
+    slots = NodeSlots(redis_client, max_parallel=1, lease=60, poll=30)
+    held = slots.take("a", "p1", wait=0)
+    assert held
+    timer = threading.Timer(0.3, slots.give_back, ("a", held))
+    timer.start()
+    began = time.monotonic()
+    assert slots.take("a", "p2", wait=20)
+    timer.join()
+    assert time.monotonic() - began < 10  # woken by the give-back, not by the 15..45 s poll
 
 
 # -- the worker's command line -------------------------------------------------------------------
@@ -115,8 +133,13 @@ def settings(tmp_path):
 
 
 def test_the_worker_of_named_nodes_consumes_their_queues(settings):
-    assert shared_worker_argv(settings, "w1, w3,w1", None) == ["-Q", "node.w1,node.w3", "-c", "2", "-n", "w1+1@%h"]
-    assert shared_worker_argv(settings, None, 5) == ["-Q", "node.w1,node.w2,node.w3", "-c", "5", "-n", "w1+2@%h"]
+    assert shared_worker_argv(settings, "w1, w3,w1", None, "prefork") == [
+        "-P", "prefork", "-Q", "node.w1,node.w3", "-c", "2", "-n", "w1+1@%h"]
+    assert shared_worker_argv(settings, None, 5) == [
+        "-P", "threads", "-Q", "node.w1,node.w2,node.w3", "-c", "5", "-n", "w1+2@%h"]
+    # threads by default: every node at max_parallel (2), with a spare thread per slot
+    assert shared_worker_argv(settings, "w1,w2", None)[:4] == ["-P", "threads", "-Q", "node.w1,node.w2"]
+    assert shared_worker_argv(settings, "w1,w2", None)[5] == str(2 * 2 * nodeslots.THREADS_PER_SLOT)
 
 
 def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):
