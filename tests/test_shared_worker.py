@@ -154,9 +154,14 @@ def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):
 # -- on a real cluster -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A 4-node cluster served by the control worker and ONE worker for all nodes."""
+#: the pool of the worker of every node: threads (the default), and prefork
+POOLS = ("threads", "prefork")
+
+
+@pytest.fixture(scope="module", params=POOLS)
+def shared(tmp_path_factory, request):
+    """A 4-node cluster served by the control worker and ONE worker for all nodes, whose pool
+    is threads, then prefork: each test below runs with both."""
     from conftest import Deployment
 
     from testcluster.cluster import Cluster
@@ -169,11 +174,18 @@ def shared(tmp_path_factory):
         with d.services:
             d.configure(max_parallel=2)
             d.services.start_control(wait=False)
-            # 8 processes for 4 nodes of max_parallel 2: the pool alone would let
+            # 8 processes (threads) for 4 nodes of max_parallel 2: the pool alone would let
             # one node run up to 8 pulls at once; only the node slots hold it to 2
-            d.services.start_shared_worker("shared", "--all-nodes", "--concurrency", "8")
+            d.pool = request.param
+            d.services.start_shared_worker("shared", *_worker_args(d))
             d.services.wait_ready("control")
+            # Celery's banner names the pool it runs
+            assert f"concurrency: 8 ({'thread' if d.pool == 'threads' else 'prefork'})" in d.services.log("shared")
             yield d
+
+
+def _worker_args(d):
+    return ("--all-nodes", "--pool", d.pool, "--concurrency", "8")
 
 
 def _sample_holders(d, nodes, stop, seen):
@@ -281,7 +293,7 @@ def test_a_shared_worker_killed_outright_has_the_pulls_of_all_its_queues_taken_b
                 Semaphore(client, keys.node_pulls(node), 2, 0.1).refresh(holder)
     assert run_status(d, run_id) == "running"
 
-    d.services.start_shared_worker("shared", "--all-nodes", "--concurrency", "8")
+    d.services.start_shared_worker("shared", *_worker_args(d))
     run = wait_for_run_end(d, run_id, 60)
     assert run["status"] == "completed", run
     assert sorted((r["node"], r["image"]) for r in run["results"]) == sorted(
@@ -294,3 +306,68 @@ def test_a_shared_worker_killed_outright_has_the_pulls_of_all_its_queues_taken_b
         assert not any(client.hexists("unacked", tag) for tag in orphans)
     for node in ("node-2", "node-3"):
         assert {d.cluster.ref(image) for image in images} <= set(d.held(node))
+
+
+def _sshd_sessions(node):
+    """The sshd processes serving the node's SSH connections (children of its sshd)."""
+    sshd, found, parents = node.pids["sshd"], [], None
+    parents = {sshd}
+    while parents:
+        children = set()
+        for entry in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)
+                comm = stat[0].split("(", 1)[1]
+                ppid = int(stat[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in parents and comm.startswith("sshd"):
+                children.add(int(entry))
+        found += children
+        parents = children
+    return found
+
+
+@pytest.mark.cluster
+def test_a_pull_that_overruns_is_stopped_on_the_node_and_reported_timed_out(shared):
+    # The node's SSH connection hangs under a pull (its sshd stopped): no exit status
+    # ever comes back. The node-side timeout ends the pull there; the worker gives up
+    # on the channel at its deadline, within the task's time limit (kept by the worker
+    # itself when its pool is threads), and reports the pull timed out.
+    d = shared
+    time_out = 3
+    d.configure(max_parallel=2, time_out=time_out)
+    d.services.stop("shared")
+    d.services.start_shared_worker("shared", *_worker_args(d))
+    image = "bcm11/overrun:1"
+    d.cluster.seed({"node-1": [image], "node-3": [image], "node-4": [image]})
+    node = d.cluster.node("node-2")
+    d.cluster.proxy.hold()
+    stopped = []
+    try:
+        run_id = started_run(d.cli("sync"))
+        wait_for(lambda: node.processes(r"crictl.* pull"), 60, "the pull under way on node-2")
+        stopped = _sshd_sessions(node)
+        assert stopped
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        run = wait_for_run_end(d, run_id, 120)
+        took = time.monotonic() - began
+        # on the node, nothing of the pull is left: its own timeout ended it
+        assert node.processes(r"crictl.* pull") == [] and node.processes(r"\btimeout\b") == []
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        d.cluster.proxy.release()
+    measured(f"hung connection ({d.pool}): pull stopped and reported after (s)", round(took, 1))
+    [outcome] = run["results"]
+    assert (outcome["node"], outcome["status"]) == ("node-2", "timed_out"), outcome
+    assert "did not finish within" in outcome["reason"], outcome
+    # the worker goes on: the next run reaches node-2 again over a new connection
+    d.configure(max_parallel=2)
+    d.services.stop("shared")
+    d.services.start_shared_worker("shared", *_worker_args(d))
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert d.cluster.ref(image) in d.held("node-2")
