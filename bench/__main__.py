@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks on the real test cluster, print figures.
 
 Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, manynodes, webhook, transfer,
-agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
+headnode, agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
 ``--quick`` repeats less and skips the slowest parts. Figures are also
 written as JSON to bench/results/ (git-ignored); bench/README.md holds the
 latest ones with the targets.
@@ -16,7 +16,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import agents, fanout, inventory, manynodes, memory, orchestration, overhead, plan, throughput, transfer, webhook
+from . import (
+    agents,
+    fanout,
+    headnode,
+    inventory,
+    manynodes,
+    memory,
+    orchestration,
+    overhead,
+    plan,
+    throughput,
+    transfer,
+    webhook,
+)
 from .common import Report, machine
 
 BENCHMARKS: dict[str, Callable[..., None]] = {
@@ -29,6 +42,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "throughput": throughput.run,
     "memory": memory.run,
     "manynodes": manynodes.run,
+    "headnode": headnode.run,
     "webhook": webhook.run,
     "transfer": transfer.run,
     "agents": agents.run,
