@@ -25,9 +25,9 @@ the machine next to nothing):
   leak grows from the first to the second, where warming up (buffers, the
   Redis connection pool reaching its size) does not.
 
-The worker of threads runs with its default concurrency (two threads per slot,
-``nodeslots.THREADS_PER_SLOT``) and with one thread per slot, which shows
-why the spare threads.
+The worker of threads runs with its default concurrency (one thread per slot
+of every node) and with two, whose spare threads hold each node's next pull
+ready for the moment a slot frees.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ IMAGES = 200
 LEAK_PULL_SECONDS = 0.2
 #: (label, how the pull workers are started: None = one prefork worker per node, else
 #: the arguments of one `imagesync worker --all-nodes`)
-THREADS = ("one worker, threads (default: 2 per slot)", ("--pool", "threads"))
+THREADS = ("one worker, threads (default: 1 per slot)", ("--pool", "threads"))
 SETUPS = (THREADS,
           ("one prefork worker per node", None),
-          ("one worker, threads, 1 per slot", ("--pool", "threads", "--concurrency", str(NODES * MAX_PARALLEL))))
+          ("one worker, threads, 2 per slot", ("--pool", "threads", "--concurrency", str(2 * NODES * MAX_PARALLEL))))
 
 
 def _tree(pid: int) -> list[int]:
@@ -218,7 +218,7 @@ def run(report: Report, quick: bool = False) -> None:
                 if quick and label != THREADS[0] and args is not None:
                     continue
                 if args is not None and "--concurrency" in args:
-                    args = (*args[:-1], str(nodes * MAX_PARALLEL))
+                    args = (*args[:-1], str(2 * nodes * MAX_PARALLEL))
                 progress(f"headnode: {label}, {nodes} nodes")
                 names = _start(d, args)
                 results[label] = _measure(d, images, names, repeats, leak=label == THREADS[0] and not quick)

@@ -48,9 +48,6 @@ WAIT = 5.0
 POLL = 0.1
 #: the same in a worker whose pool is threads, whose own slots' release wakes a waiting pull at once
 THREAD_POLL = 1.0
-#: a thread pool's threads per slot of its nodes: a pull whose node is full waits for a slot in
-#: its thread, while the other threads keep every node's next pulls under way
-THREADS_PER_SLOT = 2
 #: seconds a pull that went back to its queue stays there before its next try (jittered)
 REQUEUE_AFTER = (1.0, 3.0)
 
@@ -68,9 +65,10 @@ def default_concurrency(nodes: int, max_parallel: int, pool: str = "prefork") ->
     (a new node), never more than all of them at their limit.
 
     A thread costs little, so a pool of threads runs every node at its limit (full
-    speed), with spares (``THREADS_PER_SLOT``) that hold each node's next pulls."""
+    speed). Spare threads, holding each node's next pulls, made a fill no faster
+    and cost a quarter more CPU per pull (bench/README.md, section 12)."""
     if pool == "threads":
-        return nodes * max_parallel * THREADS_PER_SLOT
+        return nodes * max_parallel
     return min(nodes * max_parallel, max(nodes, max_parallel))
 
 

@@ -26,12 +26,10 @@ limits itself, in two ways:
 from __future__ import annotations
 
 import ctypes
-import heapq
-import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger("imagesync")
 
@@ -50,15 +48,19 @@ def clamp(timeout: float) -> float:
     return timeout if remaining is None else max(0.001, min(timeout, remaining))
 
 
-@dataclass(order=True)
+@dataclass
 class _Task:
-    due: float
-    kind: str = field(compare=False)  # "soft" (interrupt) or "hard" (log)
-    thread: int = field(compare=False)
-    run: int = field(compare=False)  # which began() of the thread: a task id may run again
-    task_id: str = field(compare=False)
-    name: str = field(compare=False)
-    hard: float = field(compare=False)
+    """A task running in a thread, and when its limits fall due."""
+
+    task_id: str
+    name: str
+    soft_due: float  # halfway from the soft to the hard limit: interrupted
+    hard_due: float  # logged
+    hard: float
+    interrupted: bool = False
+
+    def due(self) -> float:
+        return self.hard_due if self.interrupted else self.soft_due
 
 
 class Watchdog:
@@ -66,14 +68,14 @@ class Watchdog:
 
     ``began`` and ``ended`` are called in the thread that runs the task (Celery's
     ``task_prerun`` and ``task_postrun``). ``interrupt`` is the exception raised in
-    a task that outlives the middle of its soft and hard limits.
+    a task that outlives the middle of its soft and hard limits. It holds one
+    entry per running task, nothing of those that ended.
     """
 
     def __init__(self, interrupt: type[BaseException]) -> None:
         self.interrupt = interrupt
-        self._running: dict[int, tuple[int, bool]] = {}  # thread -> (its run, interrupted)
-        self._runs = itertools.count()
-        self._due: list[_Task] = []
+        self._running: dict[int, _Task] = {}  # thread -> its task
+        self._next: float | None = None  # when the watchdog looks next
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -85,44 +87,43 @@ class Watchdog:
         """The current thread starts ``task_id``, with its limits in seconds (None: no limit)."""
         if soft is None and hard is None:
             return
-        now, thread = time.monotonic(), threading.get_ident()
+        now = time.monotonic()
         soft = soft if soft is not None else hard
-        hard = hard if hard is not None else soft
-        assert soft is not None and hard is not None
+        hard = max(soft or 0.0, hard if hard is not None else 0.0)
+        assert soft is not None
         _local.deadline = now + soft
+        task = _Task(task_id, name, now + (soft + hard) / 2, now + hard, hard)
         with self._wake:
-            run = next(self._runs)
-            self._running[thread] = (run, False)
-            middle, hard = now + (soft + max(soft, hard)) / 2, max(soft, hard)
-            heapq.heappush(self._due, _Task(middle, "soft", thread, run, task_id, name, hard))
-            heapq.heappush(self._due, _Task(now + hard, "hard", thread, run, task_id, name, hard))
-            self._wake.notify()
+            self._running[threading.get_ident()] = task
+            if self._next is None or task.due() < self._next:
+                self._wake.notify()
 
     def ended(self) -> None:
         """The current thread's task has ended: nothing of its limits may reach the next task."""
         _local.deadline = None
         thread = threading.get_ident()
         with self._wake:
-            _, interrupted = self._running.pop(thread, (-1, False))
-            if interrupted:  # not delivered yet, if the task ended first: cancelled
+            task = self._running.pop(thread, None)
+            if task is not None and task.interrupted:  # not delivered yet, if the task ended first: cancelled
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
 
     def _watch(self) -> None:
         with self._wake:
             while True:
                 now = time.monotonic()
-                while self._due and self._due[0].due <= now:
-                    self._expire(heapq.heappop(self._due))
-                self._wake.wait(self._due[0].due - now if self._due else None)
+                for thread, task in list(self._running.items()):
+                    if task.due() <= now:
+                        self._expire(thread, task)
+                dues = [task.due() for task in self._running.values() if task.due() > now]
+                self._next = min(dues) if dues else None
+                self._wake.wait(None if self._next is None else self._next - now)
 
-    def _expire(self, task: _Task) -> None:
-        running = self._running.get(task.thread)
-        if running is None or running[0] != task.run:
-            return  # ended in time
-        if task.kind == "soft":
+    def _expire(self, thread: int, task: _Task) -> None:
+        if not task.interrupted:
             log.warning("task %s[%s] runs past its time limit: interrupted", task.name, task.task_id)
-            self._running[task.thread] = (task.run, True)
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(task.thread), ctypes.py_object(self.interrupt))
+            task.interrupted = True
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(self.interrupt))
         else:
             log.error("task %s[%s] still runs past its hard time limit (%g s) although interrupted: a thread "
                       "cannot be killed; restart the worker if it stays stuck", task.name, task.task_id, task.hard)
+            del self._running[thread]  # logged once

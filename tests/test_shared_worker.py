@@ -102,8 +102,8 @@ def test_default_concurrency(nodes, max_parallel, expected):
     assert default_concurrency(nodes, max_parallel, "prefork") == expected
 
 
-def test_a_thread_pool_runs_every_node_at_its_limit_with_spare_threads():
-    assert default_concurrency(50, 4, "threads") == 50 * 4 * nodeslots.THREADS_PER_SLOT
+def test_a_thread_pool_runs_every_node_at_its_limit():
+    assert default_concurrency(50, 4, "threads") == 50 * 4
 
 
 def test_a_waiting_pull_wakes_when_this_process_gives_a_slot_of_its_node_back(redis_client):
@@ -137,9 +137,9 @@ def test_the_worker_of_named_nodes_consumes_their_queues(settings):
         "-P", "prefork", "-Q", "node.w1,node.w3", "-c", "2", "-n", "w1+1@%h"]
     assert shared_worker_argv(settings, None, 5) == [
         "-P", "threads", "-Q", "node.w1,node.w2,node.w3", "-c", "5", "-n", "w1+2@%h"]
-    # threads by default: every node at max_parallel (2), with a spare thread per slot
-    assert shared_worker_argv(settings, "w1,w2", None)[:4] == ["-P", "threads", "-Q", "node.w1,node.w2"]
-    assert shared_worker_argv(settings, "w1,w2", None)[5] == str(2 * 2 * nodeslots.THREADS_PER_SLOT)
+    # threads by default: every node at max_parallel (2)
+    assert shared_worker_argv(settings, "w1,w2", None) == [
+        "-P", "threads", "-Q", "node.w1,node.w2", "-c", "4", "-n", "w1+1@%h"]
 
 
 def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                         "a few MiB per node) or prefork (a process per pull at once)")
     worker.add_argument("--concurrency", type=int, metavar="N",
                         help="with --nodes/--all-nodes: pulls at once over all its nodes (default: threads, "
-                        "2 x max_parallel per node; prefork, the larger of the node count and max_parallel)")
+                        "max_parallel per node; prefork, the larger of the node count and max_parallel)")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
 
     agent = sub.add_parser("agent", help="run on a node: register it in Redis and serve its queue there, "
