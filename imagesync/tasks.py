@@ -55,7 +55,7 @@ _redis: dict[int, Redis] = {}
 
 
 def redis() -> Redis:
-    """This process's Redis client (a forked child makes its own).
+    """This process's Redis client (a forked child makes its own), shared by its threads.
 
     A pull that ends while Redis restarts must still report, or its run loses
     the outcome and ends abandoned; redis-py's default retries give up within
@@ -64,7 +64,8 @@ def redis() -> Redis:
     """
     client = _redis.get(os.getpid())
     if client is None:
-        client = _redis[os.getpid()] = connect(settings, health_check_interval=30, retry=REDIS_RETRY)
+        client = _redis[os.getpid()] = connect(settings, threads=True, health_check_interval=30,
+                                               retry=REDIS_RETRY)
     return client
 
 
