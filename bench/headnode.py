@@ -20,10 +20,10 @@ the machine next to nothing):
 * per node: file descriptors, threads, SSH connections and Redis connections
   (sockets of the workers' processes, from /proc), Redis commands per pull
   (INFO ``total_commands_processed`` over the fills);
-* for the worker whose pool is threads, its PSS again after two runs of 5,000
-  pulls of 0.2 s each (every node lacks 100 of the 200 declared images): a
-  leak grows from the first to the second, where warming up (buffers, the
-  Redis connection pool reaching its size) does not.
+* for the worker whose pool is threads, its PSS again after each of three runs
+  of 5,000 pulls of 0.2 s (every node lacks 100 of the 200 declared images):
+  a leak grows by the same from one to the next, where warming up (buffers,
+  the Redis connection pool reaching its size) does not.
 
 The worker of threads runs with its default concurrency (one thread per slot
 of every node) and with two, whose spare threads hold each node's next pull
@@ -190,7 +190,7 @@ def _measure(d: Deployment, images: list[str], names: list[str], repeats: int, l
         for node in d.cluster.nodes:
             install_sleep_crictl(node, LEAK_PULL_SECONDS)
         figures["leak"] = []
-        for _ in range(2):
+        for _ in range(3):
             began = time.monotonic()
             _fill(d, images, len(images) // 2)
             took = time.monotonic() - began

@@ -188,6 +188,21 @@ def test_a_command_of_a_task_gives_up_at_the_tasks_time_limit(node_cluster):
     transport.close()
 
 
+@pytest.mark.cluster
+def test_a_connection_keeps_no_record_of_every_command_it_ever_ran(node_cluster, monkeypatch):
+    # paramiko records every channel id a connection used; a worker's connection to a
+    # node runs a command per pull for months: its record is bounded
+    from imagesync.transport import ssh
+
+    monkeypatch.setattr(ssh._RecentChannels, "KEEP", 20)
+    transport = _ssh(node_cluster)
+    for _ in range(60):
+        assert transport.run("true", timeout=10).ok
+    seen = transport._connection.client.get_transport().channels_seen
+    assert 0 < len(seen) <= 20 and max(seen) >= 59  # the latest are there
+    transport.close()
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live processes (zombies left out) of process group ``pgid``."""
     members = []

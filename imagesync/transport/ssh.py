@@ -17,6 +17,7 @@ import select
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -95,6 +96,24 @@ class _ChannelStream(Stream):
         if self._on_close is not None:
             self._on_close, on_close = None, self._on_close
             on_close()
+
+
+class _RecentChannels(OrderedDict):  # type: ignore[type-arg]
+    """paramiko's record of the channels a connection has closed, bounded.
+
+    paramiko keeps every channel id a connection ever used (``channels_seen``), so that
+    a message arriving for a closed channel is ignored rather than taken for a protocol
+    error (which ends the connection). A node's connection opens a channel per command
+    for as long as the worker runs: without a bound, that record grows by one entry per
+    pull. Late messages come within moments of the close, so the last few thousand do.
+    """
+
+    KEEP = 4096
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.KEEP:
+            self.popitem(last=False)
 
 
 def _execute(transport: paramiko.Transport | None, command: str, timeout: float,
@@ -301,6 +320,7 @@ class SSHTransport(Transport):
         if transport is not None:
             transport.set_log_channel("paramiko.transport")
             transport.set_keepalive(30)
+            transport.channels_seen = _RecentChannels(transport.channels_seen)
         return connection
 
     def _load_host_keys(self, client: paramiko.SSHClient) -> None:
