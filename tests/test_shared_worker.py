@@ -151,6 +151,16 @@ def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):
         shared_worker_argv(settings, "w1,w2", 0)
 
 
+def test_a_pool_is_chosen_only_for_a_worker_of_several_nodes(settings, monkeypatch, capsys):
+    # a worker of one node runs max_parallel prefork processes: the only pool Celery keeps limits in
+    from imagesync.cli import main
+
+    monkeypatch.setenv("IMAGESYNC_CONFIG", str(settings.path))
+    assert main(["worker", "--node", "w1", "--pool", "threads"]) == 2
+    assert capsys.readouterr().err == ("imagesync: --pool goes with --nodes or --all-nodes: a worker of one node "
+                                       "runs max_parallel pulls in as many processes\n")
+
+
 # -- on a real cluster -----------------------------------------------------------------------------
 
 
