@@ -69,6 +69,12 @@ def _keep_time_limits(sender=None, **_):  # type: ignore[no-untyped-def]
         _time_limits.start()
 
 
+@worker_ready.connect
+def _say_time_limits(**_: object) -> None:
+    if _time_limits is not None:
+        log.info("pool of threads: this worker keeps its tasks' time limits itself (imagesync.timelimits)")
+
+
 @task_prerun.connect
 def _task_began(task_id=None, task=None, **_):  # type: ignore[no-untyped-def]
     if _time_limits is not None and task is not None:

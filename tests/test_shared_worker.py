@@ -190,7 +190,9 @@ def shared(tmp_path_factory, request):
             d.services.start_shared_worker("shared", *_worker_args(d))
             d.services.wait_ready("control")
             # Celery's banner names the pool it runs
-            assert f"concurrency: 8 ({'thread' if d.pool == 'threads' else 'prefork'})" in d.services.log("shared")
+            log = d.services.log("shared")
+            assert f"concurrency: 8 ({'thread' if d.pool == 'threads' else 'prefork'})" in log
+            assert ("keeps its tasks' time limits itself" in log) == (d.pool == "threads")
             yield d
 
 
