@@ -269,6 +269,9 @@ def test_one_worker_converges_every_node_and_holds_max_parallel_per_node(shared)
     measured("pulls sent back to their queue while their node was full", requeued)
     assert requeued >= 1
     assert concurrent == {"node-2": 2, "node-3": 2, "node-4": 1}
+    if d.pool == "threads":  # a node's pulls at once shared its one connection
+        ports = {d.cluster.node(n).ssh_port for n in ("node-2", "node-3", "node-4")}
+        assert sorted(_ssh_connections(d.services.processes["shared"].pid, ports)) == sorted(ports)
     assert max(seen.values()) == 2
     # every slot was given back
     assert [_holders(d, n) for n in ("node-2", "node-3", "node-4")] == [[], [], []]
@@ -318,6 +321,26 @@ def test_a_shared_worker_killed_outright_has_the_pulls_of_all_its_queues_taken_b
         assert not any(client.hexists("unacked", tag) for tag in orphans)
     for node in ("node-2", "node-3"):
         assert {d.cluster.ref(image) for image in images} <= set(d.held(node))
+
+
+def _ssh_connections(pid, ports):
+    """The sshd port of every established TCP connection of process ``pid`` to one of ``ports``."""
+    remote = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            port = int(fields[2].rsplit(":", 1)[1], 16)
+            if port in ports and fields[3] == "01":
+                remote[fields[9]] = port
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in remote:
+            found.append(remote[link[8:-1]])
+    return found
 
 
 def _sshd_sessions(node):
