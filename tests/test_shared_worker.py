@@ -343,7 +343,7 @@ def _ssh_connections(pid, ports):
     return found
 
 
-def _sshd_sessions(node):
+def _sshd_children(node):
     """The sshd processes serving the node's SSH connections (children of its sshd)."""
     sshd, found, parents = node.pids["sshd"], [], None
     parents = {sshd}
@@ -382,7 +382,7 @@ def test_a_pull_that_overruns_is_stopped_on_the_node_and_reported_timed_out(shar
     try:
         run_id = started_run(d.cli("sync"))
         wait_for(lambda: node.processes(r"crictl.* pull"), 60, "the pull under way on node-2")
-        stopped = _sshd_sessions(node)
+        stopped = _sshd_children(node)
         assert stopped
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
