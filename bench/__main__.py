@@ -1,7 +1,7 @@
 """``python -m bench [NAME ...] [--quick]``: run benchmarks on the real test cluster, print figures.
 
 Names: plan, fanout, inventory, orchestration, overhead, throughput, memory, manynodes, webhook, transfer,
-peers, peerssh, agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
+peers, peerssh, headnode, agents (all by default, in that order; a full run takes about 15 minutes on 2 cores).
 ``--quick`` repeats less and skips the slowest parts. Figures are also
 written as JSON to bench/results/ (git-ignored); bench/README.md holds the
 latest ones with the targets.
@@ -19,6 +19,7 @@ from pathlib import Path
 from . import (
     agents,
     fanout,
+    headnode,
     inventory,
     manynodes,
     memory,
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     "throughput": throughput.run,
     "memory": memory.run,
     "manynodes": manynodes.run,
+    "headnode": headnode.run,
     "webhook": webhook.run,
     "transfer": transfer.run,
     "peers": peers.run,

@@ -1,7 +1,8 @@
 """One worker for many nodes against one worker per node: memory and makespan, 10 nodes.
 
-``imagesync worker --all-nodes`` serves every node's queue from one prefork
-pool; each pull takes a slot of its node's semaphore in Redis first, so a
+``imagesync worker --all-nodes --pool prefork`` serves every node's queue
+from one prefork pool (the default pool of threads is measured by
+headnode.py); each pull takes a slot of its node's semaphore in Redis first, so a
 node still runs at most ``max_parallel`` pulls (imagesync/nodeslots.py). It
 is measured against the default deployment, one ``imagesync worker --node``
 per node (concurrency ``max_parallel`` each), on the same 10-node cluster,
@@ -57,7 +58,8 @@ def _start(d: Deployment, concurrency: int | None) -> list[str]:
     else:
         names = ["shared"]
         extra = ["--concurrency", str(concurrency)] if concurrency else []
-        d.services.start_shared_worker("shared", "--all-nodes", *extra, wait=False)
+        # prefork, as measured in bench/README.md section 9; the pool of threads is headnode.py's
+        d.services.start_shared_worker("shared", "--all-nodes", "--pool", "prefork", *extra, wait=False)
     for name in ["control", *names]:
         d.services.wait_ready(name, timeout=180)
     time.sleep(SETTLE)

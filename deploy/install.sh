@@ -8,7 +8,10 @@
 #   /etc/imagesync/imagesync.env    secrets for the units (FLOWER_BASIC_AUTH), mode 0600, only if none yet
 #   /var/log/imagesync              the log folder
 #   /etc/systemd/system/imagesync-*.service, enabled: control, beat, flower and
-#                                   imagesync-worker@NODE for every configured node
+#                                   imagesync-worker@NODE for every configured node, or,
+#                                   past 4 nodes reached over SSH, imagesync-nodes for all of
+#                                   those (one worker, a pool of threads) and a worker@NODE
+#                                   for each of the others
 #
 # Run it again after an upgrade or after changing the nodes: it reinstalls the
 # package, keeps the configuration, enables the workers of new nodes and
@@ -109,21 +112,29 @@ for unit in "$here"/systemd/*.service; do
 done
 say "installed the units into $unitdir"
 
-# 4. Which to enable: one worker per configured node, read by the installed imagesync.
-nodes=$(IMAGESYNC_CONFIG=$config "$venv/bin/python" -c '
+# 4. Which to enable: one worker per configured node, read by the installed imagesync;
+#    past a handful of SSH nodes, one worker for all of them (memory: bench/README.md, 12).
+HANDFUL=4
+nodes=$(IMAGESYNC_CONFIG=$config HANDFUL=$HANDFUL "$venv/bin/python" -c '
+import os
 from imagesync.config import load_settings
-for node in load_settings().nodes:
-    print(node.name)
+nodes = load_settings().nodes
+shared = sum(node.transport == "ssh" for node in nodes) > int(os.environ["HANDFUL"])
+for node in nodes:
+    print("+" if shared and node.transport == "ssh" else node.name)
 ') || {
     "$venv/bin/imagesync" --config "$config" config show >/dev/null || true
     fail "cannot read the nodes from $config (see above): fix it and run me again"
 }
 units="imagesync-control.service imagesync-beat.service imagesync-flower.service"
 for node in $nodes; do
-    units="$units imagesync-worker@$node.service"
+    case $node in
+        +) case " $units " in *" imagesync-nodes.service "*) ;; *) units="$units imagesync-nodes.service" ;; esac ;;
+        *) units="$units imagesync-worker@$node.service" ;;
+    esac
 done
 stale=""
-for link in "$wants"/imagesync-worker@*.service; do
+for link in "$wants"/imagesync-worker@*.service "$wants"/imagesync-nodes.service; do
     [ -e "$link" ] || [ -L "$link" ] || continue
     name=$(basename "$link")
     case " $units " in

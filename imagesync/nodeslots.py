@@ -16,7 +16,10 @@ its hard limit.
 
 A pull whose node is full waits a little in its pool process (a slot often
 frees within a second or two), then goes back to its queue: a full node must
-not hold the pool that the other nodes share.
+not hold the pool that the other nodes share. In a worker whose pool is
+threads, a waiting pull wakes as soon as another thread of the worker gives
+back a slot of its node, and otherwise looks at the slots once a second
+(``THREAD_POLL``): slots freed by another process are rare there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Collection
 
@@ -42,6 +46,8 @@ LEASE_MARGIN = 60.0
 WAIT = 5.0
 #: seconds between two looks at a full node's slots while waiting
 POLL = 0.1
+#: the same in a worker whose pool is threads, whose own slots' release wakes a waiting pull at once
+THREAD_POLL = 1.0
 #: seconds a pull that went back to its queue stays there before its next try (jittered)
 REQUEUE_AFTER = (1.0, 3.0)
 
@@ -53,10 +59,16 @@ def shares_pool(queues: Collection[str], concurrency: int, max_parallel: int, no
     return len(nodes) > 1 or (len(nodes) == 1 and concurrency > max_parallel)
 
 
-def default_concurrency(nodes: int, max_parallel: int) -> int:
+def default_concurrency(nodes: int, max_parallel: int, pool: str = "prefork") -> int:
     """Pool processes of a worker shared by ``nodes`` nodes: enough for every node to
     pull one image at once (a pushed image) and for one node to pull ``max_parallel``
-    (a new node), never more than all of them at their limit."""
+    (a new node), never more than all of them at their limit.
+
+    A thread costs little, so a pool of threads runs every node at its limit (full
+    speed). Spare threads, holding each node's next pulls, made a fill no faster
+    and cost a quarter more CPU per pull (bench/README.md, section 12)."""
+    if pool == "threads":
+        return nodes * max_parallel
     return min(nodes * max_parallel, max(nodes, max_parallel))
 
 
@@ -64,14 +76,41 @@ def requeue_delay() -> float:
     return round(random.uniform(*REQUEUE_AFTER), 2)
 
 
+class _Freed:
+    """How many slots of each node this process gave back; waiting threads wake on a change."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.changed = threading.Condition()
+
+    def now(self, node: str) -> int:
+        with self.changed:
+            return self.count.get(node, 0)
+
+    def gave_back(self, node: str) -> None:
+        with self.changed:
+            self.count[node] = self.count.get(node, 0) + 1
+            self.changed.notify_all()
+
+    def wait(self, node: str, since: int, seconds: float) -> None:
+        with self.changed:
+            self.changed.wait_for(lambda: self.count.get(node, 0) != since, seconds)
+
+
+_freed = _Freed()
+
+
 class NodeSlots:
-    """``max_parallel`` slots per node, each leased for ``lease`` seconds at most."""
+    """``max_parallel`` slots per node, each leased for ``lease`` seconds at most; a full
+    node is looked at again every ``poll`` seconds (jittered), and at once when this
+    process gives one of its slots back (with ``sleep`` given, only every ``poll``)."""
 
     def __init__(self, redis: Redis, max_parallel: int, lease: float,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None, poll: float = POLL) -> None:
         self.redis = redis
         self.max_parallel = max_parallel
         self.lease = lease
+        self.poll = poll
         self._sleep = sleep
 
     def semaphore(self, node: str) -> Semaphore:
@@ -88,17 +127,23 @@ class NodeSlots:
         holder = f"{pull_id}:{secrets.token_hex(4)}"
         give_up = time.monotonic() + wait
         while True:
+            freed = _freed.now(node)
             if semaphore.acquire(holder):
                 return holder
             if time.monotonic() >= give_up:
                 return None
-            self._sleep(POLL * random.uniform(0.5, 1.5))
+            pause = self.poll * random.uniform(0.5, 1.5)
+            if self._sleep is not None:
+                self._sleep(pause)
+            else:
+                _freed.wait(node, freed, min(pause, max(0.0, give_up - time.monotonic())))
 
     def give_back(self, node: str, holder: str) -> None:
         """Free the slot. Never raises: a slot that cannot be freed now (Redis down)
         frees itself when its lease runs out, and the pull's outcome must still be reported."""
         try:
             self.semaphore(node).release(holder)
+            _freed.gave_back(node)
         except RedisError as exc:
             log.warning("%s: could not free pull slot %s (%s); it frees itself within %.0f s",
                         node, holder, exc, self.lease)

@@ -26,7 +26,7 @@ from .budgets import SYNC_TIME_LIMIT, pull_time_limits
 from .celery import app, settings
 from .celeryconfig import CONTROL_QUEUE, node_queue
 from .errors import ConfigError, one_line
-from .nodeslots import LEASE_MARGIN, NodeSlots, requeue_delay
+from .nodeslots import LEASE_MARGIN, POLL, THREAD_POLL, NodeSlots, requeue_delay
 from .outcomes import EXPIRED, FAILED, SKIPPED, TIMED_OUT, Outcome
 from .pending import Pending
 from .planning.plan import DEFAULT_ROUTE, Route
@@ -55,7 +55,7 @@ _redis: dict[int, Redis] = {}
 
 
 def redis() -> Redis:
-    """This process's Redis client (a forked child makes its own).
+    """This process's Redis client (a forked child makes its own), shared by its threads.
 
     A pull that ends while Redis restarts must still report, or its run loses
     the outcome and ends abandoned; redis-py's default retries give up within
@@ -64,7 +64,8 @@ def redis() -> Redis:
     """
     client = _redis.get(os.getpid())
     if client is None:
-        client = _redis[os.getpid()] = connect(settings, health_check_interval=30, retry=REDIS_RETRY)
+        client = _redis[os.getpid()] = connect(settings, threads=True, health_check_interval=30,
+                                               retry=REDIS_RETRY)
     return client
 
 
@@ -308,7 +309,8 @@ def inventory(request: str, node: str) -> None:
 
 
 def _slots() -> NodeSlots:
-    return NodeSlots(redis(), settings.max_parallel, PULL_HARD_LIMIT + LEASE_MARGIN)
+    poll = THREAD_POLL if workerhooks.thread_pool() else POLL
+    return NodeSlots(redis(), settings.max_parallel, PULL_HARD_LIMIT + LEASE_MARGIN, poll=poll)
 
 
 def _take_slot(task, run_id: str, node: str) -> str | None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,8 @@
   pool processes keep sharing those pages.
 * A worker whose pool serves several nodes' queues (or more than ``max_parallel``
   of one) notes it: each pull then takes a slot of its node (``tasks._take_slot``).
+* A worker whose pool is threads keeps the tasks' time limits itself
+  (:mod:`imagesync.timelimits`): Celery enforces them in prefork only.
 * A node worker that starts takes back at once what its dead predecessor held.
 * Its log lines also go to ``log_dir``, which it checks before it starts anything.
 """
@@ -17,15 +19,18 @@ import logging
 import os
 import time
 
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import (
     after_setup_logger,
+    task_postrun,
+    task_prerun,
     worker_before_create_process,
     worker_init,
     worker_ready,
     worker_shutting_down,
 )
 
-from . import agents, logs, peerserve
+from . import agents, logs, peerserve, timelimits
 from .celery import refuse, settings
 from .celeryconfig import NODE_QUEUE_PREFIX
 from .errors import ConfigError
@@ -40,6 +45,48 @@ def shared_pool() -> bool:
     """Whether this worker's pool serves pulls of several nodes (or more than max_parallel of
     one), so that each pull must take a slot of its node first; set before the pool forks."""
     return _shared_pool
+
+
+def thread_pool() -> bool:
+    """Whether this worker's pool is threads: its tasks share the process and its connections."""
+    return _time_limits is not None
+
+
+#: the time limits of the tasks of a worker whose pool is threads (None in any other worker)
+_time_limits: timelimits.Watchdog | None = None
+
+
+@worker_init.connect
+def _keep_time_limits(sender=None, **_):  # type: ignore[no-untyped-def]
+    global _time_limits
+    if sender is None:
+        return
+    from celery.concurrency import get_implementation
+    from celery.concurrency.thread import TaskPool
+
+    pool = get_implementation(sender.pool_cls)
+    if isinstance(pool, type) and issubclass(pool, TaskPool):
+        _time_limits = timelimits.Watchdog(SoftTimeLimitExceeded)
+        _time_limits.start()
+
+
+@worker_ready.connect
+def _say_time_limits(**_: object) -> None:
+    if _time_limits is not None:
+        log.info("pool of threads: this worker keeps its tasks' time limits itself (imagesync.timelimits)")
+
+
+@task_prerun.connect
+def _task_began(task_id=None, task=None, **_):  # type: ignore[no-untyped-def]
+    if _time_limits is not None and task is not None:
+        hard, soft = task.request.timelimit or (None, None)
+        _time_limits.began(task_id or "?", task.name, soft or task.soft_time_limit, hard or task.time_limit)
+
+
+@task_postrun.connect
+def _task_ended(**_: object) -> None:
+    if _time_limits is not None:
+        _time_limits.ended()
 
 
 #: the heartbeat of this worker's node, when it was started by `imagesync agent`

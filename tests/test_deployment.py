@@ -289,7 +289,10 @@ def test_worker_entrypoint_needs_a_node(fake_path, tmp_path):
     (WORKER, [], {"IMAGESYNC_ROLE": "agent", "NODE_NAME": "k8s-worker3"}, "imagesync agent --"),
     (WORKER, ["--healthcheck"], {"IMAGESYNC_ROLE": "agent", "NODE_NAME": "k8s-worker3"},
      "celery -A imagesync inspect ping --timeout 10 --destination k8s-worker3@box"),
-], ids=["node", "control", "node-health", "control-health", "beat", "agent", "agent-health"])
+    (WORKER, [], {"IMAGESYNC_ROLE": "nodes"}, "imagesync worker --all-nodes -- -n nodes@%h"),
+    (WORKER, ["--healthcheck"], {"IMAGESYNC_ROLE": "nodes"},
+     "celery -A imagesync inspect ping --timeout 10 --destination nodes@box"),
+], ids=["node", "control", "node-health", "control-health", "beat", "agent", "agent-health", "nodes", "nodes-health"])
 def test_entrypoint_runs_the_command(script, args, environ, expected, fake_path, tmp_path):
     config = tmp_path / "imagesync.toml"
     config.write_text("")
@@ -326,6 +329,11 @@ def test_healthcheck_is_healthy_with_a_live_worker_and_unhealthy_without(deploy)
     d.services.stop("worker-node-1")
     dead = healthcheck(d, IMAGESYNC_NODE="node-1")
     assert dead.returncode == 1, dead.stdout + dead.stderr
+    # the worker of every SSH node, named as the entrypoint names it
+    assert healthcheck(d, IMAGESYNC_ROLE="nodes").returncode == 1
+    d.services.start_shared_worker("nodes", "--all-nodes", "--", "-n", "nodes@%h")
+    alive = healthcheck(d, IMAGESYNC_ROLE="nodes")
+    assert alive.returncode == 0, alive.stdout + alive.stderr
 
 
 def test_the_webhook_receiver_runs_with_its_secret_and_listens_where_the_registry_reaches_it():

@@ -180,3 +180,21 @@ def test_celery_gets_the_sentinels_and_the_master_name_for_the_broker_and_the_re
     plain = celery_settings(settings_from(tmp_path, ""))
     assert "master_name" not in plain["broker_transport_options"]
     assert plain["broker_url"] == "redis://127.0.0.1:6379/0"
+
+
+def test_a_client_of_many_threads_makes_them_wait_for_a_connection_rather_than_fail(redis_server, monkeypatch):
+    # a worker whose pool is threads: more commands at once than redis-py's pool lets through (100)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imagesync import redisclient
+
+    monkeypatch.setattr(redisclient, "THREAD_POOL_SIZE", 4)
+    client = connect_url(redis_server.url, threads=True, retry=Retry(NoBackoff(), 3))
+    before = len(client.client_list())
+    with ThreadPoolExecutor(150) as pool:  # each command holds its connection 0.2 s
+        answers = list(pool.map(lambda i: client.blpop([f"empty-{i}"], timeout=0.2), range(150)))
+    assert answers == [None] * 150
+    assert len(client.client_list()) - before <= 4
+    # a client of one process (prefork) keeps redis-py's own pool
+    assert not isinstance(connect_url(redis_server.url).connection_pool, redisclient.BlockingConnectionPool)
+    client.close()

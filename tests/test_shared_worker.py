@@ -99,7 +99,25 @@ def test_which_workers_take_node_slots():
 
 @pytest.mark.parametrize("nodes, max_parallel, expected", [(10, 4, 10), (2, 4, 4), (1, 4, 4), (3, 1, 3), (10, 2, 10)])
 def test_default_concurrency(nodes, max_parallel, expected):
-    assert default_concurrency(nodes, max_parallel) == expected
+    assert default_concurrency(nodes, max_parallel, "prefork") == expected
+
+
+def test_a_thread_pool_runs_every_node_at_its_limit():
+    assert default_concurrency(50, 4, "threads") == 50 * 4
+
+
+def test_a_waiting_pull_wakes_when_this_process_gives_a_slot_of_its_node_back(redis_client):
+    # a thread pool's poll is long (THREAD_POLL): a slot given back by a thread of the
+    # same process must not wait for it
+    slots = NodeSlots(redis_client, max_parallel=1, lease=60, poll=30)
+    held = slots.take("a", "p1", wait=0)
+    assert held
+    timer = threading.Timer(0.3, slots.give_back, ("a", held))
+    timer.start()
+    began = time.monotonic()
+    assert slots.take("a", "p2", wait=20)
+    timer.join()
+    assert time.monotonic() - began < 10  # woken by the give-back, not by the 15..45 s poll
 
 
 # -- the worker's command line -------------------------------------------------------------------
@@ -115,8 +133,13 @@ def settings(tmp_path):
 
 
 def test_the_worker_of_named_nodes_consumes_their_queues(settings):
-    assert shared_worker_argv(settings, "w1, w3,w1", None) == ["-Q", "node.w1,node.w3", "-c", "2", "-n", "w1+1@%h"]
-    assert shared_worker_argv(settings, None, 5) == ["-Q", "node.w1,node.w2,node.w3", "-c", "5", "-n", "w1+2@%h"]
+    assert shared_worker_argv(settings, "w1, w3,w1", None, "prefork") == [
+        "-P", "prefork", "-Q", "node.w1,node.w3", "-c", "2", "-n", "w1+1@%h"]
+    assert shared_worker_argv(settings, None, 5) == [
+        "-P", "threads", "-Q", "node.w1,node.w2,node.w3", "-c", "5", "-n", "w1+2@%h"]
+    # threads by default: every node at max_parallel (2)
+    assert shared_worker_argv(settings, "w1,w2", None) == [
+        "-P", "threads", "-Q", "node.w1,node.w2", "-c", "4", "-n", "w1+1@%h"]
 
 
 def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):
@@ -128,12 +151,27 @@ def test_the_worker_of_many_nodes_refuses_what_it_cannot_serve(settings):
         shared_worker_argv(settings, "w1,w2", 0)
 
 
+def test_a_pool_is_chosen_only_for_a_worker_of_several_nodes(settings, monkeypatch, capsys):
+    # a worker of one node runs max_parallel prefork processes: the only pool Celery keeps limits in
+    from imagesync.cli import main
+
+    monkeypatch.setenv("IMAGESYNC_CONFIG", str(settings.path))
+    assert main(["worker", "--node", "w1", "--pool", "threads"]) == 2
+    assert capsys.readouterr().err == ("imagesync: --pool goes with --nodes or --all-nodes: a worker of one node "
+                                       "runs max_parallel pulls in as many processes\n")
+
+
 # -- on a real cluster -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A 4-node cluster served by the control worker and ONE worker for all nodes."""
+#: the pool of the worker of every node: threads (the default), and prefork
+POOLS = ("threads", "prefork")
+
+
+@pytest.fixture(scope="module", params=POOLS)
+def shared(tmp_path_factory, request):
+    """A 4-node cluster served by the control worker and ONE worker for all nodes, whose pool
+    is threads, then prefork: each test below runs with both."""
     from conftest import Deployment
 
     from testcluster.cluster import Cluster
@@ -146,11 +184,20 @@ def shared(tmp_path_factory):
         with d.services:
             d.configure(max_parallel=2)
             d.services.start_control(wait=False)
-            # 8 processes for 4 nodes of max_parallel 2: the pool alone would let
+            # 8 processes (threads) for 4 nodes of max_parallel 2: the pool alone would let
             # one node run up to 8 pulls at once; only the node slots hold it to 2
-            d.services.start_shared_worker("shared", "--all-nodes", "--concurrency", "8")
+            d.pool = request.param
+            d.services.start_shared_worker("shared", *_worker_args(d))
             d.services.wait_ready("control")
+            # Celery's banner names the pool it runs
+            log = d.services.log("shared")
+            assert f"concurrency: 8 ({'thread' if d.pool == 'threads' else 'prefork'})" in log
+            assert ("keeps its tasks' time limits itself" in log) == (d.pool == "threads")
             yield d
+
+
+def _worker_args(d):
+    return ("--all-nodes", "--pool", d.pool, "--concurrency", "8")
 
 
 def _sample_holders(d, nodes, stop, seen):
@@ -222,6 +269,9 @@ def test_one_worker_converges_every_node_and_holds_max_parallel_per_node(shared)
     measured("pulls sent back to their queue while their node was full", requeued)
     assert requeued >= 1
     assert concurrent == {"node-2": 2, "node-3": 2, "node-4": 1}
+    if d.pool == "threads":  # a node's pulls at once shared its one connection
+        ports = {d.cluster.node(n).ssh_port for n in ("node-2", "node-3", "node-4")}
+        assert sorted(_ssh_connections(d.services.processes["shared"].pid, ports)) == sorted(ports)
     assert max(seen.values()) == 2
     # every slot was given back
     assert [_holders(d, n) for n in ("node-2", "node-3", "node-4")] == [[], [], []]
@@ -258,7 +308,7 @@ def test_a_shared_worker_killed_outright_has_the_pulls_of_all_its_queues_taken_b
                 Semaphore(client, keys.node_pulls(node), 2, 0.1).refresh(holder)
     assert run_status(d, run_id) == "running"
 
-    d.services.start_shared_worker("shared", "--all-nodes", "--concurrency", "8")
+    d.services.start_shared_worker("shared", *_worker_args(d))
     run = wait_for_run_end(d, run_id, 60)
     assert run["status"] == "completed", run
     assert sorted((r["node"], r["image"]) for r in run["results"]) == sorted(
@@ -271,3 +321,88 @@ def test_a_shared_worker_killed_outright_has_the_pulls_of_all_its_queues_taken_b
         assert not any(client.hexists("unacked", tag) for tag in orphans)
     for node in ("node-2", "node-3"):
         assert {d.cluster.ref(image) for image in images} <= set(d.held(node))
+
+
+def _ssh_connections(pid, ports):
+    """The sshd port of every established TCP connection of process ``pid`` to one of ``ports``."""
+    remote = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            port = int(fields[2].rsplit(":", 1)[1], 16)
+            if port in ports and fields[3] == "01":
+                remote[fields[9]] = port
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in remote:
+            found.append(remote[link[8:-1]])
+    return found
+
+
+def _sshd_children(node):
+    """The sshd processes serving the node's SSH connections (children of its sshd)."""
+    sshd, found, parents = node.pids["sshd"], [], None
+    parents = {sshd}
+    while parents:
+        children = set()
+        for entry in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)
+                comm = stat[0].split("(", 1)[1]
+                ppid = int(stat[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in parents and comm.startswith("sshd"):
+                children.add(int(entry))
+        found += children
+        parents = children
+    return found
+
+
+@pytest.mark.cluster
+def test_a_pull_that_overruns_is_stopped_on_the_node_and_reported_timed_out(shared):
+    # The node's SSH connection hangs under a pull (its sshd stopped): no exit status
+    # ever comes back. The node-side timeout ends the pull there; the worker gives up
+    # on the channel at its deadline, within the task's time limit (kept by the worker
+    # itself when its pool is threads), and reports the pull timed out.
+    d = shared
+    time_out = 3
+    d.configure(max_parallel=2, time_out=time_out)
+    d.services.stop("shared")
+    d.services.start_shared_worker("shared", *_worker_args(d))
+    image = "bcm11/overrun:1"
+    d.cluster.seed({"node-1": [image], "node-3": [image], "node-4": [image]})
+    node = d.cluster.node("node-2")
+    d.cluster.proxy.hold()
+    stopped = []
+    try:
+        run_id = started_run(d.cli("sync"))
+        wait_for(lambda: node.processes(r"crictl.* pull"), 60, "the pull under way on node-2")
+        stopped = _sshd_children(node)
+        assert stopped
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        run = wait_for_run_end(d, run_id, 120)
+        took = time.monotonic() - began
+        # on the node, nothing of the pull is left: its own timeout ended it
+        assert node.processes(r"crictl.* pull") == [] and node.processes(r"\btimeout\b") == []
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        d.cluster.proxy.release()
+    measured(f"hung connection ({d.pool}): pull stopped and reported after (s)", round(took, 1))
+    [outcome] = run["results"]
+    assert (outcome["node"], outcome["status"]) == ("node-2", "timed_out"), outcome
+    assert "did not finish within" in outcome["reason"], outcome
+    # the worker goes on: the next run reaches node-2 again over a new connection
+    d.configure(max_parallel=2)
+    d.services.stop("shared")
+    d.services.start_shared_worker("shared", *_worker_args(d))
+    result = d.cli("sync", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert d.cluster.ref(image) in d.held("node-2")

@@ -31,7 +31,7 @@ from testcluster.process import ServerProcess, free_port, port_open, tail
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 UNITS = sorted(p.name for p in (DEPLOY / "systemd").glob("*.service"))
-WORKERS = ("imagesync-control.service", "imagesync-worker@.service")
+WORKERS = ("imagesync-control.service", "imagesync-nodes.service", "imagesync-worker@.service")
 #: the paths the units name, which a DESTDIR install puts under its root
 PATHS = ("/opt/imagesync", "/etc/imagesync", "/var/log/imagesync")
 #: what systemd gives a service of User=root, besides the unit's own variables
@@ -129,9 +129,9 @@ def systemd_analyze():
 # -- the unit files ---------------------------------------------------------------------
 
 
-def test_the_five_units():
-    assert UNITS == ["imagesync-beat.service", "imagesync-control.service",
-                     "imagesync-flower.service", "imagesync-webhook.service", "imagesync-worker@.service"]
+def test_the_six_units():
+    assert UNITS == ["imagesync-beat.service", "imagesync-control.service", "imagesync-flower.service",
+                     "imagesync-nodes.service", "imagesync-webhook.service", "imagesync-worker@.service"]
 
 
 @pytest.mark.parametrize("name", UNITS)
@@ -171,6 +171,39 @@ def test_workers_get_a_warm_shutdown(name):
 def test_worker_instance_is_the_node():
     (exec_start,) = unit("imagesync-worker@.service")["Service.ExecStart"]
     assert exec_start == "/opt/imagesync/venv/bin/imagesync worker --node %i"  # %i: "-" stays "-"
+
+
+def test_the_worker_of_all_ssh_nodes_has_room_for_a_thread_and_a_connection_per_pull():
+    values = unit("imagesync-nodes.service")
+    assert values["Service.ExecStart"] == ["/opt/imagesync/venv/bin/imagesync worker --all-nodes"]
+    assert values["Service.TasksMax"] == ["infinity"] and int(values["Service.LimitNOFILE"][0]) >= 65536
+
+
+def test_past_a_handful_of_ssh_nodes_one_worker_serves_them_all(installed, tmp_path):
+    # README: one worker per node for a few nodes; past 4 SSH nodes, imagesync-nodes for all of them
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", installed[0], root], check=True)
+    config = root / "etc/imagesync/imagesync.toml"
+    sample = config.read_text()
+    more = "".join(f'\n[[nodes]]\nname = "gpu-{i}"\nhost = "10.0.0.{i}"\n' for i in range(4))
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+
+    def install(text):
+        config.write_text(text)
+        result = subprocess.run([str(DEPLOY / "install.sh")], env={**os.environ, "DESTDIR": str(root)},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return sorted(p.name for p in wants.iterdir() if p.name.startswith("imagesync-")), result.stdout
+
+    enabled, output = install(sample + more)  # 6 SSH nodes
+    assert enabled == ["imagesync-beat.service", "imagesync-control.service", "imagesync-flower.service",
+                       "imagesync-nodes.service"]
+    assert "no longer configured: imagesync-worker@k8s-worker1.service imagesync-worker@k8s-worker2.service" \
+        in output
+    enabled, output = install(sample)  # back to 2: one worker each again
+    assert enabled == ["imagesync-beat.service", "imagesync-control.service", "imagesync-flower.service",
+                       "imagesync-worker@k8s-worker1.service", "imagesync-worker@k8s-worker2.service"]
+    assert "no longer configured: imagesync-nodes.service" in output
 
 
 @pytest.mark.parametrize("name", UNITS)
@@ -289,7 +322,8 @@ def _get(url: str, auth: str | None = None) -> int:
 
 
 @pytest.mark.cluster
-def test_unit_commands_serve_the_cluster(installed, deploy, tmp_path):
+@pytest.mark.parametrize("workers", ["one per node", "one for all nodes"])
+def test_unit_commands_serve_the_cluster(installed, deploy, tmp_path, workers):
     root, _ = installed
     own = tmp_path / "own"  # this test's /etc/imagesync and /var/log/imagesync
     (own / "etc/imagesync").mkdir(parents=True)
@@ -304,9 +338,12 @@ def test_unit_commands_serve_the_cluster(installed, deploy, tmp_path):
         f"FLOWER_BASIC_AUTH=ops:s3cret\nFLOWER_PORT={port}\nFLOWER_ADDRESS=127.0.0.1\n")
     workdir = tmp_path / "units"
     workdir.mkdir()
-    units = [UnitProcess("imagesync-control.service", root, own, workdir),
-             UnitProcess("imagesync-worker@.service", root, own, workdir, "node-1"),
-             UnitProcess("imagesync-worker@.service", root, own, workdir, "node-2"),
+    if workers == "one per node":
+        pull_workers = [UnitProcess("imagesync-worker@.service", root, own, workdir, "node-1"),
+                        UnitProcess("imagesync-worker@.service", root, own, workdir, "node-2")]
+    else:
+        pull_workers = [UnitProcess("imagesync-nodes.service", root, own, workdir)]
+    units = [UnitProcess("imagesync-control.service", root, own, workdir), *pull_workers,
              UnitProcess("imagesync-beat.service", root, own, workdir),
              UnitProcess("imagesync-flower.service", root, own, workdir)]
     flower = units[-1]
@@ -318,9 +355,9 @@ def test_unit_commands_serve_the_cluster(installed, deploy, tmp_path):
         for process in units:
             assert process.env["IMAGESYNC_CONFIG"] == str(config)
             process.start()
-        for process in units[:3]:
+        for process in units[:-2]:
             process.wait_log("ready.")
-        units[3].wait_log("beat: Starting...")
+        units[-2].wait_log("beat: Starting...")
         flower.process.wait_ready(lambda: port_open(port), 60)
 
         result = subprocess.run([root / "opt/imagesync/venv/bin/imagesync", "sync", "--wait"],

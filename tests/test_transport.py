@@ -134,6 +134,75 @@ def test_a_command_past_its_timeout_raises(node_cluster):
     assert transport.run("echo fine", timeout=10).stdout.strip() == "fine"
 
 
+@pytest.mark.cluster
+def test_threads_run_their_commands_on_one_connection_at_once(node_cluster, tmp_path):
+    # a worker whose pool is threads: a node's pulls share its connection, each on a channel;
+    # every command waits until all of them have started, so none may wait for another to end
+    transport, threads = _ssh(node_cluster), 6
+    meeting = f"/tmp/imagesync-meet-{os.getpid()}"
+    command = (f"mkdir -p {meeting}; touch {meeting}/$$; for i in $(seq 100); do "
+               f"[ $(ls {meeting} | wc -l) -ge {threads} ] && exit 0; sleep 0.1; done; exit 1")
+    transport.run(f"rm -rf {meeting}", timeout=10)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda _: transport.run(command, timeout=30), range(threads)))
+    assert [r.exit_code for r in results] == [0] * threads
+    connection = transport._connection
+    assert transport.run(f"rm -rf {meeting}", timeout=10).ok and transport._connection is connection
+    transport.close()
+
+
+@pytest.mark.cluster
+def test_a_command_that_times_out_leaves_the_other_threads_commands_running(node_cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    transport = _ssh(node_cluster)
+    assert transport.run("true", timeout=10).ok
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(transport.run, "sleep 3; echo finished", 30)
+        with pytest.raises(CommandTimedOut):
+            transport.run("sleep 30", timeout=1)
+        assert not other.done()  # the two ran at once
+        # its channel closed, not the connection that carries the other command
+        assert other.result().stdout.strip() == "finished"
+    transport.close()
+
+
+@pytest.mark.cluster
+def test_a_command_of_a_task_gives_up_at_the_tasks_time_limit(node_cluster):
+    # a worker whose pool is threads: no signal stops the task at its soft limit, so its
+    # commands wait on their channels no longer than that (imagesync.timelimits)
+    from imagesync.timelimits import Watchdog
+
+    transport, limits = _ssh(node_cluster), Watchdog(RuntimeError)  # not started: the deadline alone
+    limits.began("t1", "imagesync.pull", soft=2, hard=30)
+    began = time.monotonic()
+    try:
+        with pytest.raises(CommandTimedOut):
+            transport.run("sleep 30", timeout=60)
+    finally:
+        limits.ended()
+    assert time.monotonic() - began < 20
+    assert transport.run("echo fine", timeout=10).stdout.strip() == "fine"  # the next task has no limit left
+    transport.close()
+
+
+@pytest.mark.cluster
+def test_a_connection_keeps_no_record_of_every_command_it_ever_ran(node_cluster, monkeypatch):
+    # paramiko records every channel id a connection used; a worker's connection to a
+    # node runs a command per pull for months: its record is bounded
+    from imagesync.transport import ssh
+
+    monkeypatch.setattr(ssh._RecentChannels, "KEEP", 20)
+    transport = _ssh(node_cluster)
+    for _ in range(60):
+        assert transport.run("true", timeout=10).ok
+    seen = transport._connection.client.get_transport().channels_seen
+    assert 0 < len(seen) <= 20 and max(seen) >= 59  # the latest are there
+    transport.close()
+
+
 def _group_members(pgid: int) -> list[int]:
     """Live processes (zombies left out) of process group ``pgid``."""
     members = []

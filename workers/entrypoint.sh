@@ -2,6 +2,7 @@
 # Starts one imagesync process in its container:
 #   IMAGESYNC_ROLE=control            the control worker (sync, housekeeping)
 #   IMAGESYNC_NODE=NAME (role "node") the worker of node NAME (its pulls)
+#   IMAGESYNC_ROLE=nodes              one worker for every SSH node (imagesync worker --all-nodes)
 #   IMAGESYNC_ROLE=beat               celery beat (beat/entrypoint.sh sets this)
 #   IMAGESYNC_ROLE=agent              imagesync agent: this node's worker, on the node (NODE_NAME, else the host name)
 # Arguments go on to `celery worker` (or `celery beat`). With --healthcheck as its only argument
@@ -22,14 +23,14 @@ unset IMAGESYNC_ROLE IMAGESYNC_NODE
 
 # The Celery node name, as `imagesync worker` chooses it: -n NAME@%h.
 case $role in
-    control|beat) name=$role ;;
+    control|beat|nodes) name=$role ;;
     agent) [ -n "${NODE_NAME:-}" ] || unset NODE_NAME
            # an empty address is no setting: the agent then finds one itself
            [ -n "${IMAGESYNC_AGENT_PEER_ADVERTISE:-}" ] || unset IMAGESYNC_AGENT_PEER_ADVERTISE
            name=${NODE_NAME:-${HOSTNAME:-$(hostname)}} ;;
     node) [ -n "$node" ] || fail "set IMAGESYNC_NODE to the node this worker serves (or IMAGESYNC_ROLE=control)"
           name=$node ;;
-    *) fail "IMAGESYNC_ROLE is '$role': use 'node' (with IMAGESYNC_NODE), 'control', 'agent' or 'beat'" ;;
+    *) fail "IMAGESYNC_ROLE is '$role': use 'node' (with IMAGESYNC_NODE), 'nodes', 'control', 'agent' or 'beat'" ;;
 esac
 
 if [ "$*" = --healthcheck ]; then
@@ -57,6 +58,8 @@ fi
 case $role in
     control) exec imagesync worker --control -- "$@" ;;
     agent) exec imagesync agent -- "$@" ;;
+    # a Celery name of its own, which the healthcheck pings (else: the first node's +N)
+    nodes) exec imagesync worker --all-nodes -- -n "nodes@%h" "$@" ;;
     beat) exec imagesync beat -- "$@" ;;
 esac
 exec imagesync worker --node "$node" -- "$@"

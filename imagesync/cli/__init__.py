@@ -93,9 +93,12 @@ def _parser() -> argparse.ArgumentParser:
                        "each node still runs at most max_parallel (less memory, see docs/operations.md)")
     which.add_argument("--all-nodes", action="store_true",
                        help="serve the pulls of every node reached over SSH with one shared pool (as --nodes)")
+    worker.add_argument("--pool", choices=("threads", "prefork"),
+                        help="with --nodes/--all-nodes: threads (the default: every node at max_parallel, "
+                        "a few MiB per node) or prefork (a process per pull at once)")
     worker.add_argument("--concurrency", type=int, metavar="N",
-                        help="with --nodes/--all-nodes: pulls at once over all its nodes "
-                        "(default: the larger of the node count and max_parallel)")
+                        help="with --nodes/--all-nodes: pulls at once over all its nodes (default: threads, "
+                        "max_parallel per node; prefork, the larger of the node count and max_parallel)")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for celery worker")
 
     agent = sub.add_parser("agent", help="run on a node: register it in Redis and serve its queue there, "

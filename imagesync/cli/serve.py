@@ -25,18 +25,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     logs.check_log_dir(settings.log_dir)
     extra = [a for a in args.celery_args if a != "--"]
-    if args.concurrency is not None and not (args.nodes or args.all_nodes):
-        raise CommandError("--concurrency goes with --nodes or --all-nodes: a worker of one node runs "
-                           "max_parallel pulls", EXIT_CONFIG)
+    pool = getattr(args, "pool", None)
+    for flag, value in (("--concurrency", args.concurrency), ("--pool", pool)):
+        if value is not None and not (args.nodes or args.all_nodes):
+            raise CommandError(f"{flag} goes with --nodes or --all-nodes: a worker of one node runs "
+                               "max_parallel pulls in as many processes", EXIT_CONFIG)
     if args.control:
-        argv = ["-Q", CONTROL_QUEUE, "-c", str(CONTROL_CONCURRENCY), "-n", "control@%h"]
+        argv = ["-P", "prefork", "-Q", CONTROL_QUEUE, "-c", str(CONTROL_CONCURRENCY), "-n", "control@%h"]
     elif args.nodes or args.all_nodes:
-        argv = shared_worker_argv(settings, args.nodes, args.concurrency)
+        argv = shared_worker_argv(settings, args.nodes, args.concurrency, pool or "threads")
     else:
         node = settings.node(args.node)
-        # prefork is the only pool that enforces time limits
-        argv = ["-Q", node_queue(node.name), "-c", str(settings.max_parallel), "-n", f"{node.name}@%h"]
-    return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
+        argv = ["-P", "prefork", "-Q", node_queue(node.name), "-c", str(settings.max_parallel),
+                "-n", f"{node.name}@%h"]
+    return _exec_celery(["worker", "-l", "INFO", *argv, *extra])
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -58,9 +60,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return _exec_celery(["worker", "-P", "prefork", "-l", "INFO", *argv, *extra])
 
 
-def shared_worker_argv(settings: Settings, nodes: str | None, concurrency: int | None) -> list[str]:
+def shared_worker_argv(settings: Settings, nodes: str | None, concurrency: int | None,
+                       pool: str = "threads") -> list[str]:
     """Celery worker arguments of one worker for several nodes' queues (every SSH node
-    without ``nodes``); ``max_parallel`` per node is then held by node slots in Redis."""
+    without ``nodes``); ``max_parallel`` per node is then held by node slots in Redis.
+
+    Its pool is threads unless told otherwise: a pull waits on an SSH channel, and a
+    thread waits for a few hundred KiB where a pool process costs ~20 MiB
+    (bench/README.md, section 12); the worker keeps the time limits itself
+    (imagesync.timelimits)."""
     from ..celeryconfig import node_queue
     from ..nodeslots import default_concurrency
 
@@ -77,10 +85,10 @@ def shared_worker_argv(settings: Settings, nodes: str | None, concurrency: int |
                            "itself (imagesync worker --node NAME there)", EXIT_CONFIG)
     if concurrency is not None and concurrency < 1:
         raise CommandError(f"--concurrency must be at least 1, not {concurrency}", EXIT_CONFIG)
-    processes = concurrency or default_concurrency(len(chosen), settings.max_parallel)
+    processes = concurrency or default_concurrency(len(chosen), settings.max_parallel, pool)
     queues = ",".join(node_queue(node.name) for node in chosen)
     name = chosen[0].name + (f"+{len(chosen) - 1}" if len(chosen) > 1 else "")
-    return ["-Q", queues, "-c", str(processes), "-n", f"{name}@%h"]
+    return ["-P", pool, "-Q", queues, "-c", str(processes), "-n", f"{name}@%h"]
 
 
 def cmd_beat(args: argparse.Namespace) -> int:

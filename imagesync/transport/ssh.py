@@ -17,6 +17,7 @@ import select
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -24,11 +25,13 @@ from typing import TypeVar
 import paramiko
 from fabric import Config, Connection
 
+from .. import timelimits
 from ..config import forgetful_accept_new, keeps_nothing
 from ..errors import CommandTimedOut, ConfigError, HostKeyUnknown, NodeError, NodeUnreachable
 from .base import CommandResult, OutputTail, Stream, Transport, _text
 from .hostkeys import AcceptNewPolicy, known_hosts_name, read_known_hosts
 from .ssherrors import connect_error, for_node, handshake_dropped
+from .tcp import QuickAckSocket
 
 _T = TypeVar("_T")
 
@@ -38,10 +41,11 @@ class _ChannelStream(Stream):
     stdout on the node, which stops the command (an export dies writing to
     a closed pipe; an import reads EOF); the node's ``timeout`` bounds the rest."""
 
-    def __init__(self, node: str, channel: paramiko.Channel) -> None:
+    def __init__(self, node: str, channel: paramiko.Channel, on_close: Callable[[], None] = lambda: None) -> None:
         self.node = node
         self.channel = channel
         self._stderr = bytearray()
+        self._on_close: Callable[[], None] | None = on_close
 
     def _drain_stderr(self) -> None:
         while self.channel.recv_stderr_ready():
@@ -89,41 +93,27 @@ class _ChannelStream(Stream):
 
     def close(self) -> None:
         self.channel.close()
+        if self._on_close is not None:
+            self._on_close, on_close = None, self._on_close
+            on_close()
 
 
-class _QuickAckSocket:
-    """A TCP socket for paramiko that acknowledges what it receives at once.
+class _RecentChannels(OrderedDict):  # type: ignore[type-arg]
+    """paramiko's record of the channels a connection has closed, bounded.
 
-    Both ends of an SSH command exchange send small packets. With Nagle's
-    algorithm on our side (paramiko never turns it off), a request waits for
-    the ACK of the previous one; on sshd's side (OpenSSH turns it off for
-    interactive sessions only), an answer waits for our ACK of its previous
-    packet, which Linux delays by 40 ms when we have nothing to send. Each stall
-    cost 40 ms: a connection took ~140 ms to run its first command and each
-    later command ~48 ms, against ~35 ms and ~9 ms without them
-    (bench/README.md). So TCP_NODELAY is set, and TCP_QUICKACK after every
-    read (Linux clears it by itself).
+    paramiko keeps every channel id a connection ever used (``channels_seen``), so that
+    a message arriving for a closed channel is ignored rather than taken for a protocol
+    error (which ends the connection). A node's connection opens a channel per command
+    for as long as the worker runs: without a bound, that record grows by one entry per
+    pull. Late messages come within moments of the close, so the last few thousand do.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._quickack = getattr(socket, "TCP_QUICKACK", None)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # a socket that cannot take it still works, only slower
-            pass
+    KEEP = 4096
 
-    def recv(self, size: int) -> bytes:
-        data = self._sock.recv(size)
-        if self._quickack is not None:
-            try:
-                self._sock.setsockopt(socket.IPPROTO_TCP, self._quickack, 1)
-            except OSError:
-                self._quickack = None
-        return data
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._sock, name)
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.KEEP:
+            self.popitem(last=False)
 
 
 def _execute(transport: paramiko.Transport | None, command: str, timeout: float,
@@ -248,6 +238,7 @@ class SSHTransport(Transport):
         self.attempts = 0
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+        self._using = 0  # commands and streams on the connection, of every thread
 
     @property
     def key_file(self) -> Path | None:
@@ -320,7 +311,7 @@ class SSHTransport(Transport):
                 connect_kwargs["sock"] = self.jump.open_tunnel(self.host, self.port, left, self.node)
             else:
                 sock = socket.create_connection((self.host, self.port), timeout=left)
-                connect_kwargs["sock"] = _QuickAckSocket(sock)
+                connect_kwargs["sock"] = QuickAckSocket(sock)
             connection.open()
         except BaseException:
             connection.close()
@@ -329,6 +320,7 @@ class SSHTransport(Transport):
         if transport is not None:
             transport.set_log_channel("paramiko.transport")
             transport.set_keepalive(30)
+            transport.channels_seen = _RecentChannels(transport.channels_seen)
         return connection
 
     def _load_host_keys(self, client: paramiko.SSHClient) -> None:
@@ -381,25 +373,40 @@ class SSHTransport(Transport):
 
     def _on_connection(self, use: Callable[[paramiko.Transport | None], _T]) -> _T:
         """``use`` the node's connection. A connection found dead is reopened once;
-        a command that started and lost its connection is not re-run here (the caller decides)."""
-        with self._lock:
-            for attempt in (1, 2):
+        a command that started and lost its connection is not re-run here (the caller decides).
+        The lock covers opening it only: a worker's threads share it, each command on a
+        channel of its own, so a node's pulls run at once. A command that times out
+        closes its channel, and the connection (maybe dead: a vanished node sends no
+        reset) only when no other command uses it."""
+        for attempt in (1, 2):
+            with self._lock:
                 connection = self._connect()
-                try:
-                    return use(connection.client.get_transport())
-                except TimeoutError:  # before OSError, of which it is one: the command's, not the connection's
-                    self.close()
-                    raise
-                except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
-                    self.close()
-                    if attempt == 2:
-                        raise NodeUnreachable(
-                            self.node,
-                            f"SSH connection to {self.node} ({self.address}) dropped: {exc or type(exc).__name__}",
-                        ) from exc
-            raise AssertionError("unreachable")
+                self._using += 1
+            try:
+                return use(connection.client.get_transport())
+            except TimeoutError:  # before OSError, of which it is one: the command's, not the connection's
+                self._drop(connection, only_if_idle=True)
+                raise
+            except (paramiko.ChannelException, paramiko.SSHException, EOFError, OSError) as exc:
+                self._drop(connection)
+                if attempt == 2:
+                    raise NodeUnreachable(
+                        self.node,
+                        f"SSH connection to {self.node} ({self.address}) dropped: {exc or type(exc).__name__}",
+                    ) from exc
+            finally:
+                with self._lock:
+                    self._using -= 1
+        raise AssertionError("unreachable")
+
+    def _drop(self, connection: Connection, only_if_idle: bool = False) -> None:
+        """Close ``connection`` if still ours (not reopened by another thread) and, if ``only_if_idle``, unused."""
+        with self._lock:
+            if self._connection is connection and not (only_if_idle and self._using > 1):
+                self.close()
 
     def run(self, command: str, timeout: float, tail: int | None = None) -> CommandResult:
+        timeout = timelimits.clamp(timeout)  # in a thread pool, no longer than the task's time limit
         try:
             stdout, stderr, status = self._on_connection(lambda transport: _execute(transport, command, timeout, tail))
         except TimeoutError as exc:
@@ -412,9 +419,15 @@ class SSHTransport(Transport):
                 raise paramiko.SSHException("SSH session not active")
             channel = transport.open_session(timeout=self.connect_timeout)
             channel.exec_command(command)
-            return _ChannelStream(self.node, channel)
+            with self._lock:
+                self._using += 1  # until the stream is closed: its connection is in use
+            return _ChannelStream(self.node, channel, self._stream_closed)
 
         return self._on_connection(start)
+
+    def _stream_closed(self) -> None:
+        with self._lock:
+            self._using -= 1
 
     def close(self) -> None:
         if self._connection is not None:
