@@ -27,6 +27,7 @@ from redis import ConnectionPool, RedisError
 from .. import references
 from ..errors import RefusedReference
 from ..redisurl import is_sentinel, parse_sentinel_url
+from ..sizes import MinFree
 
 #: a place in the settings document, as pydantic gives it: ("nodes", 1, "port")
 Location = tuple[str | int, ...]
@@ -360,3 +361,12 @@ def mask_url(url: str) -> str:
         authority = f"{user}:****@{hostport}"
     remainder = re.sub(r"([?&]password=)[^&#]+", r"\1****", remainder)
     return f"{scheme}://{authority}{remainder}"
+
+
+def _min_free(value: Any) -> str:
+    """A percentage ("20%") or a size ("50GiB", or a number of bytes), kept as written."""
+    try:
+        MinFree.parse(value)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    return str(value).strip()

@@ -31,7 +31,6 @@ from pydantic import (
 
 from imagesync.errors import ConfigError
 from imagesync.redisurl import is_sentinel
-from imagesync.sizes import MinFree
 
 from . import show
 from .backup import BackupSettings, Patterns
@@ -40,6 +39,7 @@ from .checks import (
     _choice,
     _existing_file,
     _invalid,
+    _min_free,
     _path,
     _positive_seconds,
     _redis_url,
@@ -175,15 +175,6 @@ class Node(BaseModel):
             # and this placeholder never leaves the failed validation
             return str(info.data.get("name", ""))
         return _text("a host name")(value)
-
-
-def _min_free(value: Any) -> str:
-    """A percentage ("20%") or a size ("50GiB", or a number of bytes), kept as written."""
-    try:
-        MinFree.parse(value)
-    except ValueError as exc:
-        raise _invalid(str(exc)) from None
-    return str(value).strip()
 
 
 class Settings(BaseModel):
