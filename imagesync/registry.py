@@ -97,6 +97,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_ANSWERED: dict[str, str] = {}
+
+
 class RegistryClient:
     """Reads manifests from registries with the logins of ``settings.registries``."""
 
@@ -104,9 +107,10 @@ class RegistryClient:
         self.settings = settings
         self.timeout = timeout
         self._tokens: dict[str, str] = {}
-        #: domain -> the scheme it answered in: asked first from then on (a loopback registry
-        #: in plain HTTP would otherwise cost every request a refused TLS handshake first)
-        self._answered: dict[str, str] = {}
+        #: domain -> the scheme it answered in: asked first from then on, by every client of
+        #: this process (a loopback registry in plain HTTP would otherwise cost each run's
+        #: first requests a refused TLS handshake first)
+        self._answered = _ANSWERED
 
     def _schemes(self, domain: str) -> tuple[str, ...]:
         schemes = ("https", "http") if _is_loopback(domain) else ("https",)

@@ -87,6 +87,10 @@ class _Mode:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops the SYNs of a burst of connections (a
+    # plan's registry questions, a node's parallel layer downloads), and each dropped one
+    # costs its client the kernel's 1 s SYN retransmit: a registry listens with a larger one
+    request_queue_size = 128
     proxy: RegistryProxy
 
     def handle_error(self, request: Any, client_address: Any) -> None:
