@@ -112,7 +112,7 @@ def _one_run(d: Deployment, images: list[str], pull_seconds: float) -> dict[str,
 
 
 def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Report,
-            whatif: str | None = None) -> Sample:
+            whatif: str | None = None, latency: float = 0.0) -> Sample:
     root = workdir("orch")
     try:
         with Deployment(root, nodes=NODES, whatif=whatif) as d:
@@ -122,6 +122,8 @@ def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Rep
             d.configure(images=images, max_parallel=MAX_PARALLEL, time_out=120)
             progress(f"orchestration {NODES}x{images_per_node}: starting workers")
             d.start_workers()
+            # a registry ``latency`` s away: each of a plan's questions to it takes that long
+            d.cluster.proxy.latency(latency)
             # warm-up: one pull per worker process, so every SSH connection is open, as on a
             # deployment whose workers have been up for a while
             for node in d.cluster.nodes:
@@ -137,14 +139,15 @@ def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Rep
     ratio = Sample.of(r["ratio"] for r in runs)
     report.say(f"{NODES} nodes x {images_per_node} missing images, max_parallel={MAX_PARALLEL}, "
                f"pull = {pull_seconds:g} s (sleeping crictl): ideal {best:.1f} s"
+               + (f", registry {latency * 1000:g} ms away" if latency else "")
                + (f"   [WHAT-IF {whatif}, not imagesync as shipped]" if whatif else ""))
     report.say(f"  makespan        {Sample.of(r['makespan'] for r in runs).show('.2f', ' s')}")
     report.say(f"  makespan/ideal  {ratio.show('.3f')}   target <= {TARGET}: {verdict(ratio.median <= TARGET)}")
     report.say(f"  trigger -> first pull starts   {Sample.of(r['first_pull'] for r in runs).show('.3f', ' s')}")
     tail = Sample.of(r["finished"] - r["last_pull_end"] for r in runs)
     report.say(f"  last pull ends -> run finished {tail.show('.3f', ' s')}")
-    report.figure(f"{NODES}x{images_per_node}" + (f"_{whatif}" if whatif else ""),
-                  {"ratio": ratio.values, "ideal": best})
+    key = f"{NODES}x{images_per_node}" + (f"_{latency:g}s" if latency else "") + (f"_{whatif}" if whatif else "")
+    report.figure(key, {"ratio": ratio.values, "ideal": best})
     return ratio
 
 

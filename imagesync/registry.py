@@ -30,12 +30,11 @@ import ipaddress
 import json
 import logging
 import re
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, TypeVar
 
 from . import references
@@ -191,9 +190,6 @@ class RegistryClient:
 
     def digest_of(self, image: str) -> str:
         """The manifest digest ``image`` (a tag) names in its registry now: that of the bytes served."""
-        return self._hashed(image)
-
-    def _hashed(self, image: str) -> str:
         ref = references.parse(image)
         if ref.digest:
             return ref.digest
@@ -213,7 +209,7 @@ class RegistryClient:
                             method="HEAD")
         digest = named.decode("ascii", "replace").strip()
         if not digest:
-            return self._hashed(image)
+            return self.digest_of(image)
         try:
             return references.parse_digest(digest)
         except RefusedReference:
@@ -244,81 +240,6 @@ class RegistryClient:
             return ["/".join(x for x in (data["os"], data["architecture"], data.get("variant")) if x)]
         except (ValueError, KeyError, TypeError) as exc:
             raise LookupFailed(f"{image}@{digest}: its config names no platform ({exc})") from None
-
-
-class AskedAhead(RegistryClient):
-    """A registry client that starts asking before the plan needs the answers.
-
-    A run's questions to its registries (which digest each wanted tag names now,
-    for moved tags; which platforms a digest without a verdict has) depend on the
-    wanted tags, not on what the nodes hold: :meth:`ask` sends them while the
-    nodes are being inventoried, :data:`LOOKUP_WORKERS` at once, so that the
-    answers are usually in when the plan needs them. The plan reads them through
-    the usual calls (:meth:`current_digest`, :meth:`digest_of`, :meth:`platforms`),
-    which wait for a question in flight rather than ask it again; what was not
-    asked ahead is asked then, as by a plain client. Each question is asked once
-    per run, whichever condition needs its answer.
-
-    ``known(digest)`` tells whether a verdict on the digest's platforms is kept
-    already (no need to ask); ``learned(digest, platforms)`` keeps one learned ahead,
-    so that a question asked ahead is never wasted, even when no pull needed it.
-    """
-
-    def __init__(self, settings: Settings, known: Callable[[str], bool],
-                 learned: Callable[[str, list[str]], None], timeout: float = REQUEST_TIMEOUT) -> None:
-        super().__init__(settings, timeout)
-        self._known, self._learned = known, learned
-        self._pool = ThreadPoolExecutor(max_workers=LOOKUP_WORKERS, thread_name_prefix="registry-ahead")
-        self._asked: dict[tuple[str, str], Future] = {}
-        self._lock = threading.Lock()
-
-    def ask(self, images: Iterable[str]) -> None:
-        """Start asking which digest each tag of ``images`` names, and then, for a digest
-        without a verdict, its platforms (in the order given: the plan asks in that order too)."""
-        for image in images:
-            if not references.parse(image).digest:
-                self._start(("digest", image), self._digest_then_platforms, image)
-
-    def close(self, wait: bool = False) -> None:
-        """Drop the questions not yet sent; those in flight end on their own (one request each),
-        or, with ``wait``, before this returns."""
-        self._pool.shutdown(wait=wait, cancel_futures=True)
-
-    def current_digest(self, image: str) -> str:
-        return self._answer(("digest", image), super().current_digest, image)
-
-    def digest_of(self, image: str) -> str:
-        # a HEAD's Docker-Content-Digest is the digest of the bytes a GET serves
-        return self._answer(("digest", image), super().digest_of, image)
-
-    def platforms(self, image: str, digest: str) -> list[str]:
-        return self._answer(("platforms", digest), super().platforms, image, digest)
-
-    def _digest_then_platforms(self, image: str) -> str:
-        digest = RegistryClient.current_digest(self, image)
-        if not self._known(digest):
-            self._start(("platforms", digest), self._platforms_kept, image, digest)
-        return digest
-
-    def _platforms_kept(self, image: str, digest: str) -> list[str]:
-        found = RegistryClient.platforms(self, image, digest)
-        self._learned(digest, found)
-        return found
-
-    def _start(self, key: tuple[str, str], call: Callable[..., T], *args: str) -> None:
-        with self._lock:
-            if key not in self._asked:
-                try:
-                    self._asked[key] = self._pool.submit(call, *args)
-                except RuntimeError:  # closed: the plan asks for itself
-                    pass
-
-    def _answer(self, key: tuple[str, str], call: Callable[..., T], *args: str) -> T:
-        with self._lock:
-            asked = self._asked.get(key)
-        if asked is None or asked.cancelled():
-            return call(*args)
-        return asked.result()  # the caller's budget bounds the wait (_ask_all)
 
 
 def look_up(client: RegistryClient, wanted: Mapping[str, str], budget: float = LOOKUP_BUDGET

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from . import backup, backupstore, declared, keys, logs, references
+from . import backup, backupstore, declared, logs
 from .agents import known_nodes
 from .budgets import pull_expiry
 from .errors import ImagesyncError
@@ -31,7 +31,7 @@ from .pending import Pending
 from .planning import room
 from .planning.plan import NOT_FOR_NODE, Plan, Route
 from .planning.planner import make_plan
-from .planning.platforms import PlatformCheck, ask_ahead, batches
+from .planning.platforms import PlatformCheck, batches
 from .planning.policy import policy_for
 from .runs import CANCELLED, RunCancelled, RunStore, new_run_id, summary_lines
 from .runstores import run_lock, run_store
@@ -39,7 +39,6 @@ from .survey import SendInventory, survey
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .registry import RegistryClient
 
 log = logging.getLogger("imagesync")
 
@@ -81,31 +80,28 @@ def _known(settings: Settings, redis: Redis | None) -> list[str]:
 
 
 def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Redis | None = None,
-             send_inventory: SendInventory | None = None, platform_check: PlatformCheck | None = None,
-             registry: RegistryClient | None = None) -> Plan:
+             send_inventory: SendInventory | None = None, platform_check: PlatformCheck | None = None) -> Plan:
     """Inventory every node and plan, without changing anything; ``send_inventory`` queues
     the inventory tasks of agent nodes (needed with ``agents = true``). With ``platform_check``
-    made to defer, the pairs that wait for a registry's verdict stay planned (see :func:`start_run`);
-    ``registry`` is the client the conditions ask (one that asked ahead)."""
+    made to defer, the pairs that wait for a registry's verdict stay planned (see :func:`start_run`)."""
     inventory = survey(settings, redis, send_inventory)
     return make_plan(
         inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
         facts=inventory.facts,
-        policy=policy_for(settings, redis, nodes=_known(settings, redis), platform_check=platform_check,
-                          registry=registry),
+        policy=policy_for(settings, redis, nodes=_known(settings, redis), platform_check=platform_check),
         exclude=settings.exclude,
     )
 
 
 def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None,
                 redis: Redis | None = None, send_inventory: SendInventory | None = None,
-                platform_check: PlatformCheck | None = None, registry: RegistryClient | None = None) -> Plan:
+                platform_check: PlatformCheck | None = None) -> Plan:
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
     inventory = survey(settings, redis, send_inventory)
     return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
                      facts=inventory.facts,
                      policy=policy_for(settings, redis, limited=True, nodes=_known(settings, redis),
-                                       platform_check=platform_check, registry=registry),
+                                       platform_check=platform_check),
                      exclude=settings.exclude)
 
 
@@ -170,12 +166,10 @@ def start_run(
                 log.info(message)
                 return Started("nothing-to-do", None, message)
         trigger = images_trigger(trigger, images)
-    # the registries' questions go out now, answered while the nodes are inventoried
-    ahead = ask_ahead(settings, redis, ahead_of_plan(settings, redis, images))
     try:
-        check = PlatformCheck(settings, redis, ahead, defer=True)
-        plan = (plan_now(settings, targets, redis, send_inventory, check, ahead) if images is None
-                else plan_images(settings, images, targets, redis, send_inventory, check, ahead))
+        check = PlatformCheck(settings, redis, defer=True)
+        plan = (plan_now(settings, targets, redis, send_inventory, check) if images is None
+                else plan_images(settings, images, targets, redis, send_inventory, check))
         awaiting = set(check.awaiting) & set(plan.pulls)
         began = time.monotonic()  # the registries' one budget (registry.LOOKUP_BUDGET)
         in_turn = batches(awaiting)
@@ -270,29 +264,8 @@ def start_run(
         finally:
             lock.release(run_id)
         raise
-    finally:
-        ahead.close()
     message = f"run {run_id} started: {plan.total} pulls" + (f"; {_missed_line(missed)}" if missed else "")
     return Started("started", run_id, message, plan.total, plan, missed)
-
-
-def ahead_of_plan(settings: Settings, redis: Redis, images: Iterable[str] | None) -> list[str]:
-    """The tags a run can ask its registries about before its inventory: the wanted ones it
-    knows of (``images``, else the declared ones and those the nodes held at the last run's
-    end), in the order the plan asks. Without ``refresh``, only those no node held then: the
-    others need no question unless a platform verdict is missing, which the plan asks itself."""
-    per_arch = settings.per_architecture()
-    wanted = references.normalized(settings.declared_images() if images is None else images)
-    nodes = _known(settings, redis)
-    with redis.pipeline(transaction=False) as pipe:
-        for node in nodes:
-            pipe.smembers(keys.node_held(node))
-        held = {name.decode() for found in pipe.execute() for name in found} if nodes else set()
-    if images is None:
-        wanted |= held
-    if not settings.refresh:
-        wanted -= held
-    return sorted(image for image in wanted if "@" not in image and image not in per_arch)
 
 
 class _Sender:

@@ -128,6 +128,9 @@ class _Handler(BaseHTTPRequestHandler):
         name = mode.name if mode.applies_to(self.command, self.path, kind) else "passthrough"
         try:
             body = self._read_body()
+            if proxy._latency and proxy._stopping.wait(proxy._latency):
+                self.close_connection = True
+                return
             if name == "hang":
                 self._hang()
             elif name == "reset":
@@ -280,6 +283,7 @@ class RegistryProxy:
         self.bytes_sent = 0
         self._rate: float | None = None
         self._next_send = 0.0
+        self._latency = 0.0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -354,6 +358,11 @@ class RegistryProxy:
         with self._lock:
             self._rate = bytes_per_second
             self._next_send = 0.0
+
+    def latency(self, seconds: float) -> None:
+        """Answer every request ``seconds`` late, manifests and blobs alike (a registry one
+        round trip of ``seconds`` away); 0: at once. Independent of the mode."""
+        self._latency = seconds
 
     def _pace(self, size: int) -> None:
         """Count ``size`` bytes sent, and wait for their turn on the throttled link."""

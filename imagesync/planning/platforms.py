@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 from .. import keys, references
 from ..errors import RefusedReference
 from ..facts import platform_of
-from ..registry import LOOKUP_BUDGET, LOOKUP_WORKERS, AskedAhead, RegistryClient, look_up, resolve_all
+from ..registry import LOOKUP_BUDGET, LOOKUP_WORKERS, RegistryClient, look_up, resolve_all
 from .plan import NOT_FOR_NODE, SKIPPED, Drift, Plan, Refusal, most_held
 
 if TYPE_CHECKING:
@@ -120,16 +120,6 @@ class Verdicts:
             pipe.hset(key, f"not:{platform}", "pull")
             pipe.expire(key, VERDICT_TTL)
             pipe.execute()
-
-
-def ask_ahead(settings: Settings, redis: Redis, images: Iterable[str]) -> AskedAhead:
-    """A registry client already asking about ``images`` (see :class:`~imagesync.registry.AskedAhead`),
-    which keeps every verdict it learns in Redis."""
-    verdicts = Verdicts(redis)
-    client = AskedAhead(settings, known=lambda digest: "has" in verdicts.read([digest]).get(digest, {}),
-                        learned=verdicts.learned)
-    client.ask(images)
-    return client
 
 
 def judge(verdict: Mapping[str, str] | None, platform: str) -> str | None:

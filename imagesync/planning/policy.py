@@ -19,27 +19,24 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from ..config import Settings
-    from ..registry import RegistryClient
 
 
 def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False,
-               nodes: Iterable[str] = (), platform_check: platforms.PlatformCheck | None = None,
-               registry: RegistryClient | None = None) -> Policy:
+               nodes: Iterable[str] = (), platform_check: platforms.PlatformCheck | None = None) -> Policy:
     """The policy of ``settings``; ``redis`` holds what earlier runs learned of ``nodes``
     (every node a run may target; conditions that need Redis do without, and say so,
     when it is None). ``limited``: the run wants only some images (it cannot tell about
     the others). ``platform_check``: the platform condition to use, one that a run
     settles after sending the pulls that need no registry's answer (by default, the
-    condition asks the registries itself). ``registry``: the client the conditions ask
-    (one that asked ahead, :func:`~imagesync.planning.platforms.ask_ahead`), else their own."""
+    condition asks the registries itself)."""
     conditions: list[Condition] = []
     conditions.append(platforms.per_architecture(settings.per_architecture()))
     if settings.refresh:
         # moved tags: a node holding a tag under another digest than its registry names now pulls it again
-        conditions.append(refresh.moved_tags(settings, registry, redis=redis))
+        conditions.append(refresh.moved_tags(settings, redis=redis))
     # labels after refresh: a node outside an image's selection is neither given it nor updated
     conditions.append(labels.label_condition(settings, redis))
-    conditions.append(platform_check or platforms.platform_condition(settings, redis, registry))
+    conditions.append(platform_check or platforms.platform_condition(settings, redis))
     # evicted images first, so that the room check promises nothing to them
     conditions += room.conditions_for(settings, redis, limited, nodes)
     return Policy(
