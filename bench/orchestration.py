@@ -179,6 +179,8 @@ def run(report: Report, quick: bool = False) -> None:
     measure(40, 1.0, 2 if quick else 5, report)
     # the next pull already in the worker when one ends: what an idle slot between pulls costs
     measure(40, 1.0, 2 if quick else 3, report, whatif="prefetch-2")
+    # a registry 100 ms away: one round of platform questions comes before the first pull
+    measure(40, 1.0, 2 if quick else 3, report, latency=0.1)
     if not quick:
         measure(200, 1.0, 2, report)
         measure(40, 1.0, 3, report, whatif="always-check")
