@@ -314,3 +314,23 @@ def test_when_every_holder_fails_the_registry_serves_within_time_out(d, peer_ssh
     assert took < settings.time_out, took
     measured(f"{'peer_ssh' if peer_ssh else 'relayed'}: both holders failed, then the registry (s)", round(took, 1))
     measured("why", outcome.reason)
+
+
+def test_check_has_every_node_reach_a_peer_with_its_own_ssh_and_names_one_that_cannot(d):
+    import json
+
+    def rows():
+        result = d.cli("check", "--json")
+        return result.returncode, {row["node"]: row for row in json.loads(result.stdout)["nodes"]}
+
+    code, found = rows()
+    assert code == 0, found
+    for i in range(1, NODES + 1):  # each node tries the next, the last the first
+        assert f"its ssh reaches node-{i % NODES + 1} (peer_ssh)" in found[f"node-{i}"]["detail"], found
+    with refusing(d.cluster.node("node-2"), d.cluster.peer_key):
+        code, found = rows()
+    assert code == 1
+    assert [name for name, row in found.items() if not row["ok"]] == ["node-1"], found
+    detail = found["node-1"]["detail"]
+    assert "its ssh cannot reach node-2 (" in detail and "Permission denied" in detail, detail
+    assert "peer_ssh needs every node's ssh to reach the others" in detail

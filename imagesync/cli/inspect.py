@@ -22,6 +22,7 @@ from ..config import Node, Settings
 from ..errors import NodeError
 from ..planning import room
 from ..planning.plan import Plan
+from ..runtimes.peercopy import peer_address, peer_of, reach_command
 from . import common
 from .common import EXIT_FAILED, EXIT_OK, CommandError, read_settings, redis_client, say, version_line
 
@@ -164,6 +165,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             row["image fs"] = describe_disk(facts, node.image_fs)
             notes = facts_notes(node, facts, len(settings.pinned_images()))
             row["detail"] = "; ".join(notes)
+            peer = peer_of(settings.nodes, node) if settings.peer_ssh else None
+            if peer is not None:  # peer_ssh: the node's own ssh reaches another, as a copy's would
+                reached = transport.run(reach_command(peer, settings.ssh.connect_timeout),
+                                        timeout=settings.ssh.connect_timeout + SSH_GRACE)
+                if not reached.ok:
+                    row["detail"] = "; ".join([*notes, peer_unreachable(node, peer, reached.stderr)])
+                    return row, False
+                row["detail"] = "; ".join([*notes, f"its ssh reaches {peer.name} (peer_ssh)"])
             return row, True
         except NodeError as exc:
             if row["ssh"] == "-":
@@ -194,6 +203,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         say(f"imagesync: {len(failed)} of {len(results)} nodes failed the check: {', '.join(failed)}")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def peer_unreachable(node: Node, peer: Node, stderr: str) -> str:
+    """One line for a node whose own ssh does not reach its peer under ``peer_ssh``."""
+    where = peer_address(peer).describe()
+    return (f"its ssh cannot reach {peer.name} ({where}): {runtimes.failure_reason(stderr)}: peer_ssh needs "
+            f"every node's ssh to reach the others (its key accepted there, their host keys in its known hosts)")
 
 
 def check_table(results: list[tuple[dict[str, str], bool]], agents: bool) -> Table:

@@ -74,6 +74,20 @@ def ssh_to(address: PeerAddress, command: str, connect_timeout: float) -> str:
     return shlex.join([*argv, "--", address.host, command])
 
 
+def peer_of(nodes: list[Node], node: Node) -> Node | None:
+    """The peer ``imagesync check`` has ``node`` reach over its own ssh: the next SSH node of
+    the configuration, the last one's being the first (every node tried once, n checks in all)."""
+    ring = [n for n in nodes if n.transport == "ssh"]
+    if node not in ring or len(ring) < 2:
+        return None
+    return ring[(ring.index(node) + 1) % len(ring)]
+
+
+def reach_command(holder: Node, connect_timeout: float) -> str:
+    """What a node runs to show that its own ssh reaches ``holder`` as a peer copy would."""
+    return ssh_to(peer_address(holder), "true", connect_timeout)
+
+
 def peer_copy_command(holder: Node, target: Node, reference: str, expect: str | None, seconds: int,
                       platform: str | None, connect_timeout: float) -> str:
     """The command the target runs to copy ``reference`` from ``holder`` (see the module's
