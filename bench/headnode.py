@@ -38,7 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from testcluster.measure import max_concurrency
+from testcluster.measure import max_concurrency, process_tree
 
 from .common import Deployment, Report, Sample, progress, pull_intervals, remove_workdir, workdir
 from .memory import SETTLE, smaps
@@ -57,19 +57,6 @@ THREADS = ("one worker, threads (default: 1 per slot)", ("--pool", "threads"))
 SETUPS = (THREADS,
           ("one prefork worker per node", None),
           ("one worker, threads, 2 per slot", ("--pool", "threads", "--concurrency", str(2 * NODES * MAX_PARALLEL))))
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 def _cpu(pids: list[int]) -> float:
@@ -150,7 +137,7 @@ def _start(d: Deployment, args: tuple[str, ...] | None) -> list[str]:
 
 
 def _pids(d: Deployment, names: list[str]) -> list[int]:
-    return [p for name in names for p in _tree(d.services.processes[name].pid or 0)]
+    return [p for name in names for p in process_tree(d.services.processes[name].pid or 0)]
 
 
 def _commands(d: Deployment) -> int:

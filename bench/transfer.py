@@ -36,7 +36,7 @@ import shlex
 import subprocess
 import time
 
-from testcluster.measure import processes_in_groups, tcp_bytes
+from testcluster.measure import process_tree, tcp_bytes
 
 from .common import Deployment, Report, Sample, cpu_seconds_used, progress, remove_workdir, verdict, workdir
 
@@ -60,7 +60,7 @@ def _spread(d: Deployment, ref: str, source: str, size: int, peer_ssh: bool = Fa
     d.start_workers()
     d.cluster.proxy.throttle(RATE)
     before = d.cluster.proxy.bytes_sent
-    pids = processes_in_groups(p.pid for p in d.services.processes.values() if p.running and p.pid)
+    pids = {pid for p in d.services.processes.values() if p.running and p.pid for pid in process_tree(p.pid)}
     carried = tcp_bytes(pids)
     run, makespan = d.sync(timeout=1800)
     after = tcp_bytes(pids)

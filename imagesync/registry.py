@@ -96,6 +96,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: domain -> the scheme it answered in: asked first from then on, by every client of this
+#: process (a loopback registry in plain HTTP would otherwise cost each plan's first
+#: requests a refused TLS handshake first)
 _ANSWERED: dict[str, str] = {}
 
 
@@ -106,14 +109,10 @@ class RegistryClient:
         self.settings = settings
         self.timeout = timeout
         self._tokens: dict[str, str] = {}
-        #: domain -> the scheme it answered in: asked first from then on, by every client of
-        #: this process (a loopback registry in plain HTTP would otherwise cost each run's
-        #: first requests a refused TLS handshake first)
-        self._answered = _ANSWERED
 
     def _schemes(self, domain: str) -> tuple[str, ...]:
         schemes = ("https", "http") if _is_loopback(domain) else ("https",)
-        first = self._answered.get(domain)
+        first = _ANSWERED.get(domain)
         return (first, *(scheme for scheme in schemes if scheme != first)) if first in schemes else schemes
 
     def _api_host(self, domain: str) -> str:
@@ -127,7 +126,7 @@ class RegistryClient:
             url = f"{scheme}://{self._api_host(domain)}/v2/{path}"
             try:
                 answer = self._get(url, domain, accept, method)
-                self._answered[domain] = scheme
+                _ANSWERED[domain] = scheme
                 return answer
             except OSError as exc:  # refused, TLS to a plain-HTTP port, timed out: try the next scheme
                 errors.append(f"{scheme}: {getattr(exc, 'reason', exc)}")

@@ -8,7 +8,6 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterable
-from pathlib import Path
 
 
 def max_concurrency(intervals: Iterable[tuple[float, float]]) -> int:
@@ -29,7 +28,7 @@ def max_concurrency(intervals: Iterable[tuple[float, float]]) -> int:
 
 
 
-def _tree(pid: int) -> set[int]:
+def process_tree(pid: int) -> set[int]:
     """``pid`` and its descendants, as /proc tells them now."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -84,7 +83,7 @@ class SocketBytes:
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
     def _read(self) -> dict[tuple[str, str], int]:
-        ours = set().union(*(_tree(pid) for pid in self.roots)) if self.roots else set()
+        ours = set().union(*(process_tree(pid) for pid in self.roots)) if self.roots else set()
         return {key: count for key, (pids, count) in _sockets().items() if pids & ours}
 
     def _watch(self) -> None:
@@ -116,18 +115,3 @@ def tcp_bytes(pids: Iterable[int]) -> dict[tuple[str, str], int]:
     """
     wanted = set(pids)
     return {key: count for key, (owners, count) in _sockets().items() if owners & wanted}
-
-
-def processes_in_groups(groups: Iterable[int]) -> set[int]:
-    """The pids of every live process in the process groups ``groups`` (a service started in
-    its own group, such as a Celery worker and its pool processes)."""
-    wanted = set(groups)
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[2]) in wanted:
-            found.add(int(stat.parent.name))
-    return found

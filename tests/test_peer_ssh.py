@@ -28,7 +28,7 @@ from imagesync.planning.plan import PEERS, REGISTRY, Route
 from imagesync.pulls import get_image
 from imagesync.transfer import copy, from_peers
 from imagesync.transport import close_all
-from testcluster.measure import processes_in_groups, tcp_bytes
+from testcluster.measure import process_tree, tcp_bytes
 
 pytestmark = pytest.mark.cluster
 
@@ -126,8 +126,9 @@ def assert_way(peer_ssh: bool, moved: int, size: int) -> None:
 
 
 def worker_pids(d) -> set[int]:
-    """Every process of every imagesync service (each runs in its own process group)."""
-    return processes_in_groups(process.pid for process in d.services.processes.values() if process.running)
+    """Every process of every imagesync service: each one and its descendants."""
+    return {pid for process in d.services.processes.values() if process.running and process.pid
+            for pid in process_tree(process.pid)}
 
 
 # -- the image goes node to node, not through the worker ------------------------------------------------
