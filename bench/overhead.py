@@ -95,6 +95,20 @@ def _forget(d: Deployment, tag: str) -> None:
         node.run(["ctr", "-a", str(node.socket), "-n", "k8s.io", "images", "rm", *others])
 
 
+def _clear(d: Deployment, tag: str) -> None:
+    """Take every image of set ``tag`` off every node, so that each repetition starts from the
+    same node state: the warm-up set only. A node's listing costs imagesync in proportion to
+    the images it holds (``ctr images ls`` reads each image's manifests for its size and
+    platforms), the pipeline hardly (``ctr images ls -q``), so images piling up from one
+    repetition to the next would make the figure depend on the number of repetitions."""
+    mark = f"/bcm11/bench/{tag}-"
+    for node in d.cluster.nodes:
+        refs = node.run(["ctr", "-a", str(node.socket), "-n", "k8s.io", "images", "ls", "-q"]).stdout.split()
+        ours = [ref for ref in refs if mark in ref]
+        if ours:
+            node.run(["ctr", "-a", str(node.socket), "-n", "k8s.io", "images", "rm", *ours])
+
+
 def _pulls(d: Deployment) -> list[tuple[str, float, float]]:
     return pull_intervals(d.cluster.nodes)
 
@@ -188,6 +202,8 @@ def measure(report: Report, runtime: str, repeats: int, whatif: str | None = Non
                     if seen:
                         _forget(d, f"r{i}{name[0]}")
                         again[name].append(approach(d, expected))
+                    if runtime != "sleeping":
+                        _clear(d, f"r{i}{name[0]}")
     finally:
         remove_workdir(root)
     pulls = int(results["imagesync"][0]["pulls"])
