@@ -14,6 +14,7 @@ import json
 import secrets
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -115,6 +116,7 @@ class RunStore:
         self._touch = redis.register_script(runscripts.TOUCH)
         self._cancel = redis.register_script(runscripts.CANCEL)
         self._exclude = redis.register_script(runscripts.EXCLUDE)
+        self._add = redis.register_script(runscripts.ADD)
 
     def create(
         self,
@@ -130,15 +132,19 @@ class RunStore:
         nodes: dict[str, dict[str, int]] | None = None,
         excluded: dict[str, dict[str, dict[str, str]]] | None = None,
         evicted: dict[str, list[str]] | None = None,
+        more: bool = False,
     ) -> bool:
         """Record a new run; returns True if it expects no pulls and is already complete.
+
+        With ``more``, the run is open: more pulls may follow (:meth:`add`), and it is not
+        complete before they are added, whatever has reported.
 
         Raises :class:`RunCancelled` if the run was cancelled while it was
         listing images (its record, written by the cancel, is left as it is).
         """
         now = now or self.now()
         per_node = Counter(node for node, _ in pulls)
-        complete = not pulls
+        complete = not pulls and not more
         record: dict[Any, Any] = {
             "id": run_id,
             "status": COMPLETED if complete else RUNNING,
@@ -152,6 +158,8 @@ class RunStore:
             "refused": json.dumps(refused),
             "wanted": wanted,
         }
+        if more:
+            record["open"] = 1
         if excluded:
             record["excluded"] = json.dumps(excluded, separators=(",", ":"))
         if evicted:
@@ -209,6 +217,17 @@ class RunStore:
         return int(self._exclude(keys=[keys.run(run_id), keys.run_done(run_id), keys.run_results(run_id),
                                        keys.ACTIVE, keys.LOCK],
                                  args=[run_id, json.dumps(excluded, separators=(",", ":")), _given(now)]))
+
+    def add(self, run_id: str, pulls: Iterable[tuple[str, str]], nodes: dict[str, dict[str, int]] | None = None,
+            now: float | None = None) -> int:
+        """Add ``pulls`` to an open run (see :meth:`create`) and close it; ``nodes``, the
+        per-node counts, replace those recorded. Returns 0 if the run is not running, 1 if it
+        goes on, 2 if it is now complete."""
+        per_node = Counter(node for node, _ in pulls)
+        return int(self._add(keys=[keys.run(run_id), keys.run_done(run_id), keys.run_results(run_id),
+                                   keys.ACTIVE, keys.LOCK],
+                             args=[run_id, json.dumps(dict(per_node), separators=(",", ":")), _given(now),
+                                   json.dumps(nodes, separators=(",", ":")) if nodes is not None else ""]))
 
     def status(self, run_id: str) -> str | None:
         return as_text(self.redis.hget(keys.run(run_id), "status"))

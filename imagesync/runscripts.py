@@ -21,6 +21,7 @@ end
 
 # A pull reports; returns -1 unknown run, 0 duplicate, 1 recorded,
 # 2 recorded and the run is now complete (lock released), 3 late report.
+# A run recorded ``open`` (more pulls may be added: ADD) is not complete before ADD closes it.
 # A script whose reply was lost is run again by redis-py's retry with the same
 # arguments: that re-run answers what the first run answered (the outcome JSON,
 # stamped with its finishing time, tells a re-run from a second delivery).
@@ -38,7 +39,8 @@ redis.call('HINCRBY', KEYS[1], 'p:' .. string.match(ARGV[2], '^[^ ]+') .. ':' ..
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 3 end
 local t = now(ARGV[5])
 redis.call('HSET', KEYS[1], 'last_progress', string.format('%.6f', t))
-if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expected')) then
+if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'expected'))
+        and redis.call('HGET', KEYS[1], 'open') ~= '1' then
     redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', string.format('%.6f', t), 'completed_by', ARGV[2])
     redis.call('ZREM', KEYS[4], ARGV[1])
     if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
@@ -141,7 +143,41 @@ end
 local expected = tonumber(redis.call('HGET', KEYS[1], 'expected')) - fewer
 redis.call('HSET', KEYS[1], 'expected', expected, 'expected_per_node',
            next(per_node) and cjson.encode(per_node) or '{}', 'excluded', cjson.encode(excluded))
-if redis.call('SCARD', KEYS[2]) < expected then
+if redis.call('SCARD', KEYS[2]) < expected or redis.call('HGET', KEYS[1], 'open') == '1' then
+    redis.call('PUBLISH', KEYS[1], 'running')
+    return 1
+end
+local finished = string.format('%.6f', now(ARGV[3]))
+redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', finished, 'last_progress', finished)
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+redis.call('PUBLISH', KEYS[1], 'completed')
+return 2
+"""
+
+# The run's start adds pulls it planned after the record was written (the tags its
+# registries moved, asked once the first pulls were on their way), and closes the
+# run: from now on, it is complete once every pull it expects has reported. ARGV[2]
+# is JSON, node -> pulls added; ARGV[4] the per-node counts for the exporter (JSON,
+# or empty to keep them). Only an open run takes pulls, so a re-run of the same call
+# adds nothing. Returns 0 if the run is not running, 1 if it goes on, 2 if it is now
+# complete (the lock released).
+ADD = NOW + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'open') == '1' then
+    local per_node = cjson.decode(redis.call('HGET', KEYS[1], 'expected_per_node') or '{}')
+    local added = 0
+    for node, count in pairs(cjson.decode(ARGV[2])) do
+        per_node[node] = (per_node[node] or 0) + count
+        added = added + count
+    end
+    local expected = tonumber(redis.call('HGET', KEYS[1], 'expected')) + added
+    redis.call('HSET', KEYS[1], 'expected', expected, 'expected_per_node',
+               next(per_node) and cjson.encode(per_node) or '{}')
+    if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'nodes', ARGV[4]) end
+    redis.call('HDEL', KEYS[1], 'open')
+end
+if redis.call('SCARD', KEYS[2]) < tonumber(redis.call('HGET', KEYS[1], 'expected')) then
     redis.call('PUBLISH', KEYS[1], 'running')
     return 1
 end

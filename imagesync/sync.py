@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter
@@ -28,25 +27,21 @@ from .errors import ImagesyncError
 from .lock import RunLock
 from .outcomes import Outcome
 from .pending import Pending
-from .planning import room
-from .planning.plan import NOT_FOR_NODE, Plan, Route
+from .planning import refresh, room
+from .planning.plan import Plan
 from .planning.planner import make_plan
 from .planning.platforms import PlatformCheck, batches
 from .planning.policy import policy_for
 from .runs import CANCELLED, RunCancelled, RunStore, new_run_id, summary_lines
 from .runstores import run_lock, run_store
+from .sending import Sender, SendPull, as_exclusions, interleaved, keep_off, node_counts
 from .survey import SendInventory, survey
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .inventory import Inventory
 
 log = logging.getLogger("imagesync")
-
-#: how often (in pulls sent) a long fan-out renews the lock
-RENEW_EVERY = 500
-
-#: send_pull(node, image, run_id, expires, route)
-SendPull = Callable[[str, str, str, float, Route], None]
 
 
 @dataclass
@@ -84,25 +79,32 @@ def plan_now(settings: Settings, targets: Iterable[str] | None = None, redis: Re
     """Inventory every node and plan, without changing anything; ``send_inventory`` queues
     the inventory tasks of agent nodes (needed with ``agents = true``). With ``platform_check``
     made to defer, the pairs that wait for a registry's verdict stay planned (see :func:`start_run`)."""
-    inventory = survey(settings, redis, send_inventory)
-    return make_plan(
-        inventory.images, settings.prefixes, settings.declared_images(), inventory.unreachable, targets,
-        facts=inventory.facts,
-        policy=policy_for(settings, redis, nodes=_known(settings, redis), platform_check=platform_check),
-        exclude=settings.exclude,
-    )
+    return plan_from(settings, survey(settings, redis, send_inventory), targets, redis, platform_check=platform_check)
 
 
 def plan_images(settings: Settings, images: Iterable[str], targets: Iterable[str] | None = None,
                 redis: Redis | None = None, send_inventory: SendInventory | None = None,
                 platform_check: PlatformCheck | None = None) -> Plan:
     """Inventory every node and plan a run whose wanted set is exactly ``images``."""
-    inventory = survey(settings, redis, send_inventory)
-    return make_plan(inventory.images, (), list(images), inventory.unreachable, targets,
-                     facts=inventory.facts,
-                     policy=policy_for(settings, redis, limited=True, nodes=_known(settings, redis),
-                                       platform_check=platform_check),
-                     exclude=settings.exclude)
+    return plan_from(settings, survey(settings, redis, send_inventory), targets, redis, list(images),
+                     platform_check)
+
+
+def plan_from(settings: Settings, inventory: Inventory, targets: Iterable[str] | None = None,
+              redis: Redis | None = None, images: list[str] | None = None,
+              platform_check: PlatformCheck | None = None, later: refresh.Later | None = None,
+              answers: Mapping[str, str] | None = None) -> Plan:
+    """The plan for ``inventory``: of the configured images, or exactly ``images``. ``later`` and
+    ``answers``: moved tags asked about after the first pulls (:class:`refresh.Later`)."""
+    limited = images is not None
+    return make_plan(
+        inventory.images, () if limited else settings.prefixes,
+        list(images or ()) if limited else settings.declared_images(), inventory.unreachable, targets,
+        facts=inventory.facts,
+        policy=policy_for(settings, redis, limited=limited, nodes=_known(settings, redis),
+                          platform_check=platform_check, later=later, answers=answers),
+        exclude=settings.exclude,
+    )
 
 
 def images_trigger(trigger: str, images: list[str], shown: int = 3) -> str:
@@ -168,16 +170,23 @@ def start_run(
         trigger = images_trigger(trigger, images)
     try:
         check = PlatformCheck(settings, redis, defer=True)
-        plan = (plan_now(settings, targets, redis, send_inventory, check) if images is None
-                else plan_images(settings, images, targets, redis, send_inventory, check))
-        awaiting = set(check.awaiting) & set(plan.pulls)
+        later = refresh.Later() if settings.refresh else None
+        inventory = survey(settings, redis, send_inventory)
+        plan = plan_from(settings, inventory, targets, redis, images, check, later)
+        waiting = later.waiting(plan) if later is not None and later.tags else set()
+        if later is not None and later.tags and not set(plan.pulls) - waiting - set(check.awaiting):
+            # no pull could go ahead of the registries' answers about the tags held: ask now
+            check, later, waiting = PlatformCheck(settings, redis, defer=True), None, set()
+            plan = plan_from(settings, inventory, targets, redis, images, check)
+        more = later is not None and bool(later.tags)
+        awaiting = (set(check.awaiting) & set(plan.pulls)) - waiting
         began = time.monotonic()  # the registries' one budget (registry.LOOKUP_BUDGET)
         in_turn = batches(awaiting)
-        while in_turn and len(awaiting) == plan.total:
+        while in_turn and len(awaiting) == plan.total - len(waiting):
             # no pull can go ahead of the registries' answers yet: ask, one batch at a time, until
             # one may (a run that would pull nothing is then known to be one before it is recorded)
             batch = in_turn.pop(0)
-            _keep_off(plan, check.settle(batch, began))
+            keep_off(plan, check.settle(batch, began))
             awaiting -= batch
         for node, reason in plan.skipped.items():
             log.warning("run %s: node %s skipped: %s", run_id, node, reason)
@@ -190,7 +199,7 @@ def start_run(
             log.warning("run %s: %s", run_id, line)
         room.remember(redis, plan, room.scope_for(settings, limited=images is not None))
         declared.remember(redis, settings, run_id)
-        pulls = interleaved(plan.missing)
+        pulls = [pull for pull in interleaved(plan.missing) if pull not in waiting]
         if settings.backup is not None:
             # what the backup must hold once the run completes (imagesync.backup)
             backupstore.BackupStore(redis).remember(run_id, backup.candidates(settings, plan))
@@ -207,6 +216,7 @@ def start_run(
             # a run limited to some images says nothing of the others: the exporter
             # keeps reading the per-node counts of the last full run
             nodes=node_counts(plan) if images is None else None,
+            more=more,
         )
         missed = missed_targets(plan, [*plan.holdings, *plan.skipped], targets)
         if complete:
@@ -221,12 +231,13 @@ def start_run(
         # The lock's TTL ran from before the inventory, which may have taken long.
         _keep_lock(lock, store, run_id, "after the inventory")
         per_node = Counter(node for node, _ in pulls)
-        log.info("run %s started by %s: %d pulls on %d nodes (%s)%s", run_id, trigger, plan.total,
+        log.info("run %s started by %s: %d pulls on %d nodes (%s)%s%s", run_id, trigger, len(pulls),
                  len(per_node), ", ".join(f"{n}: {c}" for n, c in sorted(per_node.items())),
-                 f"; {len(awaiting)} wait for their registry's platform verdict" if awaiting else "")
+                 f"; {len(awaiting)} wait for their registry's platform verdict" if awaiting else "",
+                 f"; {len(later.tags)} tags held are asked about after them" if later and more else "")
         expiry = {node: pull_expiry(settings, count) for node, count in per_node.items()}
-        sender = _Sender(send_pull, plan, run_id, expiry, lambda when: _keep_lock(lock, store, run_id, when))
-        sender.send([pull for pull in pulls if pull not in awaiting], len(pulls))
+        sender = Sender(send_pull, run_id, expiry, lambda when: _keep_lock(lock, store, run_id, when))
+        sender.send(plan, [pull for pull in pulls if pull not in awaiting], len(pulls))
         # the pulls that need no verdict are on their way; the others follow, a batch of images at a
         # time, as the registries answer
         kept_off: dict[tuple[str, str], str] = {}
@@ -234,8 +245,8 @@ def start_run(
         for batch in in_turn:
             judged = check.settle(batch, began)
             kept_off.update(judged)
-            _keep_off(plan, judged)
-            if judged and store.exclude(run_id, _as_exclusions(judged)) == 2:
+            keep_off(plan, judged)
+            if judged and store.exclude(run_id, as_exclusions(judged)) == 2:
                 # every pull it sent had reported: the run is complete, its lock released
                 if pending is not None:
                     pending.settle(taken)
@@ -243,10 +254,14 @@ def start_run(
                 return Started("started", run_id, f"run {run_id} started: {plan.total} pulls", plan.total, plan,
                                missed)
             _keep_lock(lock, store, run_id, "after a batch of platform verdicts")
-            sender.send(sorted(batch.difference(judged), key=order.__getitem__), len(pulls))
+            sender.send(plan, sorted(batch.difference(judged), key=order.__getitem__), len(pulls))
         if awaiting:
             log.info("run %s: platform verdicts in: %d pulls kept off (n/a), %d sent after the others",
                      run_id, len(kept_off), len(awaiting) - len(kept_off))
+        if more:
+            assert later is not None
+            plan = _moved_later(settings, redis, store, run_id, inventory, targets, images, later, waiting,
+                                sender, lambda when: _keep_lock(lock, store, run_id, when))
         _keep_lock(lock, store, run_id, "after sending every pull")
         if pending is not None:
             pending.settle(taken)
@@ -264,57 +279,32 @@ def start_run(
         finally:
             lock.release(run_id)
         raise
-    message = f"run {run_id} started: {plan.total} pulls" + (f"; {_missed_line(missed)}" if missed else "")
-    return Started("started", run_id, message, plan.total, plan, missed)
+    total = len(sender.sent)
+    message = f"run {run_id} started: {total} pulls" + (f"; {_missed_line(missed)}" if missed else "")
+    return Started("started", run_id, message, total, plan, missed)
 
 
-class _Sender:
-    """Sends a run's pulls, renewing its lock every :data:`RENEW_EVERY` pulls."""
+def _moved_later(settings: Settings, redis: Redis, store: RunStore, run_id: str, inventory: Inventory,
+                 targets: Iterable[str] | None, images: list[str] | None, later: refresh.Later,
+                 waiting: set[tuple[str, str]], sender: Sender, keep_lock: Callable[[str], None]) -> Plan:
+    """Once the first pulls are on their way: ask the registries about the tags held, plan again
+    with their answers, and add to the run what that plan adds (the moved tags' pulls, and the
+    pulls that waited for the answers, less the leftovers), then close the run. The plan again."""
+    answers = later.ask(settings)
+    keep_lock("after asking the registries about the tags held")
+    final = plan_from(settings, inventory, targets, redis, images, answers=answers)
+    added = [pull for pull in interleaved(final.missing)
+             if pull not in sender.sent and (pull in waiting or pull in final.moved)]
+    moved = sum(1 for pull in added if pull in final.moved)
+    log.info("run %s: %d moved tags to pull again, %d pulls that waited for the answers: %d pulls added",
+             run_id, moved, len(added) - moved, len(added))
+    for node, count in Counter(node for node, _ in added).items():
+        sender.expiry[node] = pull_expiry(settings, count)
+    if store.add(run_id, added, nodes=node_counts(final) if images is None else None) == 0:
+        return final  # the run ended meanwhile (cancelled): it takes no more pulls
+    sender.send(final, added, len(sender.sent) + len(added))
+    return final
 
-    def __init__(self, send_pull: SendPull, plan: Plan, run_id: str, expiry: Mapping[str, float],
-                 keep_lock: Callable[[str], None]) -> None:
-        self.send_pull, self.plan, self.run_id, self.expiry = send_pull, plan, run_id, expiry
-        self.keep_lock = keep_lock
-        self.sent = 0
-
-    def send(self, pulls: Iterable[tuple[str, str]], total: int) -> None:
-        for node, image in pulls:
-            self.send_pull(node, image, self.run_id, self.expiry[node], self.plan.route(node, image))
-            self.sent += 1
-            if self.sent % RENEW_EVERY == 0:
-                self.keep_lock(f"after sending {self.sent} of {total} pulls")
-
-
-def _keep_off(plan: Plan, kept_off: Mapping[tuple[str, str], str]) -> None:
-    for (node, image), reason in kept_off.items():
-        plan.exclude(node, image, NOT_FOR_NODE, reason)
-
-
-def _as_exclusions(kept_off: Mapping[tuple[str, str], str]) -> dict[str, dict[str, dict[str, str]]]:
-    found: dict[str, dict[str, dict[str, str]]] = {}
-    for (node, image), reason in kept_off.items():
-        found.setdefault(node, {})[image] = {"kind": NOT_FOR_NODE, "reason": reason}
-    return found
-
-
-def node_counts(plan: Plan) -> dict[str, dict[str, int]]:
-    """Per reachable node, of the wanted images: how many it holds and lacks, and
-    how many drifted tags (held by nodes under different digests) it holds.
-
-    Stored in the run record, so that ``imagesync exporter`` never asks a node.
-    """
-    drifted = Counter(node for drift in plan.drift for node in drift.digests)
-    counts = {}
-    for node in plan.holdings:
-        if node in plan.nodes:
-            missing = len(plan.missing.get(node, []))
-        else:  # reached but not a target of this run
-            missing = sum(1 for ref in plan.wanted if not plan.held(node, ref)[0])
-        excluded = len(plan.excluded.get(node, {}))
-        counts[node] = {"held": len(plan.wanted) - missing - excluded, "missing": missing,
-                        "excluded": excluded, "drifted": drifted[node],
-                        "evicted": len(plan.evicted.get(node, []))}
-    return counts
 
 
 def _missed_line(missed: Mapping[str, str]) -> str:
@@ -333,18 +323,6 @@ def _keep_lock(lock: RunLock, store: RunStore, run_id: str, when: str) -> None:
         holder = lock.holder()
         raise LockLost(f"run {run_id} lost its lock {when} (now held by {holder or 'nobody'}): "
                        "the inventory took longer than the lock's TTL; the run stops here")
-
-
-def interleaved(missing: Mapping[str, list[str]]) -> list[tuple[str, str]]:
-    """(node, image) pulls in rounds of one per node, so that every node's
-    worker has work within the first few messages sent.
-
-    Sent node by node, the last node's first pull waited behind every other
-    node's: with 50 nodes x 2,000 pulls at ~1,300 messages a second, that node
-    sat idle for 75 s; in rounds, it has work after 0.15 s (bench/README.md).
-    """
-    queues = [[(node, image) for image in images] for node, images in sorted(missing.items())]
-    return [pull for batch in itertools.zip_longest(*queues) for pull in batch if pull is not None]
 
 
 def finish_pull(settings: Settings, redis: Redis, run_id: str, outcome: Outcome) -> int:

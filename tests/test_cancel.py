@@ -167,14 +167,17 @@ def test_a_run_cancelled_during_its_fan_out_stops_sending(redis_server, redis_cl
         if len(sent) == 3:
             cancel_run(settings, redis_client, run_id, "ops@head")
 
-    with mock.patch("imagesync.sync.plan_now", lambda *_: _plan(10)), mock.patch("imagesync.sync.RENEW_EVERY", 2):
+    with mock.patch("imagesync.sync.survey", lambda *_: None), \
+            mock.patch("imagesync.sync.plan_from", lambda *_, **__: _plan(10)), \
+            mock.patch("imagesync.sending.RENEW_EVERY", 2):
         started = start_run(settings, redis_client, send, trigger="cli")
     assert started.status == "cancelled"
     assert "sends no more pulls" in started.message
     assert len(sent) == 4  # the lock is renewed every 2 pulls: the cancel is seen at the next renewal
     assert _store(redis_client).status(started.run_id) == CANCELLED
     # a new run starts at once
-    with mock.patch("imagesync.sync.plan_now", lambda *_: _plan(1)):
+    with mock.patch("imagesync.sync.survey", lambda *_: None), \
+            mock.patch("imagesync.sync.plan_from", lambda *_, **__: _plan(1)):
         again = start_run(settings, redis_client, lambda *pull: None, trigger="cli")
     assert again.status == "started"
     assert _store(redis_client).status(again.run_id) == RUNNING

@@ -154,3 +154,30 @@ def test_a_tag_pushed_again_reaches_every_node_through_the_webhook(d):
     assert {node: (r["status"], r["replaced"], r["digest"]) for node, r in results.items()} == {
         node: ("updated", old, new) for node in NODES}
     assert "Traceback" not in d.services.log("webhook")
+
+
+def test_a_run_asks_about_its_tags_held_after_sending_the_pulls_that_need_no_answer(d):
+    """The registry answering 2 s late: the pulls of an image two nodes lack start at once, and
+    those of a tag the registry has moved follow, in the same run, once it has said so (before,
+    no pull started before every tag held had its answer)."""
+    old = digests(d, d.app)["node-1"]
+    fresh = d.cluster.ref("bcm11/fresh:1")
+    d.cluster.seed({"node-1": ["bcm11/fresh:1"]})
+    new = d.cluster.registry.push_image("bcm11/app", "latest", size=1536)  # not through the proxy: no webhook
+    assert new != old
+    latency = 2.0
+    began = time.time()
+    d.cluster.proxy.latency(latency)
+    try:
+        run = sync(d)
+    finally:
+        d.cluster.proxy.latency(0)
+    assert run["status"] == "completed" and run["counts"] == {"pulled": 2, "updated": 3}, run
+    starts = {(node, p.ref): p.start for node in NODES for p in d.cluster.node(node).pulls() if p.start >= began}
+    fresh_started = max(when for (_, ref), when in starts.items() if ref == fresh)
+    moved_started = min(when for (_, ref), when in starts.items() if ref == d.app)
+    measured("first pulls ahead of the moved tags' pulls", f"{moved_started - fresh_started:.2f} s")
+    # the moved tags' pulls waited for the answers (one round trip of 2 s); the others did not
+    assert moved_started - fresh_started > latency * 0.6, starts
+    assert digests(d, d.app) == {node: new for node in NODES}
+    assert set(digests(d, fresh).values()) == {d.cluster.digests[fresh]}

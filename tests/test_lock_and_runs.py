@@ -85,6 +85,43 @@ def test_the_last_pull_completes_the_run_and_releases_its_lock(redis_client):
     assert any("not found" in line for line in lines)
 
 
+def test_an_open_run_waits_for_the_pulls_added_to_it_before_it_completes(redis_client):
+    """A run whose moved tags are asked about after its first pulls is recorded open: every
+    pull it expects so far reporting does not complete it; the pulls added later do."""
+    store = _store(redis_client)
+    lock = RunLock(redis_client, ttl=60)
+    lock.acquire("r1")
+    store.create("r1", trigger="test", pulls=[("w1", "nvcr.io/nvidia/a:1")], skipped={}, drift=[], refused=[],
+                 wanted=2, more=True)
+    assert store.record("r1", Outcome("w1", "nvcr.io/nvidia/a:1", "pulled", 1.0)) == 1
+    assert store.status("r1") == RUNNING and lock.holder() == "r1"
+    # the answers: one moved tag on two nodes
+    moved = [("w1", "nvcr.io/nvidia/b:1"), ("w2", "nvcr.io/nvidia/b:1")]
+    assert store.add("r1", moved, nodes={"w1": {"held": 2, "missing": 1}}) == 1
+    # a re-run of the same call (a lost reply) adds nothing
+    assert store.add("r1", moved) == 1
+    run = store.get("r1")
+    assert run.expected == 3 and run.expected_per_node == {"w1": 2, "w2": 1}
+    assert store.record("r1", Outcome("w1", "nvcr.io/nvidia/b:1", "updated", 1.0)) == 1
+    assert store.record("r1", Outcome("w2", "nvcr.io/nvidia/b:1", "updated", 1.0)) == 2
+    assert store.status("r1") == COMPLETED and lock.holder() is None
+
+
+def test_an_open_run_whose_pulls_all_reported_completes_when_nothing_is_added(redis_client):
+    store = _store(redis_client)
+    lock = RunLock(redis_client, ttl=60)
+    lock.acquire("r2")
+    store.create("r2", trigger="test", pulls=[("w1", "nvcr.io/nvidia/a:1")], skipped={}, drift=[], refused=[],
+                 wanted=1, more=True)
+    assert store.record("r2", Outcome("w1", "nvcr.io/nvidia/a:1", "pulled", 1.0)) == 1
+    assert store.exclude("r2", {}) == 1  # a platform verdict meanwhile: still open
+    assert store.status("r2") == RUNNING
+    assert store.add("r2", []) == 2
+    assert store.status("r2") == COMPLETED and lock.holder() is None
+    # a run that ended takes no pulls
+    assert store.add("r2", [("w1", "nvcr.io/nvidia/c:1")]) == 0
+
+
 def test_stale_runs_are_abandoned_with_their_lock_released(redis_client):
     store = _store(redis_client, stale_after=60)
     lock = RunLock(redis_client, ttl=60)
@@ -221,7 +258,7 @@ def test_a_start_that_fails_releases_the_lock_even_when_recording_the_failure_fa
     def abandon_fails(*_args, **_kwargs):
         raise redis_py.exceptions.ConnectionError("Redis went away")
 
-    monkeypatch.setattr(sync, "plan_now", inventory_fails)
+    monkeypatch.setattr(sync, "survey", inventory_fails)
     monkeypatch.setattr(RunStore, "abandon", abandon_fails)
     with pytest.raises(redis_py.exceptions.ConnectionError):
         sync.start_run(settings, redis_client, lambda *args: None)
@@ -245,7 +282,8 @@ def test_a_new_trigger_ends_a_stale_run_and_starts_its_own(redis_client, redis_s
     store.create("stuck", trigger="schedule", pulls=[("w1", "bcm11/a:1")], skipped={}, drift=[], refused=[],
                  wanted=1, now=store.now() - store.stale_after - 1)
     assert store.stale() == ["stuck"]
-    monkeypatch.setattr(sync, "plan_now", lambda *_args, **_kwargs: make_plan({"w1": []}, settings.prefixes))
+    monkeypatch.setattr(sync, "survey", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr(sync, "plan_from", lambda *_args, **_kwargs: make_plan({"w1": []}, settings.prefixes))
 
     caplog.set_level("INFO", logger="imagesync")
     started = sync.start_run(settings, redis_client, lambda *args: None, trigger="manual")

@@ -9,7 +9,7 @@ in the route and a fetcher in :data:`imagesync.pulls.SOURCES`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from . import labels, platforms, refresh, room
@@ -22,18 +22,20 @@ if TYPE_CHECKING:
 
 
 def policy_for(settings: Settings, redis: Redis | None = None, limited: bool = False,
-               nodes: Iterable[str] = (), platform_check: platforms.PlatformCheck | None = None) -> Policy:
+               nodes: Iterable[str] = (), platform_check: platforms.PlatformCheck | None = None,
+               later: refresh.Later | None = None, answers: Mapping[str, str] | None = None) -> Policy:
     """The policy of ``settings``; ``redis`` holds what earlier runs learned of ``nodes``
     (every node a run may target; conditions that need Redis do without, and say so,
     when it is None). ``limited``: the run wants only some images (it cannot tell about
     the others). ``platform_check``: the platform condition to use, one that a run
     settles after sending the pulls that need no registry's answer (by default, the
-    condition asks the registries itself)."""
+    condition asks the registries itself). ``later`` and ``answers``: moved tags asked
+    about after the first pulls, and the answers then (:class:`refresh.Later`)."""
     conditions: list[Condition] = []
     conditions.append(platforms.per_architecture(settings.per_architecture()))
     if settings.refresh:
         # moved tags: a node holding a tag under another digest than its registry names now pulls it again
-        conditions.append(refresh.moved_tags(settings, redis=redis))
+        conditions.append(refresh.moved_tags(settings, redis=redis, later=later, answers=answers))
     # labels after refresh: a node outside an image's selection is neither given it nor updated
     conditions.append(labels.label_condition(settings, redis))
     conditions.append(platform_check or platforms.platform_condition(settings, redis))

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .. import keys, references
 from ..registry import LOOKUP_BUDGET, RegistryClient, current_all
-from .plan import Condition, Plan
+from .plan import REGISTRY, Condition, Plan
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -47,22 +47,67 @@ log = logging.getLogger("imagesync")
 MOVED_TTL = 90 * 24 * 3600
 
 
+class Later:
+    """Moved tags asked about after the first pulls (``later`` of :func:`moved_tags`).
+
+    The condition then asks nothing: it notes the tags to ask about (:attr:`tags`) and the
+    digest names an answer may turn into leftovers (:attr:`leftovers`), and moves no tag. The
+    run sends the pulls that depend on no answer (:meth:`waiting` tells them apart), then
+    asks (:meth:`ask`), and plans again with the answers (``answers`` of :func:`moved_tags`):
+    what that plan adds, the moved tags' pulls first among them, follows in the same run.
+    """
+
+    def __init__(self) -> None:
+        #: the wanted tags a target node holds under a known digest
+        self.tags: list[str] = []
+        #: the wanted ``repo@digest`` names of those tags' repositories
+        self.leftovers: set[str] = set()
+
+    def waiting(self, plan: Plan) -> set[tuple[str, str]]:
+        """The planned pulls an answer may change: a digest name that may be a moved tag's
+        leftover, and a tag asked about that is copied from its holders first (a copy must
+        arrive under the digest the registry names now). A tag pulled from its registry first
+        gets the digest the registry names, whatever the answer."""
+        tags = set(self.tags)
+        return {(node, image) for node, image in plan.pulls
+                if image in self.leftovers or (image in tags and plan.route(node, image).sources[0] != REGISTRY)}
+
+    def ask(self, settings: Settings, client: RegistryClient | None = None,
+            budget: float = LOOKUP_BUDGET) -> dict[str, str]:
+        """tag -> the digest its registry names now, for :attr:`tags`."""
+        return _ask(settings, client, self.tags, budget)
+
+
+def _ask(settings: Settings, client: RegistryClient | None, tags: list[str], budget: float) -> dict[str, str]:
+    began = time.monotonic()
+    now = current_all(client or RegistryClient(settings), tags, budget)
+    log.info("current digests of %d of %d tags from their registries in %.2f s",
+             len(now), len(tags), time.monotonic() - began)
+    return now
+
+
 def moved_tags(settings: Settings, client: RegistryClient | None = None, budget: float = LOOKUP_BUDGET,
-               redis: Redis | None = None) -> Condition:
+               redis: Redis | None = None, later: Later | None = None,
+               answers: Mapping[str, str] | None = None) -> Condition:
     """The condition that makes every target node holding a wanted tag under a digest its
     registry no longer names pull it again, and keeps the old digests' names from spreading
-    (remembered in ``redis``; without it, only those of this plan)."""
+    (remembered in ``redis``; without it, only those of this plan).
+
+    With ``later``, it asks nothing and moves nothing yet (see :class:`Later`); with
+    ``answers`` (tag -> digest, asked already), it goes by them instead of asking."""
     per_arch = frozenset(settings.per_architecture())
     declared = references.normalized(settings.declared_images())
 
     def condition(plan: Plan) -> None:
         held = tags_held(plan, per_arch)
         left: set[str] = set()
-        if held:
-            began = time.monotonic()
-            now = current_all(client or RegistryClient(settings), held, budget)
-            log.info("current digests of %d of %d tags from their registries in %.2f s",
-                     len(now), len(held), time.monotonic() - began)
+        if held and later is not None:
+            later.tags = held
+            repositories = {references.parse(tag).repository for tag in held}
+            later.leftovers = {ref for ref in plan.wanted if "@" in ref and ref not in declared
+                               and references.parse(ref).repository in repositories}
+        elif held:
+            now = _ask(settings, client, held, budget) if answers is None else dict(answers)
             for image, digest in sorted(now.items()):
                 for node in plan.nodes:
                     holds, old = plan.held(node, image)
