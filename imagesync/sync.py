@@ -2,7 +2,9 @@
 
 * :func:`start_run` takes the lock, inventories every node, plans, records the
   run and hands each (node, image) pull to ``send_pull``: first those that need
-  no registry's platform verdict, then the others as the verdicts come in.
+  no registry's answer, then those that wait for a platform verdict as the
+  verdicts come in, and last the pulls of the tags the registries have moved
+  (asked about while the first pulls run), added to the run.
 * :func:`finish_pull` records a pull's outcome, writes its log lines, and, for
   the pull that completes the run, the summary.
 * :func:`finalize_stale` ends runs that stopped making progress.

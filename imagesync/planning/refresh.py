@@ -10,6 +10,9 @@ it again (:meth:`Plan.move <imagesync.planning.plan.Plan.move>`): its route name
 both digests, so that the pull fetches the tag although the node holds its
 name, and reports "updated".
 
+A run asks after sending the pulls that no answer can change (:class:`Later`); ``plan``
+asks as it plans.
+
 What the registry cannot settle (it does not answer, or the tag is gone there)
 stays as it was: tag drift, reported, and no failure.
 
