@@ -18,6 +18,12 @@ CONTROL_QUEUE = "imagesync"
 #: whatever the backups do, which hold one at most (``tasks.BACKUPS_AT_ONCE``)
 CONTROL_CONCURRENCY = 3
 
+#: whether the Celery app (:mod:`imagesync.celery`) reads the OpenSSH client configuration
+#: with the settings it loads. A worker or beat does, so that a broken line there stops it
+#: before it starts; a command that only sends tasks and reaches no node over SSH itself
+#: (``imagesync sync``) sets this False before it imports the app, and so never loads paramiko.
+APP_READS_SSH_CONFIG = True
+
 
 #: every node's queue is this, then the node's name
 NODE_QUEUE_PREFIX = "node."

@@ -100,11 +100,16 @@ class CommandError(ImagesyncError):
         self.code = code
 
 
-def read_settings() -> Settings:
-    """The configuration, as every command reads it (a :class:`ConfigError` ends the command)."""
+def read_settings(ssh: bool = True) -> Settings:
+    """The configuration, as every command reads it (a :class:`ConfigError` ends the command).
+
+    A command that reaches no node over SSH in this process passes ``ssh=False``:
+    the OpenSSH client configuration is then not read, nor paramiko imported
+    (``load_settings``).
+    """
     from ..config import load_settings
 
-    return load_settings()
+    return load_settings(ssh=ssh)
 
 
 def redis_client(settings: Settings, ping: bool = True, socket_timeout: float = 30):

@@ -4,6 +4,10 @@
 A run is started through Celery and recorded in Redis; these commands read the
 record to show progress and summaries. They print through the consoles of
 ``common``, looked up when they print, so that a test can replace them.
+
+None of them reaches a node over SSH in this process (the workers do), so they
+read the settings without the OpenSSH client configuration (``ssh=False``), and
+never import paramiko or Fabric.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ if TYPE_CHECKING:
 def cmd_sync(args: argparse.Namespace) -> int:
     from ..agents import check_targets
 
-    settings = read_settings()
+    settings = read_settings(ssh=False)
     # a node name is checked first: against the configuration alone, unless agents
     # announce nodes, which only Redis knows
     redis = redis_client(settings) if settings.agents else None
@@ -35,8 +39,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     redis = redis or redis_client(settings)
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    from .. import keys
+    from .. import celeryconfig, keys
     from ..budgets import SYNC_TIME_LIMIT
+
+    celeryconfig.APP_READS_SSH_CONFIG = False  # as read_settings above: the workers reach the nodes
     from ..celery import app
     from ..celeryconfig import CONTROL_QUEUE
 
@@ -168,7 +174,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from ..runstores import run_store
     from ..sync import NotCancelled, cancel_run
 
-    settings = read_settings()
+    settings = read_settings(ssh=False)
     redis = redis_client(settings)
     # the summary goes where the workers write theirs: the day's image-sync.log
     logs.setup(settings.log_dir, stderr=False)
@@ -187,7 +193,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from ..runstores import run_store
 
-    settings = read_settings()
+    settings = read_settings(ssh=False)
     store = run_store(settings, redis_client(settings))
     if args.run:
         run = store.get(args.run)

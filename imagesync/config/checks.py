@@ -6,6 +6,10 @@ carry the final line, less its location, so that :mod:`.problems` is left with
 the shape of the document.  ``_show``, ``_suggest`` and :func:`mask_url` are
 shared with the readers (:mod:`.sources`, :mod:`.shellconf`) for their own
 problem lines.
+
+Celery's crontab parser and redis-py are imported by the checks that use them,
+when a value is checked: a command that needs neither (``imagesync history``
+needs no Celery) does not load them for the rest of the settings.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import parse_qs, urlsplit
 
-from celery.schedules import crontab_parser
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
-from redis import ConnectionPool, RedisError
 
 from .. import references
 from ..errors import RefusedReference
@@ -266,6 +268,8 @@ def _schedule(value: Any) -> int | str:
             f"{_show(value)} is not a crontab expression: write five fields, "
             "minute hour day-of-month month day-of-week, such as '*/30 * * * *', or a number of seconds"
         )
+    from celery.schedules import crontab_parser
+
     for (name, bounds, allowed), text in zip(_CRONTAB_FIELDS, fields, strict=True):
         try:
             crontab_parser(*bounds).parse(text)
@@ -300,6 +304,8 @@ def _redis_url_problem(url: str) -> str | None:
         except ValueError as exc:
             return f"{exc}: fix the URL"
         return None
+    from redis import ConnectionPool, RedisError
+
     try:
         options = parse_qs(urlsplit(url).query)
         tls = sorted(name for name in options if name.startswith("ssl_"))

@@ -135,12 +135,19 @@ class _Document:
         return {key: self.sources.get(key, "default") for key in keys}
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None, *,
+                  ssh: bool = True) -> Settings:
     """Read the configuration, apply the environment over it and validate it.
 
     ``path`` defaults to ``$IMAGESYNC_CONFIG``, then :data:`DEFAULT_CONFIG_PATH`;
     ``environ`` to ``os.environ``.  Raises :class:`ConfigError` listing every
     problem found, and nothing else.
+
+    With ``ssh`` (the default), the OpenSSH client configuration of every SSH
+    node is read here too, so that a broken line there is one of these
+    problems.  A caller that reaches no node over SSH itself (``imagesync
+    sync``, ``history``) passes ``ssh=False``: it is then read, and paramiko
+    imported, only if :meth:`Settings.ssh_target` is ever asked.
     """
     environ = os.environ if environ is None else environ
     chosen = _config_path(path, environ)
@@ -165,7 +172,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     settings._sources = document.all_sources()
     settings._path = chosen
     # the OpenSSH client configuration, once the rest is valid: a broken line there is a problem too
-    ssh_problems = settings.resolve_ssh()
+    ssh_problems = settings.resolve_ssh() if ssh else []
     if ssh_problems:
         raise ConfigError([" ".join(problem.splitlines()) for problem in ssh_problems], source=str(chosen))
     return settings

@@ -16,6 +16,10 @@ A jump host is reached as ``ssh JUMP`` would reach it: ProxyJump's own
 ``[ssh]`` user and key as fallbacks; known_hosts, host_key_policy and
 connect_timeout are the same as for the node.
 
+paramiko is imported when the files are first read (:class:`SSHClientConfig`),
+not with this module: a command that reaches no node over SSH (``imagesync
+sync``, ``history``) never loads it.
+
 paramiko does not follow ``Include``; this module does, by inlining the
 included files before paramiko parses the text (inside a Host or Match block,
 their own blocks apply only where the enclosing one does, as in OpenSSH).  It
@@ -39,11 +43,9 @@ import shlex
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import paramiko
-from paramiko.config import SSHConfigDict
 
 from .checks import _show, _suggest
 
@@ -112,32 +114,42 @@ class _Scope:
     where: str
 
 
-class _TracedSSHConfig(paramiko.SSHConfig):  # type: ignore[misc]
-    """paramiko's SSHConfig, also noting which block gave each option of a lookup."""
+@cache
+def _traced_config_class() -> type:
+    """paramiko's SSHConfig, also noting which block gave each option of a lookup.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.origins: dict[str, int] = {}
+    Made on first use, so that paramiko is imported only when an SSH
+    configuration is read.
+    """
+    import paramiko
+    from paramiko.config import SSHConfigDict
 
-    def _lookup(self, hostname, options=None, canonical=False, final=False):  # type: ignore[no-untyped-def]
-        # paramiko's own _lookup, plus the line that records the block
-        if options is None:
-            options = SSHConfigDict()
-        for index, context in enumerate(self._config):
-            if not (
-                self._pattern_matches(context.get("host", []), hostname)
-                or self._does_match(context.get("matches", []), hostname, canonical, final, options)
-            ):
-                continue
-            for key, value in context["config"].items():
-                if key not in options:
-                    options[key] = value[:] if value is not None else value
-                    self.origins[key] = index
-                elif key == "identityfile":
-                    options[key].extend(x for x in value if x not in options[key])
-        if final:
-            options = self._expand_variables(options, hostname)
-        return options
+    class _TracedSSHConfig(paramiko.SSHConfig):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.origins: dict[str, int] = {}
+
+        def _lookup(self, hostname, options=None, canonical=False, final=False):  # type: ignore[no-untyped-def]
+            # paramiko's own _lookup, plus the line that records the block
+            if options is None:
+                options = SSHConfigDict()
+            for index, context in enumerate(self._config):
+                if not (
+                    self._pattern_matches(context.get("host", []), hostname)
+                    or self._does_match(context.get("matches", []), hostname, canonical, final, options)
+                ):
+                    continue
+                for key, value in context["config"].items():
+                    if key not in options:
+                        options[key] = value[:] if value is not None else value
+                        self.origins[key] = index
+                    elif key == "identityfile":
+                        options[key].extend(x for x in value if x not in options[key])
+            if final:
+                options = self._expand_variables(options, hostname)
+            return options
+
+    return _TracedSSHConfig
 
 
 @dataclass(frozen=True)
@@ -170,13 +182,15 @@ class SSHClientConfig:
     """
 
     def __init__(self, files: Sequence[tuple[Path, bool]]) -> None:
+        import paramiko
+
         self.files = [path for path, _ in files]
         self.problems: list[str] = []
         self._blocks: list[_Block] = []
         self._text: list[str] = []
         for path, user in files:
             self._read(path, user, 0, None)
-        self._config = _TracedSSHConfig()
+        self._config = _traced_config_class()()
         self._lock = threading.Lock()
         try:
             self._config.parse(io.StringIO("".join(line + "\n" for line in self._text)))
@@ -200,6 +214,7 @@ class SSHClientConfig:
             self._problem(str(path), f"cannot read it ({exc.strerror or exc}): fix its mode, or set ssh.config_file")
             return
         text = data.decode("utf-8", "replace")
+        settings_line = _settings_regex()
         if outer is None or not outer.criteria:
             # ssh starts every file afresh: lines before its first Host apply to every host
             scope = _Scope((), "Host *", f"top of {path}", f"{path} line 1")
@@ -211,7 +226,7 @@ class SSHClientConfig:
             if not line or line.startswith("#"):
                 continue
             where = f"{path} line {number}"
-            match = paramiko.SSHConfig.SETTINGS_REGEX.match(line)
+            match = settings_line.match(line)
             if not match:
                 self._problem(where, f"{_show(line)} is not a 'Keyword value' line: give the keyword its value")
                 continue
@@ -289,6 +304,13 @@ class SSHClientConfig:
             origins = dict(self._config.origins)
         # paramiko's first context is its own, empty one: block i is context i + 1
         return _Found(options, {key: self._blocks[index - 1] for key, index in origins.items() if index > 0})
+
+
+def _settings_regex() -> re.Pattern[str]:
+    """paramiko's own pattern of a ``Keyword value`` line, so that what passes here parses there."""
+    import paramiko
+
+    return paramiko.SSHConfig.SETTINGS_REGEX  # type: ignore[no-any-return]
 
 
 def _check_match(words: list[str]) -> tuple[str, ...] | str:

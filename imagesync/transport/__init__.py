@@ -18,21 +18,39 @@ one per node per process.
 
 Library errors (paramiko, socket) are translated here into
 :mod:`imagesync.errors`, so nothing above this module sees them.
+
+:mod:`.ssh` (Fabric and paramiko, a tenth of a second to import) is imported
+when the first SSH transport is made, not with this package: ``imagesync
+sync`` or an agent, which reach no node over SSH in their own process, never
+load it.  ``SSHTransport`` and ``HANDSHAKE_RETRIES`` are still names of this
+package (:func:`__getattr__`).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NodeError
 from .base import PROGRESS_TAIL, CommandResult, Stream, Transport
 from .local import LocalTransport
-from .ssh import HANDSHAKE_RETRIES, SSHTransport
 
 if TYPE_CHECKING:
     from ..config import Node, Settings, SSHTarget
+    from .ssh import HANDSHAKE_RETRIES, SSHTransport
+
+#: the names of :mod:`.ssh` this package gives, looked up there on first use
+_FROM_SSH = ("HANDSHAKE_RETRIES", "SSHTransport")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _FROM_SSH:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".ssh", __name__), name)
+    globals()[name] = value
+    return value
 
 _cache: dict[tuple[int, str], Transport] = {}
 _cache_lock = threading.Lock()
@@ -69,6 +87,8 @@ def make_transport(settings: Settings, node: Node) -> Transport:
     # host, port, user, keys, known_hosts, timeout and jump host as imagesync's
     # settings and the OpenSSH client configuration give them (config.sshconfig)
     target = settings.ssh_target(node)
+    from .ssh import SSHTransport
+
     return SSHTransport(
         node.name,
         host=target.host,
@@ -86,6 +106,8 @@ def _jump_transport(jump: SSHTarget, host_key_policy: str, node: str) -> SSHTran
     """The transport of a jump host, shared by the nodes behind it in this process."""
     key = (os.getpid(), jump.host, jump.port, jump.user, jump.key_files, jump.known_hosts, host_key_policy,
            jump.connect_timeout)
+    from .ssh import SSHTransport
+
     with _jumps_lock:
         transport = _jumps.get(key)
         if transport is None:
