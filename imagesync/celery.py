@@ -1,9 +1,9 @@
 """The Celery app, found by ``celery -A imagesync worker|beat|flower|call``.
 
 Configuration is read once, here; a process with an invalid configuration
-prints every problem and exits 2 before it starts anything.  The OpenSSH client
-configuration is part of it unless the process only sends tasks
-(``celeryconfig.APP_READS_SSH_CONFIG``).
+prints every problem and exits 2 before it starts anything (the OpenSSH client
+configuration included). A command that only sends tasks uses
+:func:`imagesync.celeryconfig.client_app` instead.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import NoReturn
 
 from celery import Celery
 
-from . import celeryconfig
 from .agents import serving
 from .celeryconfig import celery_settings
 from .config import load_settings
@@ -29,7 +28,7 @@ def refuse(error: ConfigError) -> NoReturn:
 
 try:
     # a worker started by `imagesync agent` also knows the node it serves (imagesync.agents)
-    settings = serving(load_settings(ssh=celeryconfig.APP_READS_SSH_CONFIG))
+    settings = serving(load_settings())
 except ConfigError as exc:
     refuse(exc)
 

@@ -18,12 +18,6 @@ CONTROL_QUEUE = "imagesync"
 #: whatever the backups do, which hold one at most (``tasks.BACKUPS_AT_ONCE``)
 CONTROL_CONCURRENCY = 3
 
-#: whether the Celery app (:mod:`imagesync.celery`) reads the OpenSSH client configuration
-#: with the settings it loads. A worker or beat does, so that a broken line there stops it
-#: before it starts; a command that only sends tasks and reaches no node over SSH itself
-#: (``imagesync sync``) sets this False before it imports the app, and so never loads paramiko.
-APP_READS_SSH_CONFIG = True
-
 
 #: every node's queue is this, then the node's name
 NODE_QUEUE_PREFIX = "node."
@@ -105,3 +99,14 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         conf["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         conf["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return conf
+
+
+def client_app(settings: Settings):  # type: ignore[no-untyped-def]
+    """A Celery app that sends imagesync's tasks by name and reads their results, configured
+    from ``settings`` as the workers' (:mod:`imagesync.celery`). For a command that only sends
+    tasks: it reads the configuration once, as it already has, and imports no task module."""
+    from celery import Celery
+
+    app = Celery("imagesync", set_as_current=False)
+    app.conf.update(celery_settings(settings))
+    return app

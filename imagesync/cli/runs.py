@@ -39,14 +39,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     redis = redis or redis_client(settings)
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    from .. import celeryconfig, keys
+    from .. import keys
     from ..budgets import SYNC_TIME_LIMIT
+    from ..celeryconfig import CONTROL_QUEUE, client_app
 
-    celeryconfig.APP_READS_SSH_CONFIG = False  # as read_settings above: the workers reach the nodes
-    from ..celery import app
-    from ..celeryconfig import CONTROL_QUEUE
-
-    result = app.send_task("imagesync.sync", kwargs={"trigger": "cli", "nodes": args.node}, queue=CONTROL_QUEUE)
+    result = client_app(settings).send_task("imagesync.sync", kwargs={"trigger": "cli", "nodes": args.node},
+                                            queue=CONTROL_QUEUE)
     try:
         started = result.get(timeout=args.timeout, propagate=False)
     except CeleryTimeout:
