@@ -180,8 +180,9 @@ class Deployment:
         self.config_path = root / "imagesync.toml"
         env = {}
         if whatif:
-            # bench/whatif/sitecustomize.py changes the workers as BENCH_WHATIF says
-            path = [str(WHATIF), os.environ.get("PYTHONPATH", "")]
+            # bench/whatif/sitecustomize.py changes the workers as BENCH_WHATIF says; it imports
+            # imagesync before ``-m`` puts the working directory on the path: this tree's, then
+            path = [str(WHATIF), str(WHATIF.parents[1]), os.environ.get("PYTHONPATH", "")]
             env = {"BENCH_WHATIF": whatif, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         self.services = Services(self.config_path, root / "services", env=env)
         self._app: Any = None

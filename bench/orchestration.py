@@ -10,13 +10,17 @@ Pulls of a known time come from a crictl on each node that sleeps for the pull
 (``sleep_crictl``): on a real cluster the runtime's own work runs on the node's
 CPUs, but here all nodes share this machine's cores, and the test cluster's
 Python crictl costs ~0.15 CPU-seconds per call, which would turn this into a
-measure of the machine. ``--real`` adds one run through real containerd and
+measure of the machine. With ``held``, every node also holds that many other
+tags of the prefix under the digest the registry names for them: nothing to
+pull, but ``refresh`` asks the registry about each before the first pull.
+``--real`` adds one run through real containerd and
 the registry proxy's ``delay`` for comparison.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .common import (
@@ -34,11 +38,14 @@ from .common import (
 MAX_PARALLEL = 4
 NODES = 4
 TARGET = 1.02
+_REFRESHED = re.compile(r"current digests of (\d+) of (\d+) tags from their registries in ([\d.]+) s")
 
 _SLEEP_CRICTL = r"""#!/bin/bash
 # crictl for the orchestration benchmark: a pull takes exactly @SECONDS@ s and
-# next to nothing else; the node's images are the lines of @HELD@.
+# next to nothing else; the node's images are the lines of @HELD@ (no digest
+# known) and the "REF REPO@DIGEST" lines of @DIGESTS@ (held under that digest).
 held=@HELD@
+digests=@DIGESTS@
 while [ $# -gt 0 ]; do
   case "$1" in
     -i|--image-endpoint|-r|--runtime-endpoint|-t|--timeout) shift 2 ;;
@@ -49,7 +56,9 @@ done
 case "$1" in
   images)
     printf '{"images":['
-    sed 's/.*/{"id":"sha256:bench","repoTags":["&"],"repoDigests":[],"size":"1"}/' "$held" | paste -sd, -
+    { sed 's/.*/{"id":"sha256:bench","repoTags":["&"],"repoDigests":[],"size":"1"}/' "$held"
+      sed 's/^\([^ ]*\) \([^ ]*\)$/{"id":"sha256:bench","repoTags":["\1"],"repoDigests":["\2"],"size":"1"}/' "$digests"
+    } | paste -sd, -
     printf ']}\n' ;;
   pull)
     log=${CRICTL_PULL_LOG:-/dev/null}
@@ -58,7 +67,9 @@ case "$1" in
     echo "$2" >> "$held"
     echo "end $EPOCHREALTIME $2 $$ ok" >> "$log"
     echo "Image is up to date for sha256:bench" ;;
-  inspecti) grep -qxF -- "${@: -1}" "$held" || { echo "no such image \"${@: -1}\" present" >&2; exit 1; } ;;
+  inspecti)
+    grep -qxF -- "${@: -1}" "$held" || awk -v r="${@: -1}" '$1 == r {print $2; f = 1} END {exit !f}' "$digests" \
+      || { echo "no such image \"${@: -1}\" present" >&2; exit 1; } ;;
   --version|version) echo "crictl version v1.26.0 (benchmark shim)" ;;
   *) echo "benchmark crictl: unsupported: $*" >&2; exit 1 ;;
 esac
@@ -69,13 +80,23 @@ def install_sleep_crictl(node: Any, seconds: float) -> None:
     """Replace the node's crictl with one whose pulls sleep ``seconds`` (see module doc)."""
     held = node.workdir / "bench-held.txt"
     held.write_text("")
+    digests = node.workdir / "bench-held-digests.txt"
+    digests.write_text("")
     crictl = node.bin_dir / "crictl"
-    crictl.write_text(_SLEEP_CRICTL.replace("@SECONDS@", repr(seconds)).replace("@HELD@", str(held)))
+    crictl.write_text(_SLEEP_CRICTL.replace("@SECONDS@", repr(seconds)).replace("@HELD@", str(held))
+                      .replace("@DIGESTS@", str(digests)))
     crictl.chmod(0o755)
 
 
 def set_held(node: Any, refs: list[str]) -> None:
     (node.workdir / "bench-held.txt").write_text("".join(r + "\n" for r in refs))
+
+
+def set_held_digests(node: Any, digests: dict[str, str]) -> None:
+    """The node holds each ref (``repo:tag``) under its digest, as the runtime reports a
+    pulled image: its tag and its ``repo@digest``."""
+    lines = (f"{ref} {ref.rpartition(':')[0]}@{digest}\n" for ref, digest in digests.items())
+    (node.workdir / "bench-held-digests.txt").write_text("".join(lines))
 
 
 def ideal(missing_per_node: dict[str, int], pull_seconds: float, max_parallel: int = MAX_PARALLEL) -> float:
@@ -112,12 +133,18 @@ def _one_run(d: Deployment, images: list[str], pull_seconds: float) -> dict[str,
 
 
 def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Report,
-            whatif: str | None = None, latency: float = 0.0) -> Sample:
+            whatif: str | None = None, latency: float = 0.0, held: int = 0) -> Sample:
+    """``held``: every node also holds that many other tags under the prefix, under the
+    digest the registry names for them: nothing to pull, but ``refresh`` asks about each."""
     root = workdir("orch")
     try:
         with Deployment(root, nodes=NODES, whatif=whatif) as d:
             for node in d.cluster.nodes:
                 install_sleep_crictl(node, pull_seconds)
+            if held:
+                others = d.cluster.push_many([f"bcm11/bench/held{i:04d}:1" for i in range(held)])
+                for node in d.cluster.nodes:
+                    set_held_digests(node, {ref: d.cluster.digests[ref] for ref in others})
             images = [f"{d.cluster.registry_address}/bcm11/bench/img{i:04d}:1" for i in range(images_per_node)]
             d.configure(images=images, max_parallel=MAX_PARALLEL, time_out=120)
             progress(f"orchestration {NODES}x{images_per_node}: starting workers")
@@ -133,12 +160,14 @@ def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Rep
             for i in range(repeats):
                 progress(f"orchestration {NODES}x{images_per_node}: run {i + 1} of {repeats}")
                 runs.append(_one_run(d, images, pull_seconds))
+            refreshes = _refresh_lines(d)[-repeats:]
     finally:
         remove_workdir(root)
     best = ideal({f"n{i}": images_per_node for i in range(NODES)}, pull_seconds)
     ratio = Sample.of(r["ratio"] for r in runs)
     report.say(f"{NODES} nodes x {images_per_node} missing images, max_parallel={MAX_PARALLEL}, "
                f"pull = {pull_seconds:g} s (sleeping crictl): ideal {best:.1f} s"
+               + (f", nodes hold {held} other tags" if held else "")
                + (f", registry {latency * 1000:g} ms away" if latency else "")
                + (f"   [WHAT-IF {whatif}, not imagesync as shipped]" if whatif else ""))
     report.say(f"  makespan        {Sample.of(r['makespan'] for r in runs).show('.2f', ' s')}")
@@ -146,9 +175,22 @@ def measure(images_per_node: int, pull_seconds: float, repeats: int, report: Rep
     report.say(f"  trigger -> first pull starts   {Sample.of(r['first_pull'] for r in runs).show('.3f', ' s')}")
     tail = Sample.of(r["finished"] - r["last_pull_end"] for r in runs)
     report.say(f"  last pull ends -> run finished {tail.show('.3f', ' s')}")
-    key = f"{NODES}x{images_per_node}" + (f"_{latency:g}s" if latency else "") + (f"_{whatif}" if whatif else "")
-    report.figure(key, {"ratio": ratio.values, "ideal": best})
+    if refreshes:
+        asked = Sample.of(seconds for _, _, seconds in refreshes)
+        report.say(f"  refresh: current digests of {refreshes[-1][0]} of {refreshes[-1][1]} tags "
+                   f"{asked.show('.3f', ' s')} (control worker's log)")
+    key = (f"{NODES}x{images_per_node}" + (f"_held{held}" if held else "") + (f"_{latency:g}s" if latency else "")
+           + (f"_{whatif}" if whatif else ""))
+    report.figure(key, {"ratio": ratio.values, "ideal": best,
+                        "first_pull": [r["first_pull"] for r in runs],
+                        "refresh": [seconds for _, _, seconds in refreshes]})
     return ratio
+
+
+def _refresh_lines(d: Deployment) -> list[tuple[int, int, float]]:
+    """(answered, asked, seconds) of every plan's refresh, from the control worker's log."""
+    text = (d.services.workdir / "control.log").read_text(errors="replace")
+    return [(int(a), int(b), float(s)) for a, b, s in _REFRESHED.findall(text)]
 
 
 def measure_real(images_per_node: int, delay: float, report: Report) -> None:
@@ -181,6 +223,9 @@ def run(report: Report, quick: bool = False) -> None:
     measure(40, 1.0, 2 if quick else 3, report, whatif="prefetch-2")
     # a registry 100 ms away: one round of platform questions comes before the first pull
     measure(40, 1.0, 2 if quick else 3, report, latency=0.1)
+    # nodes that hold many tags already: refresh asks their registry about each before any pull
+    measure(40, 1.0, 2 if quick else 3, report, held=200)
+    measure(40, 1.0, 2 if quick else 3, report, latency=0.1, held=200)
     if not quick:
         measure(200, 1.0, 2, report)
         measure(40, 1.0, 3, report, whatif="always-check")
