@@ -262,8 +262,15 @@ def start_run(
                      run_id, len(kept_off), len(awaiting) - len(kept_off))
         if more:
             assert later is not None
-            plan = _moved_later(settings, redis, store, run_id, inventory, targets, images, later, waiting,
-                                sender, lambda when: _keep_lock(lock, store, run_id, when))
+            plan, state = _moved_later(settings, redis, store, run_id, inventory, targets, images, later, waiting,
+                                       sender, lambda when: _keep_lock(lock, store, run_id, when))
+            if state == 2:
+                # complete once closed: every pull it sent had reported, its lock released
+                if pending is not None:
+                    pending.settle(taken)
+                write_summary(settings, store, run_id)
+                return Started("started", run_id, f"run {run_id} started: {len(sender.sent)} pulls",
+                               len(sender.sent), plan, missed)
         _keep_lock(lock, store, run_id, "after sending every pull")
         if pending is not None:
             pending.settle(taken)
@@ -288,10 +295,12 @@ def start_run(
 
 def _moved_later(settings: Settings, redis: Redis, store: RunStore, run_id: str, inventory: Inventory,
                  targets: Iterable[str] | None, images: list[str] | None, later: refresh.Later,
-                 waiting: set[tuple[str, str]], sender: Sender, keep_lock: Callable[[str], None]) -> Plan:
+                 waiting: set[tuple[str, str]], sender: Sender, keep_lock: Callable[[str], None]
+                 ) -> tuple[Plan, int]:
     """Once the first pulls are on their way: ask the registries about the tags held, plan again
     with their answers, and add to the run what that plan adds (the moved tags' pulls, and the
-    pulls that waited for the answers, less the leftovers), then close the run. The plan again."""
+    pulls that waited for the answers, less the leftovers), then close the run. The plan again,
+    and what closing the run answered (:meth:`RunStore.add`)."""
     answers = later.ask(settings)
     keep_lock("after asking the registries about the tags held")
     final = plan_from(settings, inventory, targets, redis, images, answers=answers)
@@ -302,10 +311,10 @@ def _moved_later(settings: Settings, redis: Redis, store: RunStore, run_id: str,
              run_id, moved, len(added) - moved, len(added))
     for node, count in Counter(node for node, _ in added).items():
         sender.expiry[node] = pull_expiry(settings, count)
-    if store.add(run_id, added, nodes=node_counts(final) if images is None else None) == 0:
-        return final  # the run ended meanwhile (cancelled): it takes no more pulls
-    sender.send(final, added, len(sender.sent) + len(added))
-    return final
+    state = store.add(run_id, added, nodes=node_counts(final) if images is None else None)
+    if state == 1:
+        sender.send(final, added, len(sender.sent) + len(added))
+    return final, state
 
 
 
