@@ -176,8 +176,8 @@ def start_run(
         inventory = survey(settings, redis, send_inventory)
         plan = plan_from(settings, inventory, targets, redis, images, check, later)
         waiting = later.waiting(plan) if later is not None and later.tags else set()
-        if later is not None and later.tags and not set(plan.pulls) - waiting - set(check.awaiting):
-            # no pull could go ahead of the registries' answers about the tags held: ask now
+        if later is not None and later.tags and not set(plan.pulls) - waiting:
+            # every pull would wait for the registries' answers about the tags held: ask now
             check, later, waiting = PlatformCheck(settings, redis, defer=True), None, set()
             plan = plan_from(settings, inventory, targets, redis, images, check)
         more = later is not None and bool(later.tags)
