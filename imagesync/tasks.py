@@ -8,10 +8,12 @@ nodes, where each pull first takes a slot of its node (``imagesync.nodeslots``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import time
+from typing import Any
 
 from celery.exceptions import Retry as RetryLater
 from celery.exceptions import SoftTimeLimitExceeded
@@ -80,7 +82,8 @@ def send_inventory(node: str, request: str, expires: float) -> None:
     app.send_task("imagesync.inventory", args=(request, node), queue=node_queue(node), expires=expires)
 
 
-def send_pull(node: str, image: str, run_id: str, expires: float, route: Route = DEFAULT_ROUTE) -> None:
+def send_pull(node: str, image: str, run_id: str, expires: float, route: Route = DEFAULT_ROUTE,
+              producer: Any = None) -> None:
     """Queue one pull, worth running for ``expires`` seconds.
 
     The deadline travels as an argument rather than as Celery's ``expires``: a
@@ -90,11 +93,17 @@ def send_pull(node: str, image: str, run_id: str, expires: float, route: Route =
     not, in a pool process, like any other outcome. Like ``expires``, the
     deadline compares the clocks of two hosts: keep them in sync (NTP).
     A ``route`` other than the registry alone travels with it.
+
+    A run sends its pulls through one ``producer`` (a connection of the pool held for
+    the whole fan-out), and names their arguments for Flower itself: Celery's own
+    ``saferepr`` of them cost a fifth of each send (bench/README.md, fan-out).
     """
     kwargs: dict = {"deadline": round(time.time() + expires, 3)}
     if route != DEFAULT_ROUTE:
         kwargs["route"] = route.to_dict()
-    pull.apply_async(args=(run_id, node, image), kwargs=kwargs, queue=node_queue(node))
+    args = (run_id, node, image)
+    pull.apply_async(args=args, kwargs=kwargs, queue=node_queue(node), producer=producer,
+                     argsrepr=repr(args), kwargsrepr=repr(kwargs))
 
 
 @app.task(name="imagesync.sync", bind=True, time_limit=SYNC_TIME_LIMIT, soft_time_limit=SYNC_TIME_LIMIT - 30)
@@ -110,8 +119,10 @@ def sync(self, trigger: str = "manual", nodes: list[str] | None = None,  # type:
     images = [taskargs.reference(image) for image in images or ()]
     if nodes:
         agents.check_targets(settings, redis(), nodes)
-    started = start_run(settings, redis(), send_pull, trigger=trigger, targets=nodes, images=images or None,
-                        pending=Pending(redis()) if images else None, send_inventory=send_inventory)
+    with app.producer_or_acquire() as producer:
+        started = start_run(settings, redis(), functools.partial(send_pull, producer=producer), trigger=trigger,
+                            targets=nodes, images=images or None, pending=Pending(redis()) if images else None,
+                            send_inventory=send_inventory)
     if started.status == "nothing-to-do" and started.run_id:
         send_backup(started.run_id)  # a run with nothing to pull completes at once
         send_prune(started.run_id)
