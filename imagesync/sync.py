@@ -303,9 +303,16 @@ def _moved_later(settings: Settings, redis: Redis, store: RunStore, run_id: str,
     and what closing the run answered (:meth:`RunStore.add`)."""
     answers = later.ask(settings)
     keep_lock("after asking the registries about the tags held")
-    final = plan_from(settings, inventory, targets, redis, images, answers=answers)
+    # the platform verdicts the first pulls waited for are in Redis now: only the pulls added
+    # here may still need one (a moved tag's new digest)
+    check = PlatformCheck(settings, redis, defer=True)
+    final = plan_from(settings, inventory, targets, redis, images, check, answers=answers)
     added = [pull for pull in interleaved(final.missing)
              if pull not in sender.sent and (pull in waiting or pull in final.moved)]
+    kept_off = check.settle([pull for pull in added if pull in check.awaiting])
+    for (node, image), reason in kept_off.items():
+        log.info("run %s: %s: %s not pulled again: %s", run_id, node, image, reason)
+    added = [pull for pull in added if pull not in kept_off]
     moved = sum(1 for pull in added if pull in final.moved)
     log.info("run %s: %d moved tags to pull again, %d pulls that waited for the answers: %d pulls added",
              run_id, moved, len(added) - moved, len(added))
