@@ -19,6 +19,22 @@ local function now(given)
 end
 """
 
+# The end of EXCLUDE and ADD (KEYS: run, done, results, ACTIVE, LOCK; ARGV[1] the run,
+# ARGV[3] the time): with ``expected`` set, 1 if the run goes on (still open, or pulls
+# unreported), else the run is complete now (its lock released) and 2.
+COMPLETE_IF_DONE = """
+if redis.call('SCARD', KEYS[2]) < expected or redis.call('HGET', KEYS[1], 'open') == '1' then
+    redis.call('PUBLISH', KEYS[1], 'running')
+    return 1
+end
+local finished = string.format('%.6f', now(ARGV[3]))
+redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', finished, 'last_progress', finished)
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+redis.call('PUBLISH', KEYS[1], 'completed')
+return 2
+"""
+
 # A pull reports; returns -1 unknown run, 0 duplicate, 1 recorded,
 # 2 recorded and the run is now complete (lock released), 3 late report.
 # A run recorded ``open`` (more pulls may be added: ADD) is not complete before ADD closes it.
@@ -143,17 +159,7 @@ end
 local expected = tonumber(redis.call('HGET', KEYS[1], 'expected')) - fewer
 redis.call('HSET', KEYS[1], 'expected', expected, 'expected_per_node',
            next(per_node) and cjson.encode(per_node) or '{}', 'excluded', cjson.encode(excluded))
-if redis.call('SCARD', KEYS[2]) < expected or redis.call('HGET', KEYS[1], 'open') == '1' then
-    redis.call('PUBLISH', KEYS[1], 'running')
-    return 1
-end
-local finished = string.format('%.6f', now(ARGV[3]))
-redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', finished, 'last_progress', finished)
-redis.call('ZREM', KEYS[4], ARGV[1])
-if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
-redis.call('PUBLISH', KEYS[1], 'completed')
-return 2
-"""
+""" + COMPLETE_IF_DONE
 
 # The run's start adds pulls it planned after the record was written (the tags its
 # registries moved, asked once the first pulls were on their way), and closes the
@@ -177,14 +183,5 @@ if redis.call('HGET', KEYS[1], 'open') == '1' then
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'nodes', ARGV[4]) end
     redis.call('HDEL', KEYS[1], 'open')
 end
-if redis.call('SCARD', KEYS[2]) < tonumber(redis.call('HGET', KEYS[1], 'expected')) then
-    redis.call('PUBLISH', KEYS[1], 'running')
-    return 1
-end
-local finished = string.format('%.6f', now(ARGV[3]))
-redis.call('HSET', KEYS[1], 'status', 'completed', 'finished', finished, 'last_progress', finished)
-redis.call('ZREM', KEYS[4], ARGV[1])
-if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
-redis.call('PUBLISH', KEYS[1], 'completed')
-return 2
-"""
+local expected = tonumber(redis.call('HGET', KEYS[1], 'expected'))
+""" + COMPLETE_IF_DONE
