@@ -357,3 +357,36 @@ def test_the_old_digest_of_a_moved_tag_left_untagged_on_a_node_is_not_spread_unl
     assert make_plan(inventories, PREFIXES).missing == {"w2": [f"{repo}@{D1}"]}
     declared = Policy(conditions=(moved_tags(_settings(images=[f"{repo}@{D1}"]), registry, redis=redis),))
     assert make_plan(inventories, PREFIXES, [f"{repo}@{D1}"], policy=declared).missing == {"w2": [f"{repo}@{D1}"]}
+
+
+def test_asked_later_a_plan_moves_nothing_yet_and_names_the_pulls_an_answer_may_change():
+    """A run sends first what no answer about the tags held can change; the plan made with the
+    answers moves what the plan made at once would have moved."""
+    from imagesync.planning.refresh import Later, moved_tags
+
+    app, new, repo = "nvcr.io/nvidia/app:1", "nvcr.io/nvidia/new:1", "nvcr.io/nvidia/app"
+    registry = _Registry({app: D2, new: D3})
+    facts = {node: NodeFacts(platform="linux/amd64", ctr=True) for node in ("w1", "w2", "w3")}
+    # w1 holds app under the old digest and an untagged old image; w2 the new digest and `new`
+    inventories = {"w1": [image(app, D1), image(None, D3, repo=repo)], "w2": [image(app, D2), image(new, D3)],
+                   "w3": []}
+
+    def plan(source: str, later: Later | None = None, answers: dict | None = None):
+        settings = _settings(source=source)
+        condition = moved_tags(settings, registry, later=later, answers=answers)
+        return make_plan(inventories, PREFIXES, facts=facts, policy=Policy(conditions=(condition,), transfer=True,
+                                                                            source=source))
+
+    later = Later()
+    first = plan("registry", later)
+    assert registry.asked == [] and first.moved == {}
+    assert sorted(later.tags) == [app, new] and later.leftovers == {f"{repo}@{D3}"}
+    # registry first: only the digest name that may be app's leftover waits
+    assert later.waiting(first) == {(node, f"{repo}@{D3}") for node in ("w2", "w3")}
+    # peers first: a tag copied from its holders waits too (they may hold an old digest)
+    peers_first = plan("peers-first", Later())
+    assert {pull for pull in Later.waiting(later, peers_first) if "@" not in pull[1]} == {
+        ("w1", new), ("w3", app), ("w3", new)}
+    # with the answers, the plan moves w1's app as a plan that asks at once does
+    answered = plan("registry", answers=registry.current)
+    assert answered.moved == plan("registry").moved == {("w1", app): (D1, D2)}
