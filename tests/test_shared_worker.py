@@ -380,13 +380,16 @@ def test_a_pull_that_overruns_is_stopped_on_the_node_and_reported_timed_out(shar
     d.cluster.proxy.hold()
     stopped = []
     try:
-        run_id = started_run(d.cli("sync"))
+        # the pull is caught under way while `sync` still runs: the command returns once the run
+        # has sent every pull, the tags held asked about after the first, and the pull's 3 s may be over
+        sync = start_cli(d, "sync")
         wait_for(lambda: node.processes(r"crictl.* pull"), 60, "the pull under way on node-2")
         stopped = _sshd_children(node)
         assert stopped
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
         began = time.monotonic()
+        run_id = started_run(finish(sync))
         run = wait_for_run_end(d, run_id, 120)
         took = time.monotonic() - began
         # on the node, nothing of the pull is left: its own timeout ended it
